@@ -1,0 +1,7 @@
+//! The Commons node: the `commons` binary's command line, settings and
+//! identity handling, and (as they land) the libp2p swarm, the candle executor
+//! and the control API.
+
+pub mod cli;
+pub mod identity;
+pub mod settings;

@@ -1,0 +1,240 @@
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::Message;
+use crate::bounded::BoundedVec;
+use crate::codec::{self, Limit};
+use crate::envelope::MessageKind;
+use crate::ids::{CoalitionId, Hash, NodeId, Signature};
+use crate::keys::{self, Identity};
+use crate::time::UnixMillis;
+
+const CHARTER_TAG: &[u8] = b"commons/charter/v1";
+const COALITION_ID_DOMAIN: &str = "commons coalition id v1";
+
+/// A coalition's membership, signed by a quorum of its admins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoalitionCharter {
+    /// Fixed at the first version: see [`CoalitionCharter::genesis_id`].
+    pub id: CoalitionId,
+    /// Human name.
+    pub name: String,
+    /// Increases with every change.
+    pub version: u64,
+    /// Members whose work the coalition's nodes accept.
+    pub members: BoundedVec<NodeId, 4096>,
+    /// Admins who may change the charter.
+    pub admins: BoundedVec<NodeId, 64>,
+    /// Admin signatures needed for a version to be valid.
+    pub threshold: u16,
+    /// Issue time.
+    pub issued_at: UnixMillis,
+    /// Signatures of admins over everything above.
+    pub admin_signatures: BoundedVec<AdminSignature, 64>,
+}
+
+/// One admin's signature over a charter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminSignature {
+    /// The admin.
+    pub admin: NodeId,
+    /// Signature over the charter's signing bytes.
+    pub signature: Signature,
+}
+
+/// A charter that is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CharterError {
+    /// The threshold is zero or larger than the number of admins.
+    #[error("threshold {threshold} is not between 1 and the {admins} admins")]
+    BadThreshold {
+        /// The threshold.
+        threshold: u16,
+        /// Admins listed.
+        admins: usize,
+    },
+    /// Fewer valid admin signatures than the threshold.
+    #[error("{valid} valid admin signatures, {threshold} needed")]
+    NotEnoughSignatures {
+        /// Distinct admins whose signature verified.
+        valid: usize,
+        /// Needed.
+        threshold: u16,
+    },
+    /// A signature is by a key that is not an admin.
+    #[error("{signer} signed but is not an admin")]
+    NotAnAdmin {
+        /// The key.
+        signer: NodeId,
+    },
+    /// Too many members, admins or signatures.
+    #[error("the charter is too large")]
+    TooLarge,
+}
+
+impl CoalitionCharter {
+    /// The id of a coalition founded under `name` by `admins`.
+    #[must_use]
+    pub fn genesis_id(name: &str, admins: &[NodeId]) -> CoalitionId {
+        let mut parts: Vec<&[u8]> = vec![name.as_bytes()];
+        parts.extend(admins.iter().map(|a| a.0.as_slice()));
+        CoalitionId(Hash::of_parts(COALITION_ID_DOMAIN, &parts))
+    }
+
+    /// The bytes each admin signs: everything but the signatures.
+    pub fn signing_bytes(&self) -> Result<Vec<u8>, codec::EncodeError> {
+        let body = (
+            &self.id,
+            &self.name,
+            self.version,
+            &self.members,
+            &self.admins,
+            self.threshold,
+            self.issued_at,
+        );
+        Ok([CHARTER_TAG, &codec::encode(&body)?].concat())
+    }
+
+    /// Adds `admin`'s signature.
+    pub fn sign_as(&mut self, admin: &Identity) -> Result<(), CharterError> {
+        let bytes = self.signing_bytes().map_err(|_| CharterError::TooLarge)?;
+        let signature = admin.sign(&bytes);
+        self.admin_signatures
+            .try_push(AdminSignature {
+                admin: admin.node_id(),
+                signature,
+            })
+            .map_err(|_| CharterError::TooLarge)
+    }
+
+    /// Checks the threshold and that at least `threshold` distinct admins signed.
+    pub fn verify(&self) -> Result<(), CharterError> {
+        let admins: BTreeSet<&NodeId> = self.admins.iter().collect();
+        if self.threshold == 0 || usize::from(self.threshold) > admins.len() {
+            return Err(CharterError::BadThreshold {
+                threshold: self.threshold,
+                admins: admins.len(),
+            });
+        }
+        let bytes = self.signing_bytes().map_err(|_| CharterError::TooLarge)?;
+        let mut valid = BTreeSet::new();
+        for sig in &self.admin_signatures {
+            if !admins.contains(&sig.admin) {
+                return Err(CharterError::NotAnAdmin { signer: sig.admin });
+            }
+            if keys::verify(&sig.admin, &bytes, &sig.signature).is_ok() {
+                valid.insert(sig.admin);
+            }
+        }
+        if valid.len() < usize::from(self.threshold) {
+            return Err(CharterError::NotEnoughSignatures {
+                valid: valid.len(),
+                threshold: self.threshold,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `node` is a member.
+    #[must_use]
+    pub fn is_member(&self, node: &NodeId) -> bool {
+        self.members.contains(node)
+    }
+}
+
+impl Message for CoalitionCharter {
+    const KIND: MessageKind = MessageKind::CoalitionCharter;
+    const LIMIT: Limit = Limit::M1;
+
+    fn signed_by(&self, signer: &NodeId) -> bool {
+        self.admins.contains(signer)
+    }
+
+    fn validity(&self) -> (UnixMillis, UnixMillis) {
+        // A charter is valid until a higher version replaces it.
+        (self.issued_at, UnixMillis(u64::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn charter(admins: &[&Identity], threshold: u16) -> CoalitionCharter {
+        let ids: Vec<NodeId> = admins.iter().map(|a| a.node_id()).collect();
+        CoalitionCharter {
+            id: CoalitionCharter::genesis_id("riverside", &ids),
+            name: "riverside".into(),
+            version: 1,
+            members: BoundedVec::try_from_vec(vec![NodeId([9; 32])]).unwrap(),
+            admins: BoundedVec::try_from_vec(ids).unwrap(),
+            threshold,
+            issued_at: UnixMillis(1),
+            admin_signatures: BoundedVec::new(),
+        }
+    }
+
+    #[test]
+    fn quorum_of_admins_makes_it_valid() {
+        let (a, b, c) = (
+            Identity::from_secret([1; 32]),
+            Identity::from_secret([2; 32]),
+            Identity::from_secret([3; 32]),
+        );
+        let mut ch = charter(&[&a, &b, &c], 2);
+        ch.sign_as(&a).unwrap();
+        assert_eq!(
+            ch.verify(),
+            Err(CharterError::NotEnoughSignatures {
+                valid: 1,
+                threshold: 2
+            })
+        );
+        // The same admin twice does not count twice.
+        ch.sign_as(&a).unwrap();
+        assert_eq!(
+            ch.verify(),
+            Err(CharterError::NotEnoughSignatures {
+                valid: 1,
+                threshold: 2
+            })
+        );
+        ch.sign_as(&b).unwrap();
+        ch.verify().unwrap();
+        // Changing the membership after signing breaks the signatures.
+        ch.members.try_push(NodeId([8; 32])).unwrap();
+        assert_eq!(
+            ch.verify(),
+            Err(CharterError::NotEnoughSignatures {
+                valid: 0,
+                threshold: 2
+            })
+        );
+    }
+
+    #[test]
+    fn outsiders_and_bad_thresholds_are_refused() {
+        let (a, x) = (
+            Identity::from_secret([1; 32]),
+            Identity::from_secret([7; 32]),
+        );
+        let mut ch = charter(&[&a], 1);
+        ch.sign_as(&x).unwrap();
+        assert_eq!(
+            ch.verify(),
+            Err(CharterError::NotAnAdmin {
+                signer: x.node_id()
+            })
+        );
+        let ch = charter(&[&a], 2);
+        assert_eq!(
+            ch.verify(),
+            Err(CharterError::BadThreshold {
+                threshold: 2,
+                admins: 1
+            })
+        );
+    }
+}

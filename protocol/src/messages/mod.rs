@@ -1,0 +1,42 @@
+//! The messages that travel inside signed [`Envelope`](crate::Envelope)s.
+//!
+//! Every message names its signer and its validity window; [`Envelope::open`](crate::Envelope::open)
+//! checks both against the envelope, so a message can never be re-signed by
+//! someone it does not name, nor used outside its window.
+
+mod advert;
+mod charter;
+mod error;
+mod work;
+
+pub use advert::{
+    CapacityAdvert, CpuInfo, DeterminismClass, GpuBackend, GpuInfo, HeldModel, Leave,
+};
+pub use charter::{AdminSignature, CharterError, CoalitionCharter};
+pub use error::{ErrorCode, ErrorReply};
+pub use work::{
+    DataShardRef, ExecMetrics, GradientUnit, HyperParams, InferenceOptions, InferenceUnit,
+    LayerRange, ResultError, SamplingParams, WorkBody, WorkResult, WorkUnit, commitment,
+};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::Limit;
+use crate::envelope::MessageKind;
+use crate::ids::NodeId;
+use crate::time::UnixMillis;
+
+/// A message that travels in a signed envelope.
+pub trait Message: Serialize + DeserializeOwned {
+    /// The kind tag bound into the signature.
+    const KIND: MessageKind;
+    /// The most bytes its encoding may take.
+    const LIMIT: Limit;
+
+    /// Whether `signer` may sign this message (e.g. an advert only by the node it describes).
+    fn signed_by(&self, signer: &NodeId) -> bool;
+
+    /// When the message was issued and when it stops being valid.
+    fn validity(&self) -> (UnixMillis, UnixMillis);
+}

@@ -1,0 +1,420 @@
+//! Property tests for every wire type: roundtrip, size bound, and arbitrary
+//! bytes never panic.
+#![allow(clippy::unwrap_used)] // helpers of tests may fail loudly
+
+use commons_protocol::codec::{self, Limit};
+use commons_protocol::envelope::Envelope;
+use commons_protocol::ids::{CoalitionId, JobId, ModelId, Nonce, SessionId, UnitId};
+use commons_protocol::messages::{
+    CapacityAdvert, CoalitionCharter, CpuInfo, DataShardRef, DeterminismClass, ErrorCode,
+    ErrorReply, ExecMetrics, GpuBackend, GpuInfo, GradientUnit, HeldModel, HyperParams,
+    InferenceOptions, InferenceUnit, LayerRange, Leave, SamplingParams, WorkBody, WorkResult,
+    WorkUnit,
+};
+use commons_protocol::{BoundedVec, DType, Hash, Identity, Message, NodeId, Tensor, UnixMillis};
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+fn hash() -> impl Strategy<Value = Hash> {
+    any::<[u8; 32]>().prop_map(Hash)
+}
+fn node() -> impl Strategy<Value = NodeId> {
+    any::<[u8; 32]>().prop_map(NodeId)
+}
+fn time() -> impl Strategy<Value = UnixMillis> {
+    any::<u64>().prop_map(UnixMillis)
+}
+fn text(max: usize) -> impl Strategy<Value = String> {
+    proptest::string::string_regex(&format!(".{{0,{max}}}")).unwrap()
+}
+fn finite() -> impl Strategy<Value = f32> {
+    -1e6f32..1e6f32
+}
+fn bounded<T: std::fmt::Debug, const N: usize>(
+    s: impl Strategy<Value = T>,
+    max: usize,
+) -> impl Strategy<Value = BoundedVec<T, N>> {
+    vec(s, 0..=max.min(N)).prop_map(|v| BoundedVec::try_from_vec(v).unwrap())
+}
+fn layers() -> impl Strategy<Value = LayerRange> {
+    (0u32..200, 0u32..200).prop_map(|(a, b)| LayerRange {
+        start: a.min(b),
+        end: a.max(b),
+    })
+}
+
+fn tensor() -> impl Strategy<Value = Tensor> {
+    let dtype = prop_oneof![
+        Just(DType::F32),
+        Just(DType::F16),
+        Just(DType::BF16),
+        Just(DType::U32),
+        Just(DType::I64),
+        Just(DType::U8)
+    ];
+    (dtype, vec(0u64..6, 0..4)).prop_flat_map(|(dtype, shape)| {
+        let n = shape.iter().product::<u64>() as usize * dtype.size();
+        vec(any::<u8>(), n..=n).prop_map(move |data| Tensor::new(dtype, &shape, data).unwrap())
+    })
+}
+
+fn advert() -> impl Strategy<Value = CapacityAdvert> {
+    let gpu = (
+        prop_oneof![Just(GpuBackend::Cuda), Just(GpuBackend::Metal)],
+        text(32),
+        any::<u64>(),
+    )
+        .prop_map(|(backend, name, memory_bytes)| GpuInfo {
+            backend,
+            name,
+            memory_bytes,
+        });
+    let held = (hash(), layers(), any::<u32>()).prop_map(|(m, layers, total_layers)| HeldModel {
+        model: ModelId(m),
+        layers,
+        total_layers,
+    });
+    (
+        (
+            node(),
+            any::<u64>(),
+            any::<u32>(),
+            text(48),
+            any::<u64>(),
+            bounded(gpu, 4),
+        ),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            bounded(held, 8),
+            text(24),
+            text(24),
+        ),
+        (
+            bounded(hash().prop_map(CoalitionId), 8),
+            text(24),
+            time(),
+            time(),
+        ),
+    )
+        .prop_map(
+            |(
+                (node, sequence, cores, model, ram_bytes, gpus),
+                (mflops, bw, models, kernel, build),
+                (coalitions, software, i, e),
+            )| {
+                CapacityAdvert {
+                    node,
+                    sequence,
+                    cpu: CpuInfo { cores, model },
+                    ram_bytes,
+                    gpus,
+                    matmul_mflops: mflops,
+                    bandwidth_bytes_per_sec: bw,
+                    models,
+                    determinism: DeterminismClass { kernel, build },
+                    coalitions,
+                    software,
+                    issued_at: i,
+                    expires_at: e,
+                }
+            },
+        )
+}
+
+fn sampling() -> impl Strategy<Value = SamplingParams> {
+    (finite(), any::<u32>(), finite(), finite(), any::<u64>()).prop_map(
+        |(temperature, top_k, top_p, repetition_penalty, seed)| SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+        },
+    )
+}
+
+fn work_unit() -> impl Strategy<Value = WorkUnit> {
+    let inference = (
+        any::<[u8; 16]>(),
+        hash(),
+        layers(),
+        any::<[u8; 16]>(),
+        any::<u64>(),
+        tensor(),
+        any::<u32>(),
+        any::<u32>(),
+        proptest::option::of(sampling()),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                job,
+                model,
+                layers,
+                session,
+                step,
+                input,
+                start_pos,
+                max_session_tokens,
+                sampling,
+                close_session,
+            )| {
+                WorkBody::Inference(InferenceUnit {
+                    job: JobId(job),
+                    model: ModelId(model),
+                    layers,
+                    session: SessionId(session),
+                    step,
+                    input,
+                    options: InferenceOptions {
+                        start_pos,
+                        max_session_tokens,
+                        sampling,
+                        close_session,
+                    },
+                })
+            },
+        );
+    let gradient = (
+        any::<[u8; 16]>(),
+        hash(),
+        hash(),
+        any::<u64>(),
+        any::<u64>(),
+        finite(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(
+                job,
+                params_root,
+                dataset,
+                index,
+                count,
+                learning_rate,
+                batch_size,
+                seq_len,
+                inner_steps,
+                seed,
+            )| {
+                WorkBody::Gradient(GradientUnit {
+                    job: JobId(job),
+                    params_root,
+                    shard: DataShardRef {
+                        dataset,
+                        index,
+                        count,
+                    },
+                    hyper: HyperParams {
+                        learning_rate,
+                        batch_size,
+                        seq_len,
+                        inner_steps,
+                        seed,
+                    },
+                })
+            },
+        );
+    (
+        node(),
+        any::<[u8; 16]>(),
+        time(),
+        time(),
+        prop_oneof![inference, gradient],
+    )
+        .prop_map(|(issuer, nonce, issued_at, expires_at, body)| WorkUnit {
+            issuer,
+            nonce: Nonce(nonce),
+            issued_at,
+            expires_at,
+            body,
+        })
+}
+
+fn work_result() -> impl Strategy<Value = WorkResult> {
+    (
+        any::<[u8; 32]>(),
+        hash(),
+        vec(tensor(), 0..4),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<u64>(),
+        time(),
+        time(),
+    )
+        .prop_map(
+            |(
+                secret,
+                unit,
+                outputs,
+                queue_micros,
+                compute_micros,
+                tokens,
+                peak_memory_bytes,
+                i,
+                e,
+            )| {
+                let metrics = ExecMetrics {
+                    queue_micros,
+                    compute_micros,
+                    tokens,
+                    peak_memory_bytes,
+                };
+                WorkResult::sign(
+                    &Identity::from_secret(secret),
+                    UnitId(unit),
+                    outputs,
+                    metrics,
+                    i,
+                    e,
+                )
+                .unwrap()
+            },
+        )
+}
+
+fn charter() -> impl Strategy<Value = CoalitionCharter> {
+    (
+        hash(),
+        text(40),
+        any::<u64>(),
+        vec(node(), 0..20),
+        vec(any::<[u8; 32]>(), 1..4),
+        time(),
+    )
+        .prop_map(|(id, name, version, members, admin_secrets, issued_at)| {
+            let admins: Vec<Identity> = admin_secrets
+                .into_iter()
+                .map(Identity::from_secret)
+                .collect();
+            let mut c = CoalitionCharter {
+                id: CoalitionId(id),
+                name,
+                version,
+                members: BoundedVec::try_from_vec(members).unwrap(),
+                admins: BoundedVec::try_from_vec(admins.iter().map(Identity::node_id).collect())
+                    .unwrap(),
+                threshold: admins.len() as u16,
+                issued_at,
+                admin_signatures: BoundedVec::new(),
+            };
+            for a in &admins {
+                c.sign_as(a).unwrap();
+            }
+            c
+        })
+}
+
+fn error_reply() -> impl Strategy<Value = ErrorReply> {
+    (
+        any::<u16>(),
+        text(200),
+        proptest::option::of(hash()),
+        node(),
+        time(),
+        time(),
+    )
+        .prop_map(
+            |(code, message, regarding, responder, issued_at, expires_at)| ErrorReply {
+                code: ErrorCode(code),
+                message,
+                regarding: regarding.map(UnitId),
+                responder,
+                issued_at,
+                expires_at,
+            },
+        )
+}
+
+fn leave() -> impl Strategy<Value = Leave> {
+    (node(), time(), time()).prop_map(|(node, issued_at, expires_at)| Leave {
+        node,
+        issued_at,
+        expires_at,
+    })
+}
+
+fn roundtrip<M: Message + PartialEq + std::fmt::Debug>(m: &M) -> Result<(), TestCaseError> {
+    let bytes = codec::encode(m).unwrap();
+    prop_assert!(
+        bytes.len() <= M::LIMIT.bytes(),
+        "{} bytes over the limit",
+        bytes.len()
+    );
+    let back: M = codec::decode(&bytes, M::LIMIT).unwrap();
+    prop_assert_eq!(&back, m);
+    // The encoding is canonical: encoding the decoded value gives the same bytes.
+    prop_assert_eq!(codec::encode(&back).unwrap(), bytes);
+    Ok(())
+}
+
+fn never_panics<M: Message>(bytes: &[u8]) {
+    let _ = codec::decode::<M>(bytes, M::LIMIT);
+    let _ = Envelope::open_bytes::<M>(bytes, UnixMillis(0));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn advert_roundtrips(m in advert()) { roundtrip(&m)?; }
+
+    #[test]
+    fn work_unit_roundtrips(m in work_unit()) {
+        roundtrip(&m)?;
+        // The unit id is a function of the contents.
+        prop_assert_eq!(m.id().unwrap(), m.clone().id().unwrap());
+    }
+
+    #[test]
+    fn work_result_roundtrips_and_verifies(m in work_result()) {
+        roundtrip(&m)?;
+        m.verify().unwrap();
+    }
+
+    #[test]
+    fn charter_roundtrips_and_verifies(m in charter()) {
+        roundtrip(&m)?;
+        m.verify().unwrap();
+    }
+
+    #[test]
+    fn error_reply_roundtrips(m in error_reply()) { roundtrip(&m)?; }
+
+    #[test]
+    fn leave_roundtrips(m in leave()) { roundtrip(&m)?; }
+
+    #[test]
+    fn tensor_roundtrips(t in tensor()) {
+        let bytes = codec::encode(&t).unwrap();
+        let back: Tensor = codec::decode(&bytes, Limit::M64).unwrap();
+        back.verify().unwrap();
+        prop_assert_eq!(back, t);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..2048)) {
+        never_panics::<CapacityAdvert>(&bytes);
+        never_panics::<WorkUnit>(&bytes);
+        never_panics::<WorkResult>(&bytes);
+        never_panics::<CoalitionCharter>(&bytes);
+        never_panics::<ErrorReply>(&bytes);
+        never_panics::<Leave>(&bytes);
+        let _ = codec::decode::<Tensor>(&bytes, Limit::M64);
+    }
+
+    #[test]
+    fn mutated_messages_never_panic(m in work_unit(), flips in vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+        let mut bytes = codec::encode(&m).unwrap();
+        for (i, b) in flips {
+            let i = i.index(bytes.len());
+            bytes[i] ^= b;
+        }
+        never_panics::<WorkUnit>(&bytes);
+    }
+}
