@@ -42,8 +42,8 @@ enum Command {
     Node(NotBuilt),
     /// Submit, follow and cancel jobs on the swarm.
     Job(NotBuilt),
-    /// Generate text with a model on this machine alone.
-    Run(NotBuilt),
+    /// Generate text with a model on this machine alone (the single-node baseline).
+    Run(crate::run_local::RunArgs),
     /// Create and sign coalition charters.
     Coalition(NotBuilt),
     /// Train models over the swarm.
@@ -109,7 +109,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Keys(KeysCommand::Show { json, .. }) => keys_show(&settings, json),
         Command::Node(_) => not_built("node", "node membership (join, status, leave)"),
         Command::Job(_) => not_built("job", "pipelined jobs over the swarm"),
-        Command::Run(_) => not_built("run", "the single-node executor"),
+        Command::Run(args) => crate::run_local::run(args),
         Command::Coalition(_) => not_built("coalition", "coalition charters"),
         Command::Train(_) => not_built("train", "training"),
         Command::Sim(_) => not_built("sim", "the simulator"),

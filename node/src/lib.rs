@@ -3,5 +3,7 @@
 //! and the control API.
 
 pub mod cli;
+pub mod executor;
 pub mod identity;
+pub mod run_local;
 pub mod settings;

@@ -1,0 +1,14 @@
+//! The node's compute engine: models, tokenizers, pipeline stages with
+//! KV-cache sessions, and sampling, on candle kernels.
+
+pub mod generate;
+pub mod model;
+pub mod sampling;
+pub mod stage;
+pub mod tokenizer;
+
+pub use generate::{GenerationStats, Pipeline, StopReason};
+pub use model::{LlamaConfig, ModelError, ModelFile, model_id};
+pub use sampling::{Sampler, SamplingConfig};
+pub use stage::{KvCache, Stage, StageError, StageInput, StageOutput};
+pub use tokenizer::{ChatMessage, Tokenizer};

@@ -1,0 +1,374 @@
+//! A pipeline stage: layers `[a, b)` of a llama-family model, plus the token
+//! embedding on the first stage and the final norm and lm head on the last.
+//!
+//! Follows candle's model convention (config, `load`, `forward(x, pos, cache)`)
+//! but reads only the tensors of its range from the file, so its memory is
+//! proportional to the range. Its arithmetic is candle's quantized llama op for
+//! op (same kernels, same order), so a model split into stages gives logits
+//! bit-identical to the whole model in one stage, and to candle-transformers'
+//! `quantized_llama` on the same kernel path.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
+use candle_transformers::quantized_nn::RmsNorm;
+
+use super::model::{LlamaConfig, ModelError, ModelFile};
+
+/// A stage that could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StageError {
+    /// The model file is unusable.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The layer range is empty or reaches past the model.
+    #[error("layer range {start}..{end} is not within the model's {n_layer} layers")]
+    LayerRange {
+        /// First layer asked for.
+        start: usize,
+        /// One past the last.
+        end: usize,
+        /// Layers in the model.
+        n_layer: usize,
+    },
+    /// The sequence would exceed the context length.
+    #[error("{needed} tokens exceed the context length of {max}")]
+    ContextOverflow {
+        /// Positions the step needs.
+        needed: usize,
+        /// The model's (or session's) limit.
+        max: usize,
+    },
+    /// The input does not fit this stage (token ids on a later stage, a wrong width…).
+    #[error("bad stage input: {0}")]
+    Input(String),
+    /// A kernel failed.
+    #[error("compute failed")]
+    Compute(#[from] candle_core::Error),
+}
+
+/// What a stage consumes.
+#[derive(Debug, Clone)]
+pub enum StageInput {
+    /// Token ids, on the first stage.
+    Tokens(Vec<u32>),
+    /// Hidden states `(1, seq, hidden)` f32, from the previous stage.
+    Hidden(Tensor),
+}
+
+/// What a stage produces.
+#[derive(Debug, Clone)]
+pub enum StageOutput {
+    /// Hidden states `(1, seq, hidden)` f32, for the next stage.
+    Hidden(Tensor),
+    /// Logits of the last position `(vocab,)` f32, from the last stage.
+    Logits(Tensor),
+}
+
+/// The key/value cache of one session on one stage.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is cached.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the cached keys and values.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
+    }
+
+    /// Drops everything cached.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+        self.len = 0;
+    }
+}
+
+struct Block {
+    attn_norm: RmsNorm,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    bias: Option<(Tensor, Tensor, Tensor)>,
+    ffn_norm: RmsNorm,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+struct Head {
+    norm: RmsNorm,
+    output: QMatMul,
+}
+
+/// Layers `[a, b)` of a model, ready to run.
+pub struct Stage {
+    config: LlamaConfig,
+    layers: Range<usize>,
+    embed: Option<Arc<QTensor>>,
+    blocks: Vec<Block>,
+    head: Option<Head>,
+    cos: Tensor,
+    sin: Tensor,
+    neg_inf: Tensor,
+    device: Device,
+    weight_bytes: usize,
+}
+
+impl std::fmt::Debug for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stage")
+            .field("layers", &self.layers)
+            .field("first", &self.is_first())
+            .field("last", &self.is_last())
+            .field("weight_bytes", &self.weight_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rotary tables as candle's quantized llama builds them (so values match bit for bit).
+fn rope_tables(cfg: &LlamaConfig, positions: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim;
+    let theta: Vec<f32> = (0..hd).step_by(2).map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / hd as f32)).collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let idx_theta = Tensor::arange(0, positions as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((positions, 1))?
+        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((idx_theta.cos()?, idx_theta.sin()?))
+}
+
+impl Stage {
+    /// Loads layers `layers` of `model` onto `device`, with the embedding if
+    /// the range starts at 0 and the head if it ends at the last layer.
+    pub fn load(model: &ModelFile, layers: Range<usize>, device: &Device) -> Result<Self, StageError> {
+        let cfg = model.config().clone();
+        if layers.start >= layers.end || layers.end > cfg.n_layer {
+            return Err(StageError::LayerRange { start: layers.start, end: layers.end, n_layer: cfg.n_layer });
+        }
+        let mut reader = model.reader()?;
+        let mut weight_bytes = 0usize;
+        let mut load = |name: &str| -> Result<QTensor, StageError> {
+            let t = model.tensor(&mut reader, name, device)?;
+            weight_bytes += t.storage_size_in_bytes();
+            Ok(t)
+        };
+        let first = layers.start == 0;
+        let last = layers.end == cfg.n_layer;
+        let embed = if first || (last && cfg.tied_embeddings) { Some(Arc::new(load("token_embd.weight")?)) } else { None };
+
+        let mut blocks = Vec::with_capacity(layers.len());
+        for i in layers.clone() {
+            let p = |t: &str| format!("blk.{i}.{t}");
+            let mm = |q: QTensor| QMatMul::from_qtensor(q);
+            let bias = if cfg.qkv_bias {
+                Some((load(&p("attn_q.bias"))?.dequantize(device)?, load(&p("attn_k.bias"))?.dequantize(device)?, load(&p("attn_v.bias"))?.dequantize(device)?))
+            } else {
+                None
+            };
+            blocks.push(Block {
+                attn_norm: RmsNorm::from_qtensor(load(&p("attn_norm.weight"))?, cfg.rms_eps)?,
+                wq: mm(load(&p("attn_q.weight"))?)?,
+                wk: mm(load(&p("attn_k.weight"))?)?,
+                wv: mm(load(&p("attn_v.weight"))?)?,
+                wo: mm(load(&p("attn_output.weight"))?)?,
+                bias,
+                ffn_norm: RmsNorm::from_qtensor(load(&p("ffn_norm.weight"))?, cfg.rms_eps)?,
+                w_gate: mm(load(&p("ffn_gate.weight"))?)?,
+                w_up: mm(load(&p("ffn_up.weight"))?)?,
+                w_down: mm(load(&p("ffn_down.weight"))?)?,
+            });
+        }
+
+        let head = if last {
+            let norm = RmsNorm::from_qtensor(load("output_norm.weight")?, cfg.rms_eps)?;
+            let output = match (&embed, cfg.tied_embeddings) {
+                (Some(e), true) => QMatMul::from_arc(Arc::clone(e))?,
+                _ => QMatMul::from_qtensor(load("output.weight")?)?,
+            };
+            Some(Head { norm, output })
+        } else {
+            None
+        };
+        // The embedding table is only needed on the first stage; a last stage
+        // with tied embeddings keeps it through its lm head.
+        let embed = if first { embed } else { None };
+        let (cos, sin) = rope_tables(&cfg, cfg.context_length, device)?;
+        let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
+        Ok(Self { config: cfg, layers, embed, blocks, head, cos, sin, neg_inf, device: device.clone(), weight_bytes })
+    }
+
+    /// The model's configuration.
+    #[must_use]
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Layers held.
+    #[must_use]
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    /// Holds the token embedding and takes token ids.
+    #[must_use]
+    pub fn is_first(&self) -> bool {
+        self.layers.start == 0
+    }
+
+    /// Holds the head and returns logits.
+    #[must_use]
+    pub fn is_last(&self) -> bool {
+        self.layers.end == self.config.n_layer
+    }
+
+    /// Bytes of weights loaded.
+    #[must_use]
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// The device computed on.
+    #[must_use]
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for a new session on this stage.
+    #[must_use]
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![None; self.blocks.len()], len: 0 }
+    }
+
+    /// Runs one step of a session: the input's positions follow those in `cache`.
+    pub fn forward(&self, input: StageInput, cache: &mut KvCache) -> Result<StageOutput, StageError> {
+        if cache.layers.len() != self.blocks.len() {
+            return Err(StageError::Input("the cache belongs to another stage".into()));
+        }
+        let index_pos = cache.len;
+        let mut x = match input {
+            StageInput::Tokens(ids) => {
+                let embed = self.embed.as_ref().ok_or_else(|| StageError::Input("token ids given to a stage that is not the first".into()))?;
+                if ids.is_empty() {
+                    return Err(StageError::Input("no tokens".into()));
+                }
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab) {
+                    return Err(StageError::Input(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab)));
+                }
+                let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+                embed.embedding(&ids)?
+            }
+            StageInput::Hidden(h) => {
+                if self.is_first() {
+                    return Err(StageError::Input("hidden states given to the first stage".into()));
+                }
+                let dims = h.dims();
+                if dims.len() != 3 || dims[0] != 1 || dims[1] == 0 || dims[2] != self.config.hidden || h.dtype() != DType::F32 {
+                    return Err(StageError::Input(format!("expected f32 hidden states (1, seq, {}), got {:?} {dims:?}", self.config.hidden, h.dtype())));
+                }
+                h.to_device(&self.device)?
+            }
+        };
+        let seq_len = x.dim(1)?;
+        let needed = index_pos + seq_len;
+        if needed > self.config.context_length {
+            return Err(StageError::ContextOverflow { needed, max: self.config.context_length });
+        }
+        let mask = if seq_len == 1 { None } else { Some(candle_transformers::utils::build_causal_mask(seq_len, index_pos, &self.device)?) };
+        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = self.block_forward(block, &x, mask.as_ref(), index_pos, kv)?;
+        }
+        cache.len = needed;
+        match &self.head {
+            None => Ok(StageOutput::Hidden(x)),
+            Some(head) => {
+                let x = head.norm.forward(&x)?;
+                let x = x.i((.., seq_len - 1, ..))?.contiguous()?;
+                Ok(StageOutput::Logits(head.output.forward(&x)?.squeeze(0)?))
+            }
+        }
+    }
+
+    fn rope(&self, x: &Tensor, index_pos: usize) -> candle_core::Result<Tensor> {
+        let (_b, _h, seq_len, _d) = x.dims4()?;
+        let cos = self.cos.narrow(0, index_pos, seq_len)?;
+        let sin = self.sin.narrow(0, index_pos, seq_len)?;
+        let x = x.contiguous()?;
+        if self.config.rope_neox { candle_nn::rotary_emb::rope(&x, &cos, &sin) } else { candle_nn::rotary_emb::rope_i(&x, &cos, &sin) }
+    }
+
+    fn block_forward(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        index_pos: usize,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let residual = x;
+        let h = b.attn_norm.forward(x)?;
+        let (b_sz, seq_len, n_embd) = h.dims3()?;
+        let (mut q, mut k, mut v) = (b.wq.forward(&h)?, b.wk.forward(&h)?, b.wv.forward(&h)?);
+        if let Some((bq, bk, bv)) = &b.bias {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        let q = q.reshape((b_sz, seq_len, cfg.n_head, cfg.head_dim))?.transpose(1, 2)?;
+        let k = k.reshape((b_sz, seq_len, cfg.n_kv_head, cfg.head_dim))?.transpose(1, 2)?;
+        let v = v.reshape((b_sz, seq_len, cfg.n_kv_head, cfg.head_dim))?.transpose(1, 2)?.contiguous()?;
+        let q = self.rope(&q, index_pos)?;
+        let k = self.rope(&k, index_pos)?;
+        let (k, v) = match kv.as_ref() {
+            Some((kc, vc)) if index_pos > 0 => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
+            _ => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let groups = cfg.n_head / cfg.n_kv_head;
+        let k = candle_transformers::utils::repeat_kv(k, groups)?;
+        let v = candle_transformers::utils::repeat_kv(v, groups)?;
+        let att = (q.matmul(&k.t()?)? / (cfg.head_dim as f64).sqrt())?;
+        let att = match mask {
+            None => att,
+            Some(mask) => {
+                let mask = mask.broadcast_as(att.shape())?;
+                mask.where_cond(&self.neg_inf.broadcast_as(mask.shape().dims())?, &att)?
+            }
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
+        let x = (b.wo.forward(&y)? + residual)?;
+
+        let residual = &x;
+        let h = b.ffn_norm.forward(&x)?;
+        let gate = b.w_gate.forward(&h)?;
+        let up = b.w_up.forward(&h)?;
+        let y = b.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+        y + residual
+    }
+}
+
+/// The greedy token of `logits` (ties go to the lowest id).
+pub fn argmax(logits: &Tensor) -> candle_core::Result<u32> {
+    logits.argmax(D::Minus1)?.to_scalar::<u32>()
+}
