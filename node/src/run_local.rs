@@ -10,7 +10,10 @@ use anyhow::{Context as _, bail};
 use candle_core::Device;
 use clap::Args;
 
-use crate::executor::{ChatMessage, ModelFile, Pipeline, Sampler, SamplingConfig, Stage, StopReason, Tokenizer, model_id};
+use crate::executor::{
+    ChatMessage, ModelFile, Pipeline, Sampler, SamplingConfig, Stage, StopReason, Tokenizer,
+    model_id,
+};
 
 /// Environment variable naming the default model file.
 pub const ENV_MODEL: &str = "COMMONS_MODEL";
@@ -35,7 +38,7 @@ pub struct RunArgs {
     /// Split the model into in-process stages, e.g. `0..10,10..20,20..30`
     /// (default: one stage with every layer). The ranges must cover the model.
     #[arg(long, value_name = "A..B[,B..C…]", value_parser = parse_ranges)]
-    pub layers: Option<Vec<Range<usize>>>,
+    pub layers: Option<LayerSplit>,
     /// Sampling temperature (0: greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
@@ -56,19 +59,33 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+/// Layer ranges of in-process stages, as given by `--layers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSplit(pub Vec<Range<usize>>);
+
 /// Parses `A..B[,B..C…]`.
-pub fn parse_ranges(s: &str) -> Result<Vec<Range<usize>>, String> {
+pub fn parse_ranges(s: &str) -> Result<LayerSplit, String> {
     s.split(',')
         .map(|part| {
-            let (a, b) = part.trim().split_once("..").ok_or_else(|| format!("{part:?} is not a range A..B"))?;
-            let a: usize = a.trim().parse().map_err(|_| format!("{a:?} is not a layer number"))?;
-            let b: usize = b.trim().parse().map_err(|_| format!("{b:?} is not a layer number"))?;
+            let (a, b) = part
+                .trim()
+                .split_once("..")
+                .ok_or_else(|| format!("{part:?} is not a range A..B"))?;
+            let a: usize = a
+                .trim()
+                .parse()
+                .map_err(|_| format!("{a:?} is not a layer number"))?;
+            let b: usize = b
+                .trim()
+                .parse()
+                .map_err(|_| format!("{b:?} is not a layer number"))?;
             if a >= b {
                 return Err(format!("{a}..{b} is empty"));
             }
             Ok(a..b)
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(LayerSplit)
 }
 
 /// Runs `commons run`.
@@ -84,7 +101,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let id = model_id(&args.model)?;
     let tokenizer = Tokenizer::from_gguf_metadata(model.metadata())?;
     let text = if args.chat {
-        tokenizer.apply_chat_template(&[ChatMessage { role: "user".into(), content: args.prompt.clone() }])?
+        tokenizer.apply_chat_template(&[ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        }])?
     } else {
         args.prompt.clone()
     };
@@ -93,7 +113,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         bail!("the prompt is empty");
     }
     if prompt.len() >= cfg.context_length {
-        bail!("the prompt is {} tokens; the model's context length is {}", prompt.len(), cfg.context_length);
+        bail!(
+            "the prompt is {} tokens; the model's context length is {}",
+            prompt.len(),
+            cfg.context_length
+        );
     }
     let sampler = Sampler::new(SamplingConfig {
         temperature: args.temperature,
@@ -104,9 +128,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ..SamplingConfig::default()
     });
     let mut sampler = sampler?;
-    let ranges = args.layers.clone().unwrap_or_else(|| vec![0..cfg.n_layer]);
+    let ranges = args
+        .layers
+        .clone()
+        .map_or_else(|| std::iter::once(0..cfg.n_layer).collect(), |l| l.0);
     let device = Device::Cpu;
-    let stages = ranges.iter().map(|r| Stage::load(&model, r.clone(), &device)).collect::<Result<Vec<_>, _>>()?;
+    let stages = ranges
+        .iter()
+        .map(|r| Stage::load(&model, r.clone(), &device))
+        .collect::<Result<Vec<_>, _>>()?;
     let pipeline = Pipeline::new(stages)?;
     tracing::info!(model = %id, arch = %cfg.architecture, layers = cfg.n_layer, stages = ?ranges, "model loaded");
 
@@ -114,18 +144,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let mut stream_err = None;
     let (tokens, reason, stats) = pipeline
-        .generate(&prompt, args.max_tokens, &mut sampler, tokenizer.stop_tokens(), |token| {
-            if args.json || stream_err.is_some() {
-                return;
-            }
-            match stream.push(token) {
-                Ok(Some(piece)) => {
-                    let _ = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush());
+        .generate(
+            &prompt,
+            args.max_tokens,
+            &mut sampler,
+            tokenizer.stop_tokens(),
+            |token| {
+                if args.json || stream_err.is_some() {
+                    return;
                 }
-                Ok(None) => {}
-                Err(e) => stream_err = Some(e),
-            }
-        })
+                match stream.push(token) {
+                    Ok(Some(piece)) => {
+                        let _ = stdout
+                            .write_all(piece.as_bytes())
+                            .and_then(|()| stdout.flush());
+                    }
+                    Ok(None) => {}
+                    Err(e) => stream_err = Some(e),
+                }
+            },
+        )
         .context("generation failed")?;
     if let Some(e) = stream_err {
         return Err(e).context("cannot decode the generated tokens");
@@ -171,7 +209,10 @@ mod tests {
 
     #[test]
     fn ranges_parse() {
-        assert_eq!(parse_ranges("0..10,10..20").unwrap(), vec![0..10, 10..20]);
+        assert_eq!(
+            parse_ranges("0..10,10..20").unwrap(),
+            LayerSplit(vec![0..10, 10..20])
+        );
         assert!(parse_ranges("3..3").is_err());
         assert!(parse_ranges("a..b").is_err());
         assert!(parse_ranges("5").is_err());

@@ -52,19 +52,26 @@ impl Pipeline {
     /// Chains `stages`, which must cover the model's layers contiguously from 0 to the end.
     pub fn new(stages: Vec<Stage>) -> Result<Self, StageError> {
         let Some(first) = stages.first() else {
-            return Err(StageError::Input("a pipeline needs at least one stage".into()));
+            return Err(StageError::Input(
+                "a pipeline needs at least one stage".into(),
+            ));
         };
         let n_layer = first.config().n_layer;
         let mut next = 0;
         for stage in &stages {
             let r = stage.layers();
             if r.start != next {
-                return Err(StageError::Input(format!("stages leave a gap or overlap at layer {next} (next stage starts at {})", r.start)));
+                return Err(StageError::Input(format!(
+                    "stages leave a gap or overlap at layer {next} (next stage starts at {})",
+                    r.start
+                )));
             }
             next = r.end;
         }
         if next != n_layer {
-            return Err(StageError::Input(format!("stages end at layer {next}, the model has {n_layer}")));
+            return Err(StageError::Input(format!(
+                "stages end at layer {next}, the model has {n_layer}"
+            )));
         }
         Ok(Self { stages })
     }
@@ -82,7 +89,11 @@ impl Pipeline {
     }
 
     /// Runs `tokens` through every stage and returns the logits of the last position.
-    pub fn forward(&self, tokens: &[u32], caches: &mut [KvCache]) -> Result<candle_core::Tensor, StageError> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        caches: &mut [KvCache],
+    ) -> Result<candle_core::Tensor, StageError> {
         let mut input = StageInput::Tokens(tokens.to_vec());
         for (stage, cache) in self.stages.iter().zip(caches.iter_mut()) {
             match stage.forward(input, cache)? {
@@ -90,7 +101,9 @@ impl Pipeline {
                 StageOutput::Logits(l) => return Ok(l),
             }
         }
-        Err(StageError::Input("the last stage returned no logits".into()))
+        Err(StageError::Input(
+            "the last stage returned no logits".into(),
+        ))
     }
 
     /// Generates up to `max_tokens` after `prompt`, calling `on_token` with each
@@ -108,12 +121,18 @@ impl Pipeline {
             return Err(StageError::Input("empty prompt".into()));
         }
         if prompt.len() > context {
-            return Err(StageError::ContextOverflow { needed: prompt.len(), max: context });
+            return Err(StageError::ContextOverflow {
+                needed: prompt.len(),
+                max: context,
+            });
         }
         let mut caches = self.new_caches();
         let mut history = prompt.to_vec();
         let mut out = Vec::new();
-        let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..GenerationStats::default() };
+        let mut stats = GenerationStats {
+            prompt_tokens: prompt.len(),
+            ..GenerationStats::default()
+        };
         let start = Instant::now();
         let mut next_input = prompt.to_vec();
         let mut reason = StopReason::MaxTokens;

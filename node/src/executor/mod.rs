@@ -5,6 +5,7 @@ pub mod generate;
 pub mod model;
 pub mod sampling;
 pub mod stage;
+pub mod tiny;
 pub mod tokenizer;
 
 pub use generate::{GenerationStats, Pipeline, StopReason};

@@ -128,17 +128,33 @@ pub struct ModelFile {
 
 impl std::fmt::Debug for ModelFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModelFile").field("path", &self.path).field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("ModelFile")
+            .field("path", &self.path)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
+/// candle's error text without the backtrace it attaches when `RUST_BACKTRACE` is set.
+pub(crate) fn reason(err: &candle_core::Error) -> String {
+    let text = err.to_string();
+    text.lines().next().unwrap_or_default().trim().to_owned()
+}
+
 fn md<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value, ModelError> {
-    metadata.get(key).ok_or_else(|| ModelError::MissingMetadata { key: key.to_owned() })
+    metadata
+        .get(key)
+        .ok_or_else(|| ModelError::MissingMetadata {
+            key: key.to_owned(),
+        })
 }
 
 fn md_usize(metadata: &HashMap<String, Value>, key: &str) -> Result<usize, ModelError> {
-    let bad = |reason: String| ModelError::BadMetadata { key: key.to_owned(), reason };
-    let v = md(metadata, key)?.to_u64().map_err(|e| bad(e.to_string()))?;
+    let bad = |reason: String| ModelError::BadMetadata {
+        key: key.to_owned(),
+        reason,
+    };
+    let v = md(metadata, key)?.to_u64().map_err(|e| bad(reason(&e)))?;
     usize::try_from(v).map_err(|_| bad(format!("{v} does not fit")))
 }
 
@@ -147,7 +163,10 @@ fn md_f32(metadata: &HashMap<String, Value>, key: &str) -> Result<Option<f32>, M
         None => Ok(None),
         Some(Value::F32(v)) => Ok(Some(*v)),
         Some(Value::F64(v)) => Ok(Some(*v as f32)),
-        Some(other) => Err(ModelError::BadMetadata { key: key.to_owned(), reason: format!("expected a float, found {:?}", other.value_type()) }),
+        Some(other) => Err(ModelError::BadMetadata {
+            key: key.to_owned(),
+            reason: format!("expected a float, found {:?}", other.value_type()),
+        }),
     }
 }
 
@@ -155,13 +174,21 @@ fn md_f32(metadata: &HashMap<String, Value>, key: &str) -> Result<Option<f32>, M
 /// malformed files, but divides by a zero `general.alignment`; that panic is
 /// caught here and reported as corruption.
 fn read_content(path: &Path) -> Result<Content, ModelError> {
-    let file = File::open(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
+    let file = File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut reader = BufReader::new(file);
-    let corrupt = |reason: String| ModelError::Corrupt { path: path.to_owned(), reason };
+    let corrupt = |reason: String| ModelError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader))) {
         Ok(Ok(content)) => Ok(content),
-        Ok(Err(err)) => Err(corrupt(err.to_string())),
-        Err(_) => Err(corrupt("the GGUF header is inconsistent (the reader gave up)".to_owned())),
+        Ok(Err(err)) => Err(corrupt(reason(&err))),
+        Err(_) => Err(corrupt(
+            "the GGUF header is inconsistent (the reader gave up)".to_owned(),
+        )),
     }
 }
 
@@ -170,7 +197,11 @@ impl ModelFile {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let content = read_content(path)?;
         let config = LlamaConfig::from_metadata(&content)?;
-        let model = Self { path: path.to_owned(), content, config };
+        let model = Self {
+            path: path.to_owned(),
+            content,
+            config,
+        };
         model.validate_index()?;
         Ok(model)
     }
@@ -197,7 +228,11 @@ impl ModelFile {
     fn expected_shape(&self, name: &str) -> Option<Vec<usize>> {
         let c = &self.config;
         let (q_out, kv_out) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
-        let short = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).map(|(_, t)| t).unwrap_or(name);
+        let short = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split_once('.'))
+            .map(|(_, t)| t)
+            .unwrap_or(name);
         Some(match short {
             "token_embd.weight" | "output.weight" => vec![c.vocab, c.hidden],
             "output_norm.weight" | "attn_norm.weight" | "ffn_norm.weight" => vec![c.hidden],
@@ -215,19 +250,36 @@ impl ModelFile {
     /// Names of the tensors of block `layer`.
     #[must_use]
     pub fn layer_tensor_names(&self, layer: usize) -> Vec<String> {
-        let mut names: Vec<String> = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
-            .iter()
-            .map(|t| format!("blk.{layer}.{t}.weight"))
-            .collect();
+        let mut names: Vec<String> = [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ]
+        .iter()
+        .map(|t| format!("blk.{layer}.{t}.weight"))
+        .collect();
         if self.config.qkv_bias {
-            names.extend(["attn_q", "attn_k", "attn_v"].iter().map(|t| format!("blk.{layer}.{t}.bias")));
+            names.extend(
+                ["attn_q", "attn_k", "attn_v"]
+                    .iter()
+                    .map(|t| format!("blk.{layer}.{t}.bias")),
+            );
         }
         names
     }
 
     /// Checks that every tensor the configuration needs is present with the right shape.
     fn validate_index(&self) -> Result<(), ModelError> {
-        let mut names = vec!["token_embd.weight".to_owned(), "output_norm.weight".to_owned()];
+        let mut names = vec![
+            "token_embd.weight".to_owned(),
+            "output_norm.weight".to_owned(),
+        ];
         if !self.config.tied_embeddings {
             names.push("output.weight".to_owned());
         }
@@ -235,15 +287,27 @@ impl ModelFile {
             names.extend(self.layer_tensor_names(layer));
         }
         for name in &names {
-            let info = self.content.tensor_infos.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+            let info = self
+                .content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
             let actual = info.shape.dims().to_vec();
             let expected = self.expected_shape(name).unwrap_or_else(|| actual.clone());
             if actual != expected {
-                return Err(ModelError::TensorShape { name: name.clone(), expected, actual });
+                return Err(ModelError::TensorShape {
+                    name: name.clone(),
+                    expected,
+                    actual,
+                });
             }
             let last = *actual.last().unwrap_or(&0);
             if !last.is_multiple_of(info.ggml_dtype.block_size()) {
-                return Err(ModelError::TensorShape { name: name.clone(), expected, actual });
+                return Err(ModelError::TensorShape {
+                    name: name.clone(),
+                    expected,
+                    actual,
+                });
             }
         }
         Ok(())
@@ -263,16 +327,33 @@ impl ModelFile {
     }
 
     /// Reads one tensor (validated against the configuration at open).
-    pub fn tensor(&self, reader: &mut (impl Read + Seek), name: &str, device: &Device) -> Result<QTensor, ModelError> {
+    pub fn tensor(
+        &self,
+        reader: &mut (impl Read + Seek),
+        name: &str,
+        device: &Device,
+    ) -> Result<QTensor, ModelError> {
         if !self.content.tensor_infos.contains_key(name) {
-            return Err(ModelError::MissingTensor { name: name.to_owned() });
+            return Err(ModelError::MissingTensor {
+                name: name.to_owned(),
+            });
         }
-        self.content.tensor(reader, name, device).map_err(|e| ModelError::TensorData { name: name.to_owned(), reason: e.to_string() })
+        self.content
+            .tensor(reader, name, device)
+            .map_err(|e| ModelError::TensorData {
+                name: name.to_owned(),
+                reason: reason(&e),
+            })
     }
 
     /// A buffered reader over the file, for [`ModelFile::tensor`].
     pub fn reader(&self) -> Result<BufReader<File>, ModelError> {
-        File::open(&self.path).map(BufReader::new).map_err(|source| ModelError::Io { path: self.path.clone(), source })
+        File::open(&self.path)
+            .map(BufReader::new)
+            .map_err(|source| ModelError::Io {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
@@ -283,7 +364,10 @@ impl LlamaConfig {
         let arch_key = "general.architecture";
         let arch = md(m, arch_key)?
             .to_string()
-            .map_err(|e| ModelError::BadMetadata { key: arch_key.into(), reason: e.to_string() })?
+            .map_err(|e| ModelError::BadMetadata {
+                key: arch_key.into(),
+                reason: reason(&e),
+            })?
             .clone();
         if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
             return Err(ModelError::UnsupportedArchitecture { arch });
@@ -298,7 +382,14 @@ impl LlamaConfig {
             other => Err(other),
         })?;
         let positive = |k: &str, v: usize| {
-            if v == 0 { Err(ModelError::BadMetadata { key: key(k), reason: "must be positive".into() }) } else { Ok(()) }
+            if v == 0 {
+                Err(ModelError::BadMetadata {
+                    key: key(k),
+                    reason: "must be positive".into(),
+                })
+            } else {
+                Ok(())
+            }
         };
         positive("block_count", n_layer)?;
         positive("embedding_length", hidden)?;
@@ -306,21 +397,38 @@ impl LlamaConfig {
         positive("attention.head_count", n_head)?;
         positive("attention.head_count_kv", n_kv_head)?;
         if !hidden.is_multiple_of(n_head) {
-            return Err(ModelError::BadMetadata { key: key("attention.head_count"), reason: format!("{n_head} heads do not divide {hidden}") });
+            return Err(ModelError::BadMetadata {
+                key: key("attention.head_count"),
+                reason: format!("{n_head} heads do not divide {hidden}"),
+            });
         }
         if !n_head.is_multiple_of(n_kv_head) {
-            return Err(ModelError::BadMetadata { key: key("attention.head_count_kv"), reason: format!("{n_kv_head} does not divide {n_head} heads") });
+            return Err(ModelError::BadMetadata {
+                key: key("attention.head_count_kv"),
+                reason: format!("{n_kv_head} does not divide {n_head} heads"),
+            });
         }
         let head_dim = hidden / n_head;
         if let Ok(rope_dim) = md_usize(m, &key("rope.dimension_count"))
             && rope_dim != head_dim
         {
-            return Err(ModelError::BadMetadata { key: key("rope.dimension_count"), reason: format!("partial rotary ({rope_dim} of {head_dim}) is not supported") });
+            return Err(ModelError::BadMetadata {
+                key: key("rope.dimension_count"),
+                reason: format!("partial rotary ({rope_dim} of {head_dim}) is not supported"),
+            });
         }
-        let rms_eps = md_f32(m, &key("attention.layer_norm_rms_epsilon"))?
-            .ok_or_else(|| ModelError::MissingMetadata { key: key("attention.layer_norm_rms_epsilon") })? as f64;
+        let rms_eps = md_f32(m, &key("attention.layer_norm_rms_epsilon"))?.ok_or_else(|| {
+            ModelError::MissingMetadata {
+                key: key("attention.layer_norm_rms_epsilon"),
+            }
+        })? as f64;
         let rope_theta = md_f32(m, &key("rope.freq_base"))?.unwrap_or(10_000.0);
-        let embd = content.tensor_infos.get("token_embd.weight").ok_or_else(|| ModelError::MissingTensor { name: "token_embd.weight".into() })?;
+        let embd = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: "token_embd.weight".into(),
+            })?;
         let vocab = match md_usize(m, &key("vocab_size")) {
             Ok(v) => v,
             Err(_) => *embd.shape.dims().first().unwrap_or(&0),
@@ -353,9 +461,16 @@ impl LlamaConfig {
 /// beside the file (`<file>.blake3`, keyed by size and modification time) so
 /// that it is computed once per file version.
 pub fn model_id(path: &Path) -> Result<ModelId, ModelError> {
-    let io = |source| ModelError::Io { path: path.to_owned(), source };
+    let io = |source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(io)?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
     let stamp = format!("{} {}", meta.len(), mtime);
     let cache = cache_path(path);
     if let Ok(text) = std::fs::read_to_string(&cache)

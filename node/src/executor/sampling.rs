@@ -23,7 +23,14 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, repeat_last_n: 64, seed: 299_792_458 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 299_792_458,
+        }
     }
 }
 
@@ -50,7 +57,9 @@ pub struct Sampler {
 
 impl std::fmt::Debug for Sampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sampler").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Sampler")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -72,9 +81,16 @@ impl Sampler {
         } else {
             match (config.top_k, config.top_p < 1.0) {
                 (0, false) => Sampling::All { temperature: t },
-                (0, true) => Sampling::TopP { p: config.top_p, temperature: t },
+                (0, true) => Sampling::TopP {
+                    p: config.top_p,
+                    temperature: t,
+                },
                 (k, false) => Sampling::TopK { k, temperature: t },
-                (k, true) => Sampling::TopKThenTopP { k, p: config.top_p, temperature: t },
+                (k, true) => Sampling::TopKThenTopP {
+                    k,
+                    p: config.top_p,
+                    temperature: t,
+                },
             }
         };
         let processor = LogitsProcessor::from_sampling(config.seed, sampling);
@@ -85,7 +101,11 @@ impl Sampler {
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> candle_core::Result<u32> {
         let logits = if (self.config.repetition_penalty - 1.0).abs() > f32::EPSILON {
             let start = history.len().saturating_sub(self.config.repeat_last_n);
-            candle_transformers::utils::apply_repeat_penalty(logits, self.config.repetition_penalty, &history[start..])?
+            candle_transformers::utils::apply_repeat_penalty(
+                logits,
+                self.config.repetition_penalty,
+                &history[start..],
+            )?
         } else {
             logits.clone()
         };
@@ -103,29 +123,69 @@ mod tests {
         let logits = Tensor::new(&[0.1f32, 2.0, 1.9, -1.0], &Device::Cpu).unwrap();
         let mut greedy = Sampler::new(SamplingConfig::default()).unwrap();
         assert_eq!(greedy.sample(&logits, &[]).unwrap(), 1);
-        let mut penalised = Sampler::new(SamplingConfig { repetition_penalty: 1.5, ..SamplingConfig::default() }).unwrap();
+        let mut penalised = Sampler::new(SamplingConfig {
+            repetition_penalty: 1.5,
+            ..SamplingConfig::default()
+        })
+        .unwrap();
         assert_eq!(penalised.sample(&logits, &[1]).unwrap(), 2);
     }
 
     #[test]
     fn same_seed_same_tokens() {
         let logits = Tensor::new(&[1.0f32, 1.1, 0.9, 1.05, 0.95], &Device::Cpu).unwrap();
-        let cfg = SamplingConfig { temperature: 1.0, top_k: 4, top_p: 0.9, seed: 7, ..SamplingConfig::default() };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_k: 4,
+            top_p: 0.9,
+            seed: 7,
+            ..SamplingConfig::default()
+        };
         let draw = |cfg: &SamplingConfig| {
             let mut s = Sampler::new(cfg.clone()).unwrap();
-            (0..32).map(|_| s.sample(&logits, &[]).unwrap()).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.sample(&logits, &[]).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(&cfg), draw(&cfg));
-        assert_ne!(draw(&cfg), draw(&SamplingConfig { seed: 8, ..cfg.clone() }));
+        assert_ne!(
+            draw(&cfg),
+            draw(&SamplingConfig {
+                seed: 8,
+                ..cfg.clone()
+            })
+        );
         // top-k 1 is greedy whatever the temperature.
-        let one = draw(&SamplingConfig { top_k: 1, top_p: 1.0, ..cfg });
+        let one = draw(&SamplingConfig {
+            top_k: 1,
+            top_p: 1.0,
+            ..cfg
+        });
         assert!(one.iter().all(|&t| t == 1));
     }
 
     #[test]
     fn nonsense_settings_are_refused() {
-        assert!(Sampler::new(SamplingConfig { temperature: -1.0, ..SamplingConfig::default() }).is_err());
-        assert!(Sampler::new(SamplingConfig { top_p: 0.0, ..SamplingConfig::default() }).is_err());
-        assert!(Sampler::new(SamplingConfig { repetition_penalty: 0.0, ..SamplingConfig::default() }).is_err());
+        assert!(
+            Sampler::new(SamplingConfig {
+                temperature: -1.0,
+                ..SamplingConfig::default()
+            })
+            .is_err()
+        );
+        assert!(
+            Sampler::new(SamplingConfig {
+                top_p: 0.0,
+                ..SamplingConfig::default()
+            })
+            .is_err()
+        );
+        assert!(
+            Sampler::new(SamplingConfig {
+                repetition_penalty: 0.0,
+                ..SamplingConfig::default()
+            })
+            .is_err()
+        );
     }
 }

@@ -91,7 +91,11 @@ impl KvCache {
     /// Bytes held by the cached keys and values.
     #[must_use]
     pub fn bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Drops everything cached.
@@ -145,9 +149,16 @@ impl std::fmt::Debug for Stage {
 }
 
 /// Rotary tables as candle's quantized llama builds them (so values match bit for bit).
-fn rope_tables(cfg: &LlamaConfig, positions: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+fn rope_tables(
+    cfg: &LlamaConfig,
+    positions: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim;
-    let theta: Vec<f32> = (0..hd).step_by(2).map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / hd as f32)).collect();
+    let theta: Vec<f32> = (0..hd)
+        .step_by(2)
+        .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / hd as f32))
+        .collect();
     let theta = Tensor::new(theta.as_slice(), device)?;
     let idx_theta = Tensor::arange(0, positions as u32, device)?
         .to_dtype(DType::F32)?
@@ -159,10 +170,18 @@ fn rope_tables(cfg: &LlamaConfig, positions: usize, device: &Device) -> candle_c
 impl Stage {
     /// Loads layers `layers` of `model` onto `device`, with the embedding if
     /// the range starts at 0 and the head if it ends at the last layer.
-    pub fn load(model: &ModelFile, layers: Range<usize>, device: &Device) -> Result<Self, StageError> {
+    pub fn load(
+        model: &ModelFile,
+        layers: Range<usize>,
+        device: &Device,
+    ) -> Result<Self, StageError> {
         let cfg = model.config().clone();
         if layers.start >= layers.end || layers.end > cfg.n_layer {
-            return Err(StageError::LayerRange { start: layers.start, end: layers.end, n_layer: cfg.n_layer });
+            return Err(StageError::LayerRange {
+                start: layers.start,
+                end: layers.end,
+                n_layer: cfg.n_layer,
+            });
         }
         let mut reader = model.reader()?;
         let mut weight_bytes = 0usize;
@@ -173,14 +192,22 @@ impl Stage {
         };
         let first = layers.start == 0;
         let last = layers.end == cfg.n_layer;
-        let embed = if first || (last && cfg.tied_embeddings) { Some(Arc::new(load("token_embd.weight")?)) } else { None };
+        let embed = if first || (last && cfg.tied_embeddings) {
+            Some(Arc::new(load("token_embd.weight")?))
+        } else {
+            None
+        };
 
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let p = |t: &str| format!("blk.{i}.{t}");
             let mm = |q: QTensor| QMatMul::from_qtensor(q);
             let bias = if cfg.qkv_bias {
-                Some((load(&p("attn_q.bias"))?.dequantize(device)?, load(&p("attn_k.bias"))?.dequantize(device)?, load(&p("attn_v.bias"))?.dequantize(device)?))
+                Some((
+                    load(&p("attn_q.bias"))?.dequantize(device)?,
+                    load(&p("attn_k.bias"))?.dequantize(device)?,
+                    load(&p("attn_v.bias"))?.dequantize(device)?,
+                ))
             } else {
                 None
             };
@@ -213,7 +240,18 @@ impl Stage {
         let embed = if first { embed } else { None };
         let (cos, sin) = rope_tables(&cfg, cfg.context_length, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
-        Ok(Self { config: cfg, layers, embed, blocks, head, cos, sin, neg_inf, device: device.clone(), weight_bytes })
+        Ok(Self {
+            config: cfg,
+            layers,
+            embed,
+            blocks,
+            head,
+            cos,
+            sin,
+            neg_inf,
+            device: device.clone(),
+            weight_bytes,
+        })
     }
 
     /// The model's configuration.
@@ -255,34 +293,59 @@ impl Stage {
     /// An empty cache for a new session on this stage.
     #[must_use]
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: vec![None; self.blocks.len()], len: 0 }
+        KvCache {
+            layers: vec![None; self.blocks.len()],
+            len: 0,
+        }
     }
 
     /// Runs one step of a session: the input's positions follow those in `cache`.
-    pub fn forward(&self, input: StageInput, cache: &mut KvCache) -> Result<StageOutput, StageError> {
+    pub fn forward(
+        &self,
+        input: StageInput,
+        cache: &mut KvCache,
+    ) -> Result<StageOutput, StageError> {
         if cache.layers.len() != self.blocks.len() {
-            return Err(StageError::Input("the cache belongs to another stage".into()));
+            return Err(StageError::Input(
+                "the cache belongs to another stage".into(),
+            ));
         }
         let index_pos = cache.len;
         let mut x = match input {
             StageInput::Tokens(ids) => {
-                let embed = self.embed.as_ref().ok_or_else(|| StageError::Input("token ids given to a stage that is not the first".into()))?;
+                let embed = self.embed.as_ref().ok_or_else(|| {
+                    StageError::Input("token ids given to a stage that is not the first".into())
+                })?;
                 if ids.is_empty() {
                     return Err(StageError::Input("no tokens".into()));
                 }
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab) {
-                    return Err(StageError::Input(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab)));
+                    return Err(StageError::Input(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        self.config.vocab
+                    )));
                 }
                 let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
                 embed.embedding(&ids)?
             }
             StageInput::Hidden(h) => {
                 if self.is_first() {
-                    return Err(StageError::Input("hidden states given to the first stage".into()));
+                    return Err(StageError::Input(
+                        "hidden states given to the first stage".into(),
+                    ));
                 }
                 let dims = h.dims();
-                if dims.len() != 3 || dims[0] != 1 || dims[1] == 0 || dims[2] != self.config.hidden || h.dtype() != DType::F32 {
-                    return Err(StageError::Input(format!("expected f32 hidden states (1, seq, {}), got {:?} {dims:?}", self.config.hidden, h.dtype())));
+                if dims.len() != 3
+                    || dims[0] != 1
+                    || dims[1] == 0
+                    || dims[2] != self.config.hidden
+                    || h.dtype() != DType::F32
+                {
+                    return Err(StageError::Input(format!(
+                        "expected f32 hidden states (1, seq, {}), got {:?} {dims:?}",
+                        self.config.hidden,
+                        h.dtype()
+                    )));
                 }
                 h.to_device(&self.device)?
             }
@@ -290,9 +353,20 @@ impl Stage {
         let seq_len = x.dim(1)?;
         let needed = index_pos + seq_len;
         if needed > self.config.context_length {
-            return Err(StageError::ContextOverflow { needed, max: self.config.context_length });
+            return Err(StageError::ContextOverflow {
+                needed,
+                max: self.config.context_length,
+            });
         }
-        let mask = if seq_len == 1 { None } else { Some(candle_transformers::utils::build_causal_mask(seq_len, index_pos, &self.device)?) };
+        let mask = if seq_len == 1 {
+            None
+        } else {
+            Some(candle_transformers::utils::build_causal_mask(
+                seq_len,
+                index_pos,
+                &self.device,
+            )?)
+        };
         for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             x = self.block_forward(block, &x, mask.as_ref(), index_pos, kv)?;
         }
@@ -312,7 +386,11 @@ impl Stage {
         let cos = self.cos.narrow(0, index_pos, seq_len)?;
         let sin = self.sin.narrow(0, index_pos, seq_len)?;
         let x = x.contiguous()?;
-        if self.config.rope_neox { candle_nn::rotary_emb::rope(&x, &cos, &sin) } else { candle_nn::rotary_emb::rope_i(&x, &cos, &sin) }
+        if self.config.rope_neox {
+            candle_nn::rotary_emb::rope(&x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
+        }
     }
 
     fn block_forward(
@@ -333,13 +411,22 @@ impl Stage {
             k = k.broadcast_add(bk)?;
             v = v.broadcast_add(bv)?;
         }
-        let q = q.reshape((b_sz, seq_len, cfg.n_head, cfg.head_dim))?.transpose(1, 2)?;
-        let k = k.reshape((b_sz, seq_len, cfg.n_kv_head, cfg.head_dim))?.transpose(1, 2)?;
-        let v = v.reshape((b_sz, seq_len, cfg.n_kv_head, cfg.head_dim))?.transpose(1, 2)?.contiguous()?;
+        let q = q
+            .reshape((b_sz, seq_len, cfg.n_head, cfg.head_dim))?
+            .transpose(1, 2)?;
+        let k = k
+            .reshape((b_sz, seq_len, cfg.n_kv_head, cfg.head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b_sz, seq_len, cfg.n_kv_head, cfg.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = self.rope(&q, index_pos)?;
         let k = self.rope(&k, index_pos)?;
         let (k, v) = match kv.as_ref() {
-            Some((kc, vc)) if index_pos > 0 => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
+            Some((kc, vc)) if index_pos > 0 => {
+                (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?)
+            }
             _ => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));

@@ -67,20 +67,34 @@ fn md_str<'a>(m: &'a HashMap<String, Value>, key: &str) -> Option<&'a String> {
 }
 
 fn md_u32(m: &HashMap<String, Value>, key: &str) -> Option<u32> {
-    m.get(key).and_then(|v| v.to_u64().ok()).and_then(|v| u32::try_from(v).ok())
+    m.get(key)
+        .and_then(|v| v.to_u64().ok())
+        .and_then(|v| u32::try_from(v).ok())
 }
 
 fn md_strings(m: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, TokenizerError> {
-    let err = || TokenizerError::Metadata { key: key.to_owned() };
-    m.get(key).ok_or_else(err)?.to_vec().map_err(|_| err())?.iter().map(|v| v.to_string().cloned().map_err(|_| err())).collect()
+    let err = || TokenizerError::Metadata {
+        key: key.to_owned(),
+    };
+    m.get(key)
+        .ok_or_else(err)?
+        .to_vec()
+        .map_err(|_| err())?
+        .iter()
+        .map(|v| v.to_string().cloned().map_err(|_| err()))
+        .collect()
 }
 
 impl Tokenizer {
     /// Rebuilds the tokenizer from GGUF metadata.
     pub fn from_gguf_metadata(m: &HashMap<String, Value>) -> Result<Self, TokenizerError> {
-        let model = md_str(m, "tokenizer.ggml.model").ok_or_else(|| TokenizerError::Metadata { key: "tokenizer.ggml.model".into() })?;
+        let model = md_str(m, "tokenizer.ggml.model").ok_or_else(|| TokenizerError::Metadata {
+            key: "tokenizer.ggml.model".into(),
+        })?;
         if model != "gpt2" {
-            return Err(TokenizerError::Unsupported { model: model.clone() });
+            return Err(TokenizerError::Unsupported {
+                model: model.clone(),
+            });
         }
         let tokens = md_strings(m, "tokenizer.ggml.tokens")?;
         let merges = md_strings(m, "tokenizer.ggml.merges")?;
@@ -89,30 +103,55 @@ impl Tokenizer {
             None => vec![1; tokens.len()],
             Some(v) => v
                 .to_vec()
-                .map_err(|_| TokenizerError::Metadata { key: types_key.into() })?
+                .map_err(|_| TokenizerError::Metadata {
+                    key: types_key.into(),
+                })?
                 .iter()
-                .map(|t| t.to_i32().map_err(|_| TokenizerError::Metadata { key: types_key.into() }))
+                .map(|t| {
+                    t.to_i32().map_err(|_| TokenizerError::Metadata {
+                        key: types_key.into(),
+                    })
+                })
                 .collect::<Result<_, _>>()?,
         };
         if types.len() != tokens.len() {
-            return Err(TokenizerError::Metadata { key: types_key.into() });
+            return Err(TokenizerError::Metadata {
+                key: types_key.into(),
+            });
         }
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let merges = merges
             .iter()
             .map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| TokenizerError::Metadata { key: "tokenizer.ggml.merges".into() })?;
-        let bpe = tokenizers::models::bpe::BPE::builder().vocab_and_merges(vocab, merges).build().map_err(lib)?;
+            .ok_or_else(|| TokenizerError::Metadata {
+                key: "tokenizer.ggml.merges".into(),
+            })?;
+        let bpe = tokenizers::models::bpe::BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(lib)?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
 
-        let add_prefix_space = matches!(m.get("tokenizer.ggml.add_space_prefix"), Some(Value::Bool(true)));
+        let add_prefix_space = matches!(
+            m.get("tokenizer.ggml.add_space_prefix"),
+            Some(Value::Bool(true))
+        );
         let byte_level = ByteLevel::new(add_prefix_space, true, true);
-        let pre = md_str(m, "tokenizer.ggml.pre").map(String::as_str).unwrap_or("default");
+        let pre = md_str(m, "tokenizer.ggml.pre")
+            .map(String::as_str)
+            .unwrap_or("default");
         match pre {
             // SmolLM: every digit is its own token, then GPT-2's byte-level split.
             "smollm" => {
-                let seq = Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), PreTokenizerWrapper::ByteLevel(byte_level)]);
+                let seq = Sequence::new(vec![
+                    PreTokenizerWrapper::Digits(Digits::new(true)),
+                    PreTokenizerWrapper::ByteLevel(byte_level),
+                ]);
                 inner.with_pre_tokenizer(Some(seq));
             }
             "gpt2" | "default" => {
@@ -127,38 +166,66 @@ impl Tokenizer {
                     tensor_infos: HashMap::new(),
                     tensor_data_offset: 0,
                 };
-                inner = tokenizers::Tokenizer::from_gguf(&content).map_err(|e| TokenizerError::Library(format!("pre-tokenizer {other:?}: {e}")))?;
+                inner = tokenizers::Tokenizer::from_gguf(&content).map_err(|e| {
+                    TokenizerError::Library(format!("pre-tokenizer {other:?}: {e}"))
+                })?;
             }
         }
         if !matches!(pre, "smollm" | "gpt2" | "default") {
             // candle's converter sets its own decoder and special tokens.
         } else {
             inner.with_decoder(Some(ByteLevel::default()));
-            let specials: Vec<AddedToken> =
-                types.iter().zip(&tokens).filter(|(t, _)| matches!(**t, 2..=5)).map(|(_, tok)| AddedToken::from(tok.clone(), true)).collect();
+            let specials: Vec<AddedToken> = types
+                .iter()
+                .zip(&tokens)
+                .filter(|(t, _)| matches!(**t, 2..=5))
+                .map(|(_, tok)| AddedToken::from(tok.clone(), true))
+                .collect();
             inner.add_special_tokens(specials).map_err(lib)?;
         }
 
         let bos = md_u32(m, "tokenizer.ggml.bos_token_id");
         let eos = md_u32(m, "tokenizer.ggml.eos_token_id");
-        let add_bos = matches!(m.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+        let add_bos = matches!(
+            m.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
         let chat_template = md_str(m, "tokenizer.chat_template").cloned();
         let mut stop_tokens: Vec<u32> = eos.into_iter().collect();
         if let Some(eot) = md_u32(m, "tokenizer.ggml.eot_token_id") {
             stop_tokens.push(eot);
         }
-        Ok(Self { inner, bos, eos, add_bos, stop_tokens, chat_template })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            add_bos,
+            stop_tokens,
+            chat_template,
+        })
     }
 
     /// Loads a `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(lib)?;
-        Ok(Self { inner, bos: None, eos: None, add_bos: false, stop_tokens: Vec::new(), chat_template: None })
+        Ok(Self {
+            inner,
+            bos: None,
+            eos: None,
+            add_bos: false,
+            stop_tokens: Vec::new(),
+            chat_template: None,
+        })
     }
 
     /// Sets the special tokens and chat template (for `tokenizer.json` models, from their config).
     #[must_use]
-    pub fn with_specials(mut self, bos: Option<u32>, eos: Option<u32>, chat_template: Option<String>) -> Self {
+    pub fn with_specials(
+        mut self,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        chat_template: Option<String>,
+    ) -> Self {
         self.bos = bos;
         self.eos = eos;
         self.stop_tokens = eos.into_iter().collect();
@@ -211,15 +278,30 @@ impl Tokenizer {
     /// assistant's answer. The template comes from the model file, so it runs
     /// with a bounded amount of fuel.
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
-        let template = self.chat_template.as_deref().ok_or(TokenizerError::NoChatTemplate)?;
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or(TokenizerError::NoChatTemplate)?;
         let mut env = minijinja::Environment::new();
         env.set_fuel(Some(1_000_000));
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let token = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_default();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| TokenizerError::Template(e.to_string()))?;
+        let token = |id: Option<u32>| {
+            id.and_then(|i| self.inner.id_to_token(i))
+                .unwrap_or_default()
+        };
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => true,
@@ -233,7 +315,9 @@ impl Tokenizer {
     /// they form complete characters.
     #[must_use]
     pub fn stream(&self) -> TokenStream<'_> {
-        TokenStream { inner: self.inner.decode_stream(true) }
+        TokenStream {
+            inner: self.inner.decode_stream(true),
+        }
     }
 }
 

@@ -1,0 +1,103 @@
+//! Shared helpers of the executor's tests.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama;
+use commons_node::executor::{KvCache, ModelFile, Pipeline, Stage};
+
+/// The bundled model; fetched by `scripts/fetch-model.sh` (which `.ci/run` calls).
+pub fn real_model() -> PathBuf {
+    let path = std::env::var_os("COMMONS_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+            ))
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        path.display()
+    );
+    path
+}
+
+/// f32 values as bits, for exact comparison.
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// Largest absolute difference.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A pipeline over `ranges` of `model`.
+pub fn pipeline(model: &ModelFile, ranges: &[std::ops::Range<usize>]) -> Pipeline {
+    let stages = ranges
+        .iter()
+        .map(|r| Stage::load(model, r.clone(), &Device::Cpu).unwrap())
+        .collect();
+    Pipeline::new(stages).unwrap()
+}
+
+/// Greedy steps through `p`: the prompt, then `steps` single tokens; the logits of every step.
+pub fn greedy_logits(p: &Pipeline, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Tensor>) {
+    let mut caches: Vec<KvCache> = p.new_caches();
+    let mut input = prompt.to_vec();
+    let (mut tokens, mut all) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let logits = p.forward(&input, &mut caches).unwrap();
+        let t = commons_node::executor::stage::argmax(&logits).unwrap();
+        tokens.push(t);
+        all.push(logits);
+        input = vec![t];
+    }
+    (tokens, all)
+}
+
+/// The same greedy steps through candle-transformers' own quantized llama.
+pub fn reference_greedy_logits(
+    path: &std::path::Path,
+    prompt: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<Tensor>) {
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut model =
+        quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let mut pos = 0;
+    let mut input = prompt.to_vec();
+    let (mut tokens, mut all) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let x = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&x, pos).unwrap().squeeze(0).unwrap();
+        pos += input.len();
+        let t = commons_node::executor::stage::argmax(&logits).unwrap();
+        tokens.push(t);
+        all.push(logits);
+        input = vec![t];
+    }
+    (tokens, all)
+}

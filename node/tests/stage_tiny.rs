@@ -1,0 +1,298 @@
+//! The stage on tiny generated models: no download, runs in milliseconds.
+#![allow(clippy::unwrap_used, clippy::single_range_in_vec_init)]
+
+mod common;
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use common::{bits, greedy_logits, pipeline, reference_greedy_logits};
+use commons_node::executor::model::ModelError;
+use commons_node::executor::tiny::{TinySpec, write_tiny_gguf};
+use commons_node::executor::{
+    ModelFile, Pipeline, Sampler, SamplingConfig, Stage, StageError, Tokenizer,
+};
+
+fn tiny(spec: &TinySpec) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, spec).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn same_seed_same_file() {
+    let (_d1, a) = tiny(&TinySpec::default());
+    let (_d2, b) = tiny(&TinySpec::default());
+    let (_d3, c) = tiny(&TinySpec {
+        seed: 2,
+        ..TinySpec::default()
+    });
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
+}
+
+#[test]
+fn split_stages_match_one_stage_bit_for_bit() {
+    for spec in [
+        TinySpec::default(),
+        TinySpec {
+            untied_head: true,
+            ..TinySpec::default()
+        },
+        TinySpec {
+            architecture: "qwen2".into(),
+            ..TinySpec::default()
+        },
+        TinySpec {
+            dtype: GgmlDType::Q8_0,
+            embedding_dtype: GgmlDType::F32,
+            ..TinySpec::default()
+        },
+    ] {
+        let (_dir, path) = tiny(&spec);
+        let model = ModelFile::open(&path).unwrap();
+        let prompt: Vec<u32> = (3..40).collect();
+        let (t1, l1) = greedy_logits(&pipeline(&model, &[0..6]), &prompt, 12);
+        let (t3, l3) = greedy_logits(&pipeline(&model, &[0..2, 2..4, 4..6]), &prompt, 12);
+        let (t6, l6) = greedy_logits(
+            &pipeline(&model, &[0..1, 1..2, 2..3, 3..4, 4..5, 5..6]),
+            &prompt,
+            12,
+        );
+        assert_eq!(t1, t3, "{spec:?}");
+        assert_eq!(t1, t6, "{spec:?}");
+        for ((a, b), c) in l1.iter().zip(&l3).zip(&l6) {
+            assert_eq!(bits(a), bits(b), "{spec:?}");
+            assert_eq!(bits(a), bits(c), "{spec:?}");
+        }
+    }
+}
+
+#[test]
+fn matches_candle_quantized_llama_exactly() {
+    let (_dir, path) = tiny(&TinySpec::default());
+    let model = ModelFile::open(&path).unwrap();
+    let prompt: Vec<u32> = vec![5, 80, 81, 200, 7, 9, 100];
+    let (ours, our_logits) = greedy_logits(&pipeline(&model, &[0..3, 3..6]), &prompt, 16);
+    let (theirs, their_logits) = reference_greedy_logits(&path, &prompt, 16);
+    assert_eq!(ours, theirs);
+    for (a, b) in our_logits.iter().zip(&their_logits) {
+        assert_eq!(bits(a), bits(b));
+    }
+}
+
+#[test]
+fn matches_candle_quantized_qwen2_exactly() {
+    let (_dir, path) = tiny(&TinySpec {
+        architecture: "qwen2".into(),
+        ..TinySpec::default()
+    });
+    let model = ModelFile::open(&path).unwrap();
+    let prompt: Vec<u32> = vec![5, 80, 81, 200, 7, 9, 100];
+    let (ours, our_logits) = greedy_logits(&pipeline(&model, &[0..6]), &prompt, 8);
+
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut reference = candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(
+        content,
+        &mut file,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut input = prompt.clone();
+    let mut pos = 0;
+    for (step, ours_t) in ours.iter().enumerate() {
+        let x = candle_core::Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = reference.forward(&x, pos).unwrap().squeeze(0).unwrap();
+        pos += input.len();
+        assert_eq!(bits(&logits), bits(&our_logits[step]), "step {step}");
+        input = vec![*ours_t];
+    }
+}
+
+#[test]
+fn stage_memory_is_proportional_to_its_range() {
+    let spec = TinySpec {
+        n_layer: 12,
+        ..TinySpec::default()
+    };
+    let (_dir, path) = tiny(&spec);
+    let model = ModelFile::open(&path).unwrap();
+    let middle =
+        |r: std::ops::Range<usize>| Stage::load(&model, r, &Device::Cpu).unwrap().weight_bytes();
+    let four = middle(4..8);
+    let two = middle(4..6);
+    assert_eq!(four, 2 * two);
+    let whole = Stage::load(&model, 0..12, &Device::Cpu)
+        .unwrap()
+        .weight_bytes();
+    assert!(whole > 3 * four, "{whole} vs {four}");
+}
+
+#[test]
+fn tokenizer_roundtrips_and_chat_template_renders() {
+    let (_dir, path) = tiny(&TinySpec::default());
+    let model = ModelFile::open(&path).unwrap();
+    let tok = Tokenizer::from_gguf_metadata(model.metadata()).unwrap();
+    for text in [
+        "the theater",
+        "héllo wörld 123",
+        "<|im_start|>user\nhi<|im_end|>",
+    ] {
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(tok.decode_with_specials(&ids).unwrap(), text);
+    }
+    // Merges apply, and special tokens are single tokens.
+    let the = tok.encode(" the").unwrap();
+    assert_eq!(the.len(), 1, "{the:?}");
+    assert_eq!(tok.encode("<|im_end|>").unwrap(), vec![2]);
+    let chat = tok
+        .apply_chat_template(&[commons_node::executor::ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }])
+        .unwrap();
+    assert_eq!(
+        chat,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Streaming detokenisation gives the same text as decoding at once.
+    let ids = tok.encode("héllo the wörld").unwrap();
+    let mut stream = tok.stream();
+    let streamed: String = ids
+        .iter()
+        .filter_map(|&i| stream.push(i).unwrap())
+        .collect();
+    assert_eq!(streamed, "héllo the wörld");
+}
+
+#[test]
+fn bad_models_are_clear_errors() {
+    let (_d, path) = tiny(&TinySpec {
+        omit: vec!["blk.3.ffn_up.weight".into()],
+        ..TinySpec::default()
+    });
+    assert!(
+        matches!(ModelFile::open(&path), Err(ModelError::MissingTensor { name }) if name == "blk.3.ffn_up.weight")
+    );
+
+    let (_d, path) = tiny(&TinySpec {
+        architecture: "gptj".into(),
+        ..TinySpec::default()
+    });
+    assert!(
+        matches!(ModelFile::open(&path), Err(ModelError::UnsupportedArchitecture { arch }) if arch == "gptj")
+    );
+
+    let (_d, path) = tiny(&TinySpec::default());
+    let bytes = std::fs::read(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Truncated inside the header, and inside the tensor data.
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..200]).unwrap();
+    assert!(matches!(
+        ModelFile::open(&cut),
+        Err(ModelError::Corrupt { .. })
+    ));
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let model = ModelFile::open(&cut).unwrap();
+    assert!(matches!(
+        Stage::load(&model, 0..6, &Device::Cpu),
+        Err(StageError::Model(ModelError::TensorData { .. }))
+    ));
+    // Not a GGUF at all.
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model").unwrap();
+    assert!(matches!(
+        ModelFile::open(&junk),
+        Err(ModelError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        ModelFile::open(&dir.path().join("absent.gguf")),
+        Err(ModelError::Io { .. })
+    ));
+}
+
+#[test]
+fn zero_alignment_is_an_error_not_a_panic() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("align0.gguf");
+    let mut f = std::fs::File::create(&path).unwrap();
+    candle_core::quantized::gguf_file::write(&mut f, &[("general.alignment", &Value::U32(0))], &[])
+        .unwrap();
+    drop(f);
+    assert!(matches!(
+        ModelFile::open(&path),
+        Err(ModelError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn bad_ranges_inputs_and_overlong_prompts_are_errors() {
+    let (_d, path) = tiny(&TinySpec {
+        context_length: 32,
+        ..TinySpec::default()
+    });
+    let model = ModelFile::open(&path).unwrap();
+    for (a, b) in [(4, 7), (3, 3), (5, 2)] {
+        assert!(
+            matches!(
+                Stage::load(&model, a..b, &Device::Cpu),
+                Err(StageError::LayerRange { .. })
+            ),
+            "{a}..{b}"
+        );
+    }
+    // Stages must chain without gaps.
+    let s = |r: std::ops::Range<usize>| Stage::load(&model, r, &Device::Cpu).unwrap();
+    assert!(Pipeline::new(vec![s(0..2), s(3..6)]).is_err());
+    assert!(Pipeline::new(vec![s(0..2), s(2..5)]).is_err());
+
+    let p = pipeline(&model, &[0..6]);
+    let mut sampler = Sampler::new(SamplingConfig::default()).unwrap();
+    let long: Vec<u32> = vec![10; 33];
+    assert!(matches!(
+        p.generate(&long, 4, &mut sampler, &[], |_| {}),
+        Err(StageError::ContextOverflow {
+            needed: 33,
+            max: 32
+        })
+    ));
+    // A session that runs into the context length mid-generation stops there.
+    let (out, _, _) = p
+        .generate(&[10; 30], 10, &mut sampler, &[], |_| {})
+        .unwrap();
+    assert_eq!(out.len(), 2);
+
+    let first = s(0..3);
+    let mut cache = first.new_cache();
+    assert!(matches!(
+        first.forward(
+            commons_node::executor::StageInput::Tokens(vec![9999]),
+            &mut cache
+        ),
+        Err(StageError::Input(_))
+    ));
+    let second = s(3..6);
+    let mut cache = second.new_cache();
+    assert!(matches!(
+        second.forward(
+            commons_node::executor::StageInput::Tokens(vec![1]),
+            &mut cache
+        ),
+        Err(StageError::Input(_))
+    ));
+    let wrong_width =
+        candle_core::Tensor::zeros((1, 2, 65), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        second.forward(
+            commons_node::executor::StageInput::Hidden(wrong_width),
+            &mut cache
+        ),
+        Err(StageError::Input(_))
+    ));
+}
