@@ -117,3 +117,22 @@ fn real_model_errors() {
     // The first layer lies in the half that is there.
     commons_node::executor::Stage::load(&half, 0..1, &candle_core::Device::Cpu).unwrap();
 }
+
+#[test]
+fn batched_decode_of_three_sessions_equals_decoding_alone() {
+    let model = ModelFile::open(&real_model()).unwrap();
+    let tok = Tokenizer::from_gguf_metadata(model.metadata()).unwrap();
+    let prompts: Vec<Vec<u32>> = [
+        "The capital of France is",
+        "Rust is a language that",
+        "1, 2, 3, 4,",
+    ]
+    .iter()
+    .map(|p| tok.encode(p).unwrap())
+    .collect();
+    let (batched, alone) =
+        common::batched_vs_alone(&pipeline(&model, &[0..10, 10..20, 20..30]), &prompts, 4);
+    for (b, a) in batched.iter().flatten().zip(alone.iter().flatten()) {
+        assert_eq!(bits(b), bits(a));
+    }
+}

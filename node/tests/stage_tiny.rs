@@ -296,3 +296,29 @@ fn bad_ranges_inputs_and_overlong_prompts_are_errors() {
         Err(StageError::Input(_))
     ));
 }
+
+#[test]
+fn batched_decode_equals_decoding_alone() {
+    for spec in [
+        TinySpec::default(),
+        TinySpec {
+            architecture: "qwen2".into(),
+            ..TinySpec::default()
+        },
+    ] {
+        let (_dir, path) = tiny(&spec);
+        let model = ModelFile::open(&path).unwrap();
+        let prompts = vec![
+            (3..20).collect::<Vec<u32>>(),
+            vec![7, 8],
+            (50..90).collect(),
+        ];
+        for ranges in [vec![0..6], vec![0..2, 2..6]] {
+            let (batched, alone) =
+                common::batched_vs_alone(&pipeline(&model, &ranges), &prompts, 6);
+            for (b, a) in batched.iter().flatten().zip(alone.iter().flatten()) {
+                assert_eq!(bits(b), bits(a), "{spec:?} {ranges:?}");
+            }
+        }
+    }
+}

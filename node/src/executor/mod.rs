@@ -1,9 +1,11 @@
 //! The node's compute engine: models, tokenizers, pipeline stages with
 //! KV-cache sessions, and sampling, on candle kernels.
 
+pub mod engine;
 pub mod generate;
 pub mod model;
 pub mod sampling;
+pub mod session;
 pub mod stage;
 pub mod tiny;
 pub mod tokenizer;

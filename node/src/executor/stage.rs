@@ -312,43 +312,8 @@ impl Stage {
         }
         let index_pos = cache.len;
         let mut x = match input {
-            StageInput::Tokens(ids) => {
-                let embed = self.embed.as_ref().ok_or_else(|| {
-                    StageError::Input("token ids given to a stage that is not the first".into())
-                })?;
-                if ids.is_empty() {
-                    return Err(StageError::Input("no tokens".into()));
-                }
-                if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab) {
-                    return Err(StageError::Input(format!(
-                        "token id {bad} is outside the vocabulary of {}",
-                        self.config.vocab
-                    )));
-                }
-                let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-                embed.embedding(&ids)?
-            }
-            StageInput::Hidden(h) => {
-                if self.is_first() {
-                    return Err(StageError::Input(
-                        "hidden states given to the first stage".into(),
-                    ));
-                }
-                let dims = h.dims();
-                if dims.len() != 3
-                    || dims[0] != 1
-                    || dims[1] == 0
-                    || dims[2] != self.config.hidden
-                    || h.dtype() != DType::F32
-                {
-                    return Err(StageError::Input(format!(
-                        "expected f32 hidden states (1, seq, {}), got {:?} {dims:?}",
-                        self.config.hidden,
-                        h.dtype()
-                    )));
-                }
-                h.to_device(&self.device)?
-            }
+            StageInput::Tokens(ids) => self.embed_tokens(&ids)?,
+            StageInput::Hidden(h) => self.check_hidden(h)?,
         };
         let seq_len = x.dim(1)?;
         let needed = index_pos + seq_len;
@@ -393,24 +358,30 @@ impl Stage {
         }
     }
 
-    fn block_forward(
-        &self,
-        b: &Block,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        index_pos: usize,
-        kv: &mut Option<(Tensor, Tensor)>,
-    ) -> candle_core::Result<Tensor> {
-        let cfg = &self.config;
-        let residual = x;
-        let h = b.attn_norm.forward(x)?;
-        let (b_sz, seq_len, n_embd) = h.dims3()?;
-        let (mut q, mut k, mut v) = (b.wq.forward(&h)?, b.wk.forward(&h)?, b.wv.forward(&h)?);
+    /// q, k, v projections of normed input `h` `(b, seq, hidden)`.
+    fn qkv(&self, b: &Block, h: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (mut q, mut k, mut v) = (b.wq.forward(h)?, b.wk.forward(h)?, b.wv.forward(h)?);
         if let Some((bq, bk, bv)) = &b.bias {
             q = q.broadcast_add(bq)?;
             k = k.broadcast_add(bk)?;
             v = v.broadcast_add(bv)?;
         }
+        Ok((q, k, v))
+    }
+
+    /// Attention of one session: q, k, v `(1, seq, heads·hd)` at `index_pos`,
+    /// appending to its cache; returns `(1, seq, hidden)` before the output projection.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        index_pos: usize,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let (b_sz, seq_len, _) = q.dims3()?;
         let q = q
             .reshape((b_sz, seq_len, cfg.n_head, cfg.head_dim))?
             .transpose(1, 2)?;
@@ -443,15 +414,144 @@ impl Stage {
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
-        let x = (b.wo.forward(&y)? + residual)?;
+        y.transpose(1, 2)?
+            .reshape(&[b_sz, seq_len, cfg.n_head * cfg.head_dim])
+    }
 
+    /// Output projection, residual and MLP.
+    fn finish_block(
+        &self,
+        b: &Block,
+        y: &Tensor,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let x = (b.wo.forward(y)? + residual)?;
         let residual = &x;
         let h = b.ffn_norm.forward(&x)?;
         let gate = b.w_gate.forward(&h)?;
         let up = b.w_up.forward(&h)?;
         let y = b.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
         y + residual
+    }
+
+    fn block_forward(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        index_pos: usize,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let h = b.attn_norm.forward(x)?;
+        let (q, k, v) = self.qkv(b, &h)?;
+        let y = self.attend(&q, &k, &v, mask, index_pos, kv)?;
+        self.finish_block(b, &y, x)
+    }
+
+    /// One decode step (a single position) for each of several sessions, in
+    /// one forward: the projections and the MLP run over all sessions at once,
+    /// attention runs per session against its own cache. The result of each
+    /// session is bit-identical to stepping it alone.
+    pub fn forward_batch(
+        &self,
+        steps: Vec<(StageInput, &mut KvCache)>,
+    ) -> Result<Vec<StageOutput>, StageError> {
+        let n = steps.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut rows = Vec::with_capacity(n);
+        let mut caches = Vec::with_capacity(n);
+        for (input, cache) in steps {
+            if cache.layers.len() != self.blocks.len() {
+                return Err(StageError::Input(
+                    "the cache belongs to another stage".into(),
+                ));
+            }
+            if cache.len + 1 > self.config.context_length {
+                return Err(StageError::ContextOverflow {
+                    needed: cache.len + 1,
+                    max: self.config.context_length,
+                });
+            }
+            let row = match input {
+                StageInput::Tokens(ids) if ids.len() == 1 => self.embed_tokens(&ids)?,
+                StageInput::Hidden(h) if h.dims().get(1) == Some(&1) => self.check_hidden(h)?,
+                _ => {
+                    return Err(StageError::Input(
+                        "a batched step takes exactly one position per session".into(),
+                    ));
+                }
+            };
+            rows.push(row);
+            caches.push(cache);
+        }
+        let mut x = Tensor::cat(&rows, 0)?;
+        for (li, block) in self.blocks.iter().enumerate() {
+            let h = block.attn_norm.forward(&x)?;
+            let (q, k, v) = self.qkv(block, &h)?;
+            let mut ys = Vec::with_capacity(n);
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+                ys.push(self.attend(&qi, &ki, &vi, None, cache.len, &mut cache.layers[li])?);
+            }
+            let y = Tensor::cat(&ys, 0)?;
+            x = self.finish_block(block, &y, &x)?;
+        }
+        for cache in &mut caches {
+            cache.len += 1;
+        }
+        match &self.head {
+            None => (0..n)
+                .map(|i| Ok(StageOutput::Hidden(x.narrow(0, i, 1)?)))
+                .collect(),
+            Some(head) => {
+                let x = head.norm.forward(&x)?.squeeze(1)?.contiguous()?;
+                let logits = head.output.forward(&x)?;
+                (0..n)
+                    .map(|i| Ok(StageOutput::Logits(logits.get(i)?)))
+                    .collect()
+            }
+        }
+    }
+
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor, StageError> {
+        let embed = self.embed.as_ref().ok_or_else(|| {
+            StageError::Input("token ids given to a stage that is not the first".into())
+        })?;
+        if ids.is_empty() {
+            return Err(StageError::Input("no tokens".into()));
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab) {
+            return Err(StageError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab
+            )));
+        }
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        Ok(embed.embedding(&ids)?)
+    }
+
+    fn check_hidden(&self, h: Tensor) -> Result<Tensor, StageError> {
+        if self.is_first() {
+            return Err(StageError::Input(
+                "hidden states given to the first stage".into(),
+            ));
+        }
+        let dims = h.dims();
+        if dims.len() != 3
+            || dims[0] != 1
+            || dims[1] == 0
+            || dims[2] != self.config.hidden
+            || h.dtype() != DType::F32
+        {
+            return Err(StageError::Input(format!(
+                "expected f32 hidden states (1, seq, {}), got {:?} {dims:?}",
+                self.config.hidden,
+                h.dtype()
+            )));
+        }
+        Ok(h.to_device(&self.device)?)
     }
 }
 

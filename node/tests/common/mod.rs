@@ -101,3 +101,68 @@ pub fn reference_greedy_logits(
     }
     (tokens, all)
 }
+
+/// Prefills three sessions of different lengths, then decodes `steps` tokens
+/// for all of them, once batched and once one by one; returns the logits of
+/// both ways, step by step and session by session.
+pub fn batched_vs_alone(
+    p: &Pipeline,
+    prompts: &[Vec<u32>],
+    steps: usize,
+) -> (Vec<Vec<Tensor>>, Vec<Vec<Tensor>>) {
+    use commons_node::executor::{StageInput, StageOutput};
+    let mut batched_caches: Vec<Vec<KvCache>> = Vec::new();
+    let mut next: Vec<u32> = Vec::new();
+    for prompt in prompts {
+        let mut caches = p.new_caches();
+        let logits = p.forward(prompt, &mut caches).unwrap();
+        next.push(commons_node::executor::stage::argmax(&logits).unwrap());
+        batched_caches.push(caches);
+    }
+    let mut alone_caches = batched_caches.clone();
+    let mut alone_next = next.clone();
+    let (mut batched, mut alone) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        // Batched through every stage.
+        let mut inputs: Vec<StageInput> =
+            next.iter().map(|&t| StageInput::Tokens(vec![t])).collect();
+        for (si, stage) in p.stages().iter().enumerate() {
+            let steps: Vec<_> = inputs
+                .into_iter()
+                .zip(batched_caches.iter_mut().map(|c| &mut c[si]))
+                .collect();
+            let outs = stage.forward_batch(steps).unwrap();
+            inputs = outs
+                .into_iter()
+                .map(|o| match o {
+                    StageOutput::Hidden(h) => StageInput::Hidden(h),
+                    StageOutput::Logits(l) => StageInput::Hidden(l),
+                })
+                .collect();
+        }
+        let logits: Vec<Tensor> = inputs
+            .into_iter()
+            .map(|i| match i {
+                StageInput::Hidden(l) => l,
+                StageInput::Tokens(_) => unreachable!(),
+            })
+            .collect();
+        next = logits
+            .iter()
+            .map(|l| commons_node::executor::stage::argmax(l).unwrap())
+            .collect();
+        batched.push(logits);
+        // Alone.
+        let logits: Vec<Tensor> = alone_next
+            .iter()
+            .zip(alone_caches.iter_mut())
+            .map(|(&t, c)| p.forward(&[t], c).unwrap())
+            .collect();
+        alone_next = logits
+            .iter()
+            .map(|l| commons_node::executor::stage::argmax(l).unwrap())
+            .collect();
+        alone.push(logits);
+    }
+    (batched, alone)
+}
