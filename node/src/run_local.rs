@@ -131,7 +131,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let ranges = args
         .layers
         .clone()
-        .map_or_else(|| std::iter::once(0..cfg.n_layer).collect(), |l| l.0);
+        .map_or_else(|| vec![0..cfg.n_layer], |l| l.0);
     let device = Device::Cpu;
     let stages = ranges
         .iter()

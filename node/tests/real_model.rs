@@ -1,6 +1,6 @@
 //! The executor on the real bundled model, SmolLM2-135M-Instruct Q4_1
 //! (fetched by scripts/fetch-model.sh; CI runs it first).
-#![allow(clippy::unwrap_used, clippy::single_range_in_vec_init)]
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

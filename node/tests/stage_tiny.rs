@@ -1,5 +1,5 @@
 //! The stage on tiny generated models: no download, runs in milliseconds.
-#![allow(clippy::unwrap_used, clippy::single_range_in_vec_init)]
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

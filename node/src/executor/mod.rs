@@ -13,5 +13,5 @@ pub mod tokenizer;
 pub use generate::{GenerationStats, Pipeline, StopReason};
 pub use model::{LlamaConfig, ModelError, ModelFile, model_id};
 pub use sampling::{Sampler, SamplingConfig};
-pub use stage::{KvCache, Stage, StageError, StageInput, StageOutput};
+pub use stage::{Kernels, KvCache, Stage, StageError, StageInput, StageOutput};
 pub use tokenizer::{ChatMessage, Tokenizer};

@@ -123,6 +123,17 @@ struct Head {
     output: QMatMul,
 }
 
+/// Which CPU kernels run the quantized matmuls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// Commons' SIMD kernels where they exist (Q4_1), candle's elsewhere.
+    /// Bit-identical to [`Kernels::Candle`].
+    #[default]
+    Fast,
+    /// candle's own kernels only.
+    Candle,
+}
+
 /// Layers `[a, b)` of a model, ready to run.
 pub struct Stage {
     config: LlamaConfig,
@@ -175,6 +186,16 @@ impl Stage {
         layers: Range<usize>,
         device: &Device,
     ) -> Result<Self, StageError> {
+        Self::load_with(model, layers, device, Kernels::default())
+    }
+
+    /// [`Stage::load`] with a choice of kernels.
+    pub fn load_with(
+        model: &ModelFile,
+        layers: Range<usize>,
+        device: &Device,
+        kernels: Kernels,
+    ) -> Result<Self, StageError> {
         let cfg = model.config().clone();
         if layers.start >= layers.end || layers.end > cfg.n_layer {
             return Err(StageError::LayerRange {
@@ -201,7 +222,10 @@ impl Stage {
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let p = |t: &str| format!("blk.{i}.{t}");
-            let mm = |q: QTensor| QMatMul::from_qtensor(q);
+            let mm = |q: QTensor| match kernels {
+                Kernels::Fast => QMatMul::from_qtensor(commons_kernels::q4_1::accelerate(q)?),
+                Kernels::Candle => QMatMul::from_qtensor(q),
+            };
             let bias = if cfg.qkv_bias {
                 Some((
                     load(&p("attn_q.bias"))?.dequantize(device)?,
