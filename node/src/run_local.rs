@@ -99,7 +99,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let model = ModelFile::open(&args.model)?;
     let cfg = model.config().clone();
     let id = model_id(&args.model)?;
-    let tokenizer = Tokenizer::from_gguf_metadata(model.metadata())?;
+    let tokenizer = Tokenizer::for_model(&model)?;
     let text = if args.chat {
         tokenizer.apply_chat_template(&[ChatMessage {
             role: "user".into(),

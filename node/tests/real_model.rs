@@ -11,7 +11,7 @@ use commons_node::executor::{ModelFile, Sampler, SamplingConfig, StageError, Tok
 fn the_capital_of_france_is_paris() {
     let path = real_model();
     let model = ModelFile::open(&path).unwrap();
-    let tok = Tokenizer::from_gguf_metadata(model.metadata()).unwrap();
+    let tok = Tokenizer::for_model(&model).unwrap();
     let prompt = tok.encode("The capital of France is").unwrap();
     let p = pipeline(&model, &[0..30]);
     let mut sampler = Sampler::new(SamplingConfig::default()).unwrap();
@@ -26,7 +26,7 @@ fn the_capital_of_france_is_paris() {
 fn three_stages_give_bit_identical_logits() {
     let path = real_model();
     let model = ModelFile::open(&path).unwrap();
-    let tok = Tokenizer::from_gguf_metadata(model.metadata()).unwrap();
+    let tok = Tokenizer::for_model(&model).unwrap();
     let prompt = tok
         .encode("Peer-to-peer networks let communities pool their computers")
         .unwrap();
@@ -42,7 +42,7 @@ fn three_stages_give_bit_identical_logits() {
 fn same_greedy_tokens_as_candle_quantized_llama() {
     let path = real_model();
     let model = ModelFile::open(&path).unwrap();
-    let tok = Tokenizer::from_gguf_metadata(model.metadata()).unwrap();
+    let tok = Tokenizer::for_model(&model).unwrap();
     let p = pipeline(&model, &[0..30]);
     for prompt in [
         "The capital of France is",
@@ -63,7 +63,7 @@ fn same_greedy_tokens_as_candle_quantized_llama() {
 #[test]
 fn chat_prompt_uses_the_models_template() {
     let model = ModelFile::open(&real_model()).unwrap();
-    let tok = Tokenizer::from_gguf_metadata(model.metadata()).unwrap();
+    let tok = Tokenizer::for_model(&model).unwrap();
     let msgs = [commons_node::executor::ChatMessage {
         role: "user".into(),
         content: "Hi".into(),
@@ -121,7 +121,7 @@ fn real_model_errors() {
 #[test]
 fn batched_decode_of_three_sessions_equals_decoding_alone() {
     let model = ModelFile::open(&real_model()).unwrap();
-    let tok = Tokenizer::from_gguf_metadata(model.metadata()).unwrap();
+    let tok = Tokenizer::for_model(&model).unwrap();
     let prompts: Vec<Vec<u32>> = [
         "The capital of France is",
         "Rust is a language that",

@@ -136,7 +136,7 @@ fn stage_memory_is_proportional_to_its_range() {
 fn tokenizer_roundtrips_and_chat_template_renders() {
     let (_dir, path) = tiny(&TinySpec::default());
     let model = ModelFile::open(&path).unwrap();
-    let tok = Tokenizer::from_gguf_metadata(model.metadata()).unwrap();
+    let tok = Tokenizer::for_model(&model).unwrap();
     for text in [
         "the theater",
         "héllo wörld 123",
@@ -321,4 +321,137 @@ fn batched_decode_equals_decoding_alone() {
             }
         }
     }
+}
+
+fn tiny_pair(spec: &TinySpec) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    let hf = dir.path().join("tiny-hf");
+    write_tiny_gguf(&gguf, spec).unwrap();
+    commons_node::executor::tiny::write_tiny_hf(&hf, spec).unwrap();
+    (dir, gguf, hf)
+}
+
+#[test]
+fn safetensors_folder_matches_the_same_weights_in_gguf() {
+    for arch in ["llama", "qwen2"] {
+        let spec = TinySpec {
+            architecture: arch.into(),
+            dtype: GgmlDType::F32,
+            embedding_dtype: GgmlDType::F32,
+            ..TinySpec::default()
+        };
+        let (_dir, gguf, hf) = tiny_pair(&spec);
+        let (g, h) = (
+            ModelFile::open(&gguf).unwrap(),
+            ModelFile::open(&hf).unwrap(),
+        );
+        assert_eq!(h.config().n_layer, 6);
+        assert!(h.metadata().is_none());
+        let prompt: Vec<u32> = (3..30).collect();
+        let (tg, lg) = greedy_logits(&pipeline(&g, &[0..6]), &prompt, 10);
+        let (th, lh) = greedy_logits(&pipeline(&h, &[0..6]), &prompt, 10);
+        // Same values; GGUF rotates interleaved pairs of permuted weights, safetensors
+        // rotates halves, so sums run in another order: equal up to rounding.
+        for (a, b) in lg.iter().zip(&lh) {
+            let diff = common::max_abs_diff(a, b);
+            assert!(diff < 1e-3, "{arch}: logits differ by {diff}");
+        }
+        assert_eq!(tg, th, "{arch}");
+        // Split stages of the folder model are bit-identical to one stage.
+        let (t3, l3) = greedy_logits(&pipeline(&h, &[0..2, 2..6]), &prompt, 10);
+        assert_eq!(th, t3);
+        for (a, b) in lh.iter().zip(&l3) {
+            assert_eq!(bits(a), bits(b));
+        }
+        // The tokenizers agree, and the chat template comes from tokenizer_config.json.
+        let (tok_g, tok_h) = (
+            Tokenizer::for_model(&g).unwrap(),
+            Tokenizer::for_model(&h).unwrap(),
+        );
+        for text in ["the theater", "héllo 42", "<|im_start|>user\nhi<|im_end|>"] {
+            assert_eq!(
+                tok_g.encode(text).unwrap(),
+                tok_h.encode(text).unwrap(),
+                "{text}"
+            );
+        }
+        let msgs = [commons_node::executor::ChatMessage {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        assert_eq!(
+            tok_g.apply_chat_template(&msgs).unwrap(),
+            tok_h.apply_chat_template(&msgs).unwrap()
+        );
+        assert_eq!(tok_h.stop_tokens(), &[2]);
+    }
+}
+
+#[test]
+fn safetensors_folder_stage_reads_only_its_layers() {
+    let spec = TinySpec {
+        n_layer: 12,
+        dtype: GgmlDType::F32,
+        ..TinySpec::default()
+    };
+    let (_dir, _gguf, hf) = tiny_pair(&spec);
+    let model = ModelFile::open(&hf).unwrap();
+    let bytes =
+        |r: std::ops::Range<usize>| Stage::load(&model, r, &Device::Cpu).unwrap().weight_bytes();
+    assert_eq!(bytes(4..8), 2 * bytes(4..6));
+    // Model ids: a folder's id covers its files and is stable.
+    let a = commons_node::executor::model_id(&hf).unwrap();
+    assert_eq!(a, commons_node::executor::model_id(&hf).unwrap());
+    std::fs::write(hf.join("tokenizer_config.json"), "{}").unwrap();
+    assert_ne!(a, commons_node::executor::model_id(&hf).unwrap());
+}
+
+#[test]
+fn bad_safetensors_folders_are_clear_errors() {
+    let spec = TinySpec {
+        dtype: GgmlDType::F32,
+        ..TinySpec::default()
+    };
+    let (_dir, _gguf, hf) = tiny_pair(&spec);
+    let weights = hf.join("model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+
+    // A header that promises more than the file holds.
+    std::fs::write(&weights, &good[..good.len() - 100]).unwrap();
+    assert!(matches!(
+        ModelFile::open(&hf),
+        Err(ModelError::Corrupt { .. })
+    ));
+    // Garbage.
+    std::fs::write(&weights, b"12345678garbage").unwrap();
+    assert!(matches!(
+        ModelFile::open(&hf),
+        Err(ModelError::Corrupt { .. })
+    ));
+    std::fs::write(&weights, &good).unwrap();
+    ModelFile::open(&hf).unwrap();
+
+    // An architecture the stage does not implement.
+    let config_path = hf.join("config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace("LlamaForCausalLM", "GPTNeoXForCausalLM"),
+    )
+    .unwrap();
+    assert!(
+        matches!(ModelFile::open(&hf), Err(ModelError::UnsupportedArchitecture { arch }) if arch == "GPTNeoXForCausalLM")
+    );
+    // More layers than the weights hold.
+    std::fs::write(
+        &config_path,
+        config.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 7"),
+    )
+    .unwrap();
+    assert!(
+        matches!(ModelFile::open(&hf), Err(ModelError::MissingTensor { name }) if name == "blk.6.attn_norm.weight")
+    );
+    std::fs::remove_file(&config_path).unwrap();
+    assert!(matches!(ModelFile::open(&hf), Err(ModelError::Io { .. })));
 }

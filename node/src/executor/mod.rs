@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod generate;
+mod hf;
 pub mod model;
 pub mod sampling;
 pub mod session;
@@ -11,7 +12,7 @@ pub mod tiny;
 pub mod tokenizer;
 
 pub use generate::{GenerationStats, Pipeline, StopReason};
-pub use model::{LlamaConfig, ModelError, ModelFile, model_id};
+pub use model::{LlamaConfig, ModelError, ModelFile, Weight, model_id};
 pub use sampling::{Sampler, SamplingConfig};
 pub use stage::{Kernels, KvCache, Stage, StageError, StageInput, StageOutput};
 pub use tokenizer::{ChatMessage, Tokenizer};

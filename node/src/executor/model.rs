@@ -8,13 +8,15 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek};
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use commons_protocol::{Hash, ModelId};
+
+use super::hf::HfFiles;
 
 /// Architectures whose GGUF layout and forward pass the stage implements.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
@@ -119,11 +121,97 @@ pub struct LlamaConfig {
     pub tied_embeddings: bool,
 }
 
-/// An opened GGUF model: its metadata and tensor index, not its weights.
+/// An opened model (a GGUF file or a Hugging Face folder): its configuration
+/// and tensor index, not its weights.
 pub struct ModelFile {
     path: PathBuf,
-    content: Content,
+    format: Format,
     config: LlamaConfig,
+}
+
+enum Format {
+    Gguf(Content),
+    Hf(Box<HfFiles>),
+}
+
+/// One tensor as stored: quantized (GGUF) or dense (safetensors, as f32).
+#[derive(Debug)]
+pub enum Weight {
+    /// GGUF blocks.
+    Quantized(QTensor),
+    /// A dense f32 tensor.
+    Dense(Tensor),
+}
+
+impl Weight {
+    /// Bytes held.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Quantized(q) => q.storage_size_in_bytes(),
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+
+    /// The values as a dense f32 tensor.
+    pub fn into_f32(self, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Quantized(q) => q.dequantize(device),
+            Weight::Dense(t) => Ok(t),
+        }
+    }
+}
+
+/// Reads tensors of one model; keeps its files open between reads.
+pub struct WeightReader<'a> {
+    model: &'a ModelFile,
+    gguf: Option<BufReader<File>>,
+    shards: HashMap<usize, File>,
+}
+
+impl std::fmt::Debug for WeightReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightReader")
+            .field("model", &self.model.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WeightReader<'_> {
+    /// Reads the tensor named `name` (GGUF naming, whatever the format).
+    pub fn load(&mut self, name: &str, device: &Device) -> Result<Weight, ModelError> {
+        match &self.model.format {
+            Format::Gguf(content) => {
+                if !content.tensor_infos.contains_key(name) {
+                    return Err(ModelError::MissingTensor {
+                        name: name.to_owned(),
+                    });
+                }
+                let reader = match &mut self.gguf {
+                    Some(r) => r,
+                    None => {
+                        self.gguf
+                            .insert(File::open(&self.model.path).map(BufReader::new).map_err(
+                                |source| ModelError::Io {
+                                    path: self.model.path.clone(),
+                                    source,
+                                },
+                            )?)
+                    }
+                };
+                content
+                    .tensor(reader, name, device)
+                    .map(Weight::Quantized)
+                    .map_err(|e| ModelError::TensorData {
+                        name: name.to_owned(),
+                        reason: reason(&e),
+                    })
+            }
+            Format::Hf(files) => files
+                .read(&mut self.shards, name, device)
+                .map(Weight::Dense),
+        }
+    }
 }
 
 impl std::fmt::Debug for ModelFile {
@@ -195,11 +283,17 @@ fn read_content(path: &Path) -> Result<Content, ModelError> {
 impl ModelFile {
     /// Opens `path`, reads its header and validates its configuration and tensor index.
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let content = read_content(path)?;
-        let config = LlamaConfig::from_metadata(&content)?;
+        let (format, config) = if path.is_dir() {
+            let (config, files) = HfFiles::open(path)?;
+            (Format::Hf(Box::new(files)), config)
+        } else {
+            let content = read_content(path)?;
+            let config = LlamaConfig::from_metadata(&content)?;
+            (Format::Gguf(content), config)
+        };
         let model = Self {
             path: path.to_owned(),
-            content,
+            format,
             config,
         };
         model.validate_index()?;
@@ -218,10 +312,40 @@ impl ModelFile {
         &self.config
     }
 
-    /// The raw metadata (tokenizer, chat template…).
+    /// The GGUF metadata (tokenizer, chat template…); `None` for a Hugging Face folder.
     #[must_use]
-    pub fn metadata(&self) -> &HashMap<String, Value> {
-        &self.content.metadata
+    pub fn metadata(&self) -> Option<&HashMap<String, Value>> {
+        match &self.format {
+            Format::Gguf(c) => Some(&c.metadata),
+            Format::Hf(_) => None,
+        }
+    }
+
+    /// The Hugging Face folder's files, for a folder model.
+    pub(crate) fn hf(&self) -> Option<&HfFiles> {
+        match &self.format {
+            Format::Hf(files) => Some(files),
+            Format::Gguf(_) => None,
+        }
+    }
+
+    /// Shape of a tensor (GGUF naming), in candle's (rows, cols) order.
+    #[must_use]
+    pub fn tensor_shape(&self, name: &str) -> Option<Vec<usize>> {
+        match &self.format {
+            Format::Gguf(c) => c.tensor_infos.get(name).map(|i| i.shape.dims().to_vec()),
+            Format::Hf(f) => f.shape(name),
+        }
+    }
+
+    /// A reader for this model's tensors.
+    #[must_use]
+    pub fn weights(&self) -> WeightReader<'_> {
+        WeightReader {
+            model: self,
+            gguf: None,
+            shards: HashMap::new(),
+        }
     }
 
     /// The shape each named tensor must have, in candle's (rows, cols) order.
@@ -287,22 +411,17 @@ impl ModelFile {
             names.extend(self.layer_tensor_names(layer));
         }
         for name in &names {
-            let info = self
-                .content
-                .tensor_infos
-                .get(name)
-                .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
-            let actual = info.shape.dims().to_vec();
+            let missing = || ModelError::MissingTensor { name: name.clone() };
+            let actual = self.tensor_shape(name).ok_or_else(missing)?;
             let expected = self.expected_shape(name).unwrap_or_else(|| actual.clone());
-            if actual != expected {
-                return Err(ModelError::TensorShape {
-                    name: name.clone(),
-                    expected,
-                    actual,
-                });
-            }
-            let last = *actual.last().unwrap_or(&0);
-            if !last.is_multiple_of(info.ggml_dtype.block_size()) {
+            let block = match &self.format {
+                Format::Gguf(c) => c
+                    .tensor_infos
+                    .get(name)
+                    .map_or(1, |i| i.ggml_dtype.block_size()),
+                Format::Hf(_) => 1,
+            };
+            if actual != expected || !actual.last().copied().unwrap_or(0).is_multiple_of(block) {
                 return Err(ModelError::TensorShape {
                     name: name.clone(),
                     expected,
@@ -313,47 +432,28 @@ impl ModelFile {
         Ok(())
     }
 
-    /// The storage type of a tensor.
+    /// The GGUF storage type of a tensor (`None` for dense safetensors weights).
     #[must_use]
     pub fn tensor_dtype(&self, name: &str) -> Option<GgmlDType> {
-        self.content.tensor_infos.get(name).map(|i| i.ggml_dtype)
+        match &self.format {
+            Format::Gguf(c) => c.tensor_infos.get(name).map(|i| i.ggml_dtype),
+            Format::Hf(_) => None,
+        }
     }
 
-    /// Bytes a tensor occupies in the file (and in memory once loaded).
+    /// Bytes a tensor occupies in the file.
     #[must_use]
     pub fn tensor_bytes(&self, name: &str) -> Option<usize> {
-        let info = self.content.tensor_infos.get(name)?;
-        Some(info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size())
-    }
-
-    /// Reads one tensor (validated against the configuration at open).
-    pub fn tensor(
-        &self,
-        reader: &mut (impl Read + Seek),
-        name: &str,
-        device: &Device,
-    ) -> Result<QTensor, ModelError> {
-        if !self.content.tensor_infos.contains_key(name) {
-            return Err(ModelError::MissingTensor {
-                name: name.to_owned(),
-            });
+        match &self.format {
+            Format::Gguf(c) => {
+                let info = c.tensor_infos.get(name)?;
+                Some(
+                    info.shape.elem_count() / info.ggml_dtype.block_size()
+                        * info.ggml_dtype.type_size(),
+                )
+            }
+            Format::Hf(f) => f.bytes(name),
         }
-        self.content
-            .tensor(reader, name, device)
-            .map_err(|e| ModelError::TensorData {
-                name: name.to_owned(),
-                reason: reason(&e),
-            })
-    }
-
-    /// A buffered reader over the file, for [`ModelFile::tensor`].
-    pub fn reader(&self) -> Result<BufReader<File>, ModelError> {
-        File::open(&self.path)
-            .map(BufReader::new)
-            .map_err(|source| ModelError::Io {
-                path: self.path.clone(),
-                source,
-            })
     }
 }
 
@@ -457,22 +557,54 @@ impl LlamaConfig {
     }
 }
 
-/// The model's content id: blake3 of the file, streamed. The digest is cached
-/// beside the file (`<file>.blake3`, keyed by size and modification time) so
-/// that it is computed once per file version.
+/// The model's content id: for a file, blake3 of its bytes (what `b3sum`
+/// prints); for a Hugging Face folder, blake3 (in derive-key mode) over the
+/// name, length and bytes of each of its files in name order. Streamed, and
+/// cached beside the model (`<file>.blake3`, or `.blake3` in the folder), keyed
+/// by sizes and modification times, so that it is computed once per version.
 pub fn model_id(path: &Path) -> Result<ModelId, ModelError> {
-    let io = |source| ModelError::Io {
-        path: path.to_owned(),
-        source,
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |source| ModelError::Io { path: p, source }
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let stamp = format!("{} {}", meta.len(), mtime);
-    let cache = cache_path(path);
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io(path))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                p.is_file()
+                    && (name.ends_with(".safetensors")
+                        || matches!(
+                            name,
+                            "config.json"
+                                | "model.safetensors.index.json"
+                                | "tokenizer.json"
+                                | "tokenizer_config.json"
+                        ))
+            })
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_owned()]
+    };
+    let mut stamp = String::new();
+    for f in &files {
+        let meta = std::fs::metadata(f).map_err(io(f))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        stamp.push_str(&format!("{name}:{}:{mtime};", meta.len()));
+    }
+    let cache = if path.is_dir() {
+        path.join(".blake3")
+    } else {
+        cache_path(path)
+    };
     if let Ok(text) = std::fs::read_to_string(&cache)
         && let Some((cached_stamp, digest)) = text.trim().rsplit_once(' ')
         && cached_stamp == stamp
@@ -480,15 +612,28 @@ pub fn model_id(path: &Path) -> Result<ModelId, ModelError> {
     {
         return Ok(ModelId(hash));
     }
-    let mut hasher = blake3::Hasher::new();
-    let mut file = File::open(path).map_err(io)?;
+    let mut hasher = if path.is_dir() {
+        blake3::Hasher::new_derive_key("commons model folder v1")
+    } else {
+        blake3::Hasher::new()
+    };
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
+    for f in &files {
+        let mut file = File::open(f).map_err(io(f))?;
+        if path.is_dir() {
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let len = file.metadata().map_err(io(f))?.len();
+            hasher.update(&(name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update(&len.to_le_bytes());
         }
-        hasher.update(&buf[..n]);
+        loop {
+            let n = file.read(&mut buf).map_err(io(f))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
     }
     let hash = Hash::from(hasher.finalize());
     // Best effort: a read-only model directory just means hashing again next time.

@@ -13,9 +13,8 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
 
-use super::model::{LlamaConfig, ModelError, ModelFile};
+use super::model::{LlamaConfig, ModelError, ModelFile, Weight};
 
 /// A stage that could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +104,41 @@ impl KvCache {
     }
 }
 
+/// RMS norm with an f32 weight, through the same candle op as
+/// candle-transformers' quantized models.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+/// The token embedding table.
+enum Embedding {
+    /// GGUF blocks: only the rows looked up are dequantized.
+    Quantized(Arc<QTensor>),
+    /// A dense f32 table.
+    Dense(Tensor),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Quantized(q) => q.embedding(ids),
+            Embedding::Dense(t) => {
+                let (b, seq) = ids.dims2()?;
+                let hidden = t.dim(1)?;
+                t.index_select(&ids.flatten_all()?, 0)?
+                    .reshape((b, seq, hidden))
+            }
+        }
+    }
+}
+
 struct Block {
     attn_norm: RmsNorm,
     wq: QMatMul,
@@ -138,7 +172,7 @@ pub enum Kernels {
 pub struct Stage {
     config: LlamaConfig,
     layers: Range<usize>,
-    embed: Option<Arc<QTensor>>,
+    embed: Option<Embedding>,
     blocks: Vec<Block>,
     head: Option<Head>,
     cos: Tensor,
@@ -204,17 +238,35 @@ impl Stage {
                 n_layer: cfg.n_layer,
             });
         }
-        let mut reader = model.reader()?;
+        let mut reader = model.weights();
         let mut weight_bytes = 0usize;
-        let mut load = |name: &str| -> Result<QTensor, StageError> {
-            let t = model.tensor(&mut reader, name, device)?;
-            weight_bytes += t.storage_size_in_bytes();
-            Ok(t)
+        let mut load = |name: &str| -> Result<Weight, StageError> {
+            let w = reader.load(name, device)?;
+            weight_bytes += w.bytes();
+            Ok(w)
+        };
+        let matmul = |w: Weight| -> candle_core::Result<QMatMul> {
+            match (w, kernels) {
+                (Weight::Quantized(q), Kernels::Fast) => {
+                    QMatMul::from_qtensor(commons_kernels::q4_1::accelerate(q)?)
+                }
+                (Weight::Quantized(q), Kernels::Candle) => QMatMul::from_qtensor(q),
+                (Weight::Dense(t), _) => Ok(QMatMul::Tensor(t)),
+            }
+        };
+        let norm = |w: Weight| -> candle_core::Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: w.into_f32(device)?,
+                eps: cfg.rms_eps as f32,
+            })
         };
         let first = layers.start == 0;
         let last = layers.end == cfg.n_layer;
         let embed = if first || (last && cfg.tied_embeddings) {
-            Some(Arc::new(load("token_embd.weight")?))
+            Some(match load("token_embd.weight")? {
+                Weight::Quantized(q) => Embedding::Quantized(Arc::new(q)),
+                Weight::Dense(t) => Embedding::Dense(t),
+            })
         } else {
             None
         };
@@ -222,38 +274,35 @@ impl Stage {
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let p = |t: &str| format!("blk.{i}.{t}");
-            let mm = |q: QTensor| match kernels {
-                Kernels::Fast => QMatMul::from_qtensor(commons_kernels::q4_1::accelerate(q)?),
-                Kernels::Candle => QMatMul::from_qtensor(q),
-            };
             let bias = if cfg.qkv_bias {
                 Some((
-                    load(&p("attn_q.bias"))?.dequantize(device)?,
-                    load(&p("attn_k.bias"))?.dequantize(device)?,
-                    load(&p("attn_v.bias"))?.dequantize(device)?,
+                    load(&p("attn_q.bias"))?.into_f32(device)?,
+                    load(&p("attn_k.bias"))?.into_f32(device)?,
+                    load(&p("attn_v.bias"))?.into_f32(device)?,
                 ))
             } else {
                 None
             };
             blocks.push(Block {
-                attn_norm: RmsNorm::from_qtensor(load(&p("attn_norm.weight"))?, cfg.rms_eps)?,
-                wq: mm(load(&p("attn_q.weight"))?)?,
-                wk: mm(load(&p("attn_k.weight"))?)?,
-                wv: mm(load(&p("attn_v.weight"))?)?,
-                wo: mm(load(&p("attn_output.weight"))?)?,
+                attn_norm: norm(load(&p("attn_norm.weight"))?)?,
+                wq: matmul(load(&p("attn_q.weight"))?)?,
+                wk: matmul(load(&p("attn_k.weight"))?)?,
+                wv: matmul(load(&p("attn_v.weight"))?)?,
+                wo: matmul(load(&p("attn_output.weight"))?)?,
                 bias,
-                ffn_norm: RmsNorm::from_qtensor(load(&p("ffn_norm.weight"))?, cfg.rms_eps)?,
-                w_gate: mm(load(&p("ffn_gate.weight"))?)?,
-                w_up: mm(load(&p("ffn_up.weight"))?)?,
-                w_down: mm(load(&p("ffn_down.weight"))?)?,
+                ffn_norm: norm(load(&p("ffn_norm.weight"))?)?,
+                w_gate: matmul(load(&p("ffn_gate.weight"))?)?,
+                w_up: matmul(load(&p("ffn_up.weight"))?)?,
+                w_down: matmul(load(&p("ffn_down.weight"))?)?,
             });
         }
 
         let head = if last {
-            let norm = RmsNorm::from_qtensor(load("output_norm.weight")?, cfg.rms_eps)?;
+            let norm = norm(load("output_norm.weight")?)?;
             let output = match (&embed, cfg.tied_embeddings) {
-                (Some(e), true) => QMatMul::from_arc(Arc::clone(e))?,
-                _ => QMatMul::from_qtensor(load("output.weight")?)?,
+                (Some(Embedding::Quantized(e)), true) => QMatMul::from_arc(Arc::clone(e))?,
+                (Some(Embedding::Dense(e)), true) => QMatMul::Tensor(e.clone()),
+                _ => matmul(load("output.weight")?)?,
             };
             Some(Head { norm, output })
         } else {
@@ -553,7 +602,7 @@ impl Stage {
             )));
         }
         let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        Ok(embed.embedding(&ids)?)
+        Ok(embed.lookup(&ids)?)
     }
 
     fn check_hidden(&self, h: Tensor) -> Result<Tensor, StageError> {

@@ -125,108 +125,146 @@ fn norm_weight(rng: &mut SplitMix, n: usize) -> candle_core::Result<Tensor> {
     Tensor::from_vec(values, n, &Device::Cpu)
 }
 
-/// Writes a tiny model to `path` (GGUF).
-pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> {
+/// Kind of a tiny model's tensor, which decides its storage type.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Matrix,
+    Embedding,
+    Vector,
+}
+
+/// The tiny model's tensors in Hugging Face layout (q/k not permuted), named as in GGUF.
+fn tiny_tensors(spec: &TinySpec) -> candle_core::Result<Vec<(String, Tensor, Kind)>> {
     let mut rng = SplitMix(spec.seed);
-    let vocab = tiny_vocab();
-    let n_vocab = vocab.len();
+    let n_vocab = tiny_vocab().len();
     let head_dim = spec.hidden / spec.n_head;
     let (q_out, kv_out) = (spec.n_head * head_dim, spec.n_kv_head * head_dim);
-    let arch = spec.architecture.as_str();
     let scale = 1.0 / (spec.hidden as f32).sqrt();
-
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut add = |name: String, t: Tensor, dtype: GgmlDType| -> candle_core::Result<()> {
-        tensors.push((name, QTensor::quantize(&t, dtype)?));
-        Ok(())
-    };
-    add(
+    let mut out = Vec::new();
+    out.push((
         "token_embd.weight".into(),
         random(&mut rng, &[n_vocab, spec.hidden], 1.0)?,
-        spec.embedding_dtype,
-    )?;
+        Kind::Embedding,
+    ));
     for i in 0..spec.n_layer {
         let p = |t: &str| format!("blk.{i}.{t}");
-        add(
+        out.push((
             p("attn_norm.weight"),
             norm_weight(&mut rng, spec.hidden)?,
-            GgmlDType::F32,
-        )?;
-        add(
+            Kind::Vector,
+        ));
+        out.push((
             p("attn_q.weight"),
             random(&mut rng, &[q_out, spec.hidden], scale)?,
-            spec.dtype,
-        )?;
-        add(
+            Kind::Matrix,
+        ));
+        out.push((
             p("attn_k.weight"),
             random(&mut rng, &[kv_out, spec.hidden], scale)?,
-            spec.dtype,
-        )?;
-        add(
+            Kind::Matrix,
+        ));
+        out.push((
             p("attn_v.weight"),
             random(&mut rng, &[kv_out, spec.hidden], scale)?,
-            spec.dtype,
-        )?;
-        add(
+            Kind::Matrix,
+        ));
+        out.push((
             p("attn_output.weight"),
             random(&mut rng, &[spec.hidden, q_out], scale)?,
-            spec.dtype,
-        )?;
-        if arch == "qwen2" {
-            add(
+            Kind::Matrix,
+        ));
+        if spec.architecture == "qwen2" {
+            out.push((
                 p("attn_q.bias"),
                 random(&mut rng, &[q_out], 0.1)?,
-                GgmlDType::F32,
-            )?;
-            add(
+                Kind::Vector,
+            ));
+            out.push((
                 p("attn_k.bias"),
                 random(&mut rng, &[kv_out], 0.1)?,
-                GgmlDType::F32,
-            )?;
-            add(
+                Kind::Vector,
+            ));
+            out.push((
                 p("attn_v.bias"),
                 random(&mut rng, &[kv_out], 0.1)?,
-                GgmlDType::F32,
-            )?;
+                Kind::Vector,
+            ));
         }
-        add(
+        out.push((
             p("ffn_norm.weight"),
             norm_weight(&mut rng, spec.hidden)?,
-            GgmlDType::F32,
-        )?;
-        add(
+            Kind::Vector,
+        ));
+        out.push((
             p("ffn_gate.weight"),
             random(&mut rng, &[spec.ffn, spec.hidden], scale)?,
-            spec.dtype,
-        )?;
-        add(
+            Kind::Matrix,
+        ));
+        out.push((
             p("ffn_up.weight"),
             random(&mut rng, &[spec.ffn, spec.hidden], scale)?,
-            spec.dtype,
-        )?;
-        add(
+            Kind::Matrix,
+        ));
+        out.push((
             p("ffn_down.weight"),
             random(
                 &mut rng,
                 &[spec.hidden, spec.ffn],
                 1.0 / (spec.ffn as f32).sqrt(),
             )?,
-            spec.dtype,
-        )?;
+            Kind::Matrix,
+        ));
     }
-    add(
+    out.push((
         "output_norm.weight".into(),
         norm_weight(&mut rng, spec.hidden)?,
-        GgmlDType::F32,
-    )?;
+        Kind::Vector,
+    ));
     if spec.untied_head {
-        add(
+        out.push((
             "output.weight".into(),
             random(&mut rng, &[n_vocab, spec.hidden], scale)?,
-            spec.embedding_dtype,
-        )?;
+            Kind::Embedding,
+        ));
     }
-    tensors.retain(|(name, _)| !spec.omit.contains(name));
+    out.retain(|(name, _, _)| !spec.omit.contains(name));
+    Ok(out)
+}
+
+/// llama.cpp's reordering of q/k rows for its interleaved rotary embedding:
+/// `(heads, 2, hd/2, in)` → `(heads, hd/2, 2, in)`.
+fn permute_for_gguf(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    w.reshape((heads, 2, out / heads / 2, inp))?
+        .transpose(1, 2)?
+        .reshape((out, inp))
+}
+
+/// Writes a tiny model to `path` (GGUF).
+pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> {
+    let vocab = tiny_vocab();
+    let n_vocab = vocab.len();
+    let head_dim = spec.hidden / spec.n_head;
+    let arch = spec.architecture.as_str();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, t, kind) in tiny_tensors(spec)? {
+        // GGUF llama models carry q/k permuted for the interleaved rotary embedding.
+        let t = match (arch, name.rsplit('.').nth(1)) {
+            ("llama", Some("attn_q")) if name.ends_with(".weight") => {
+                permute_for_gguf(&t, spec.n_head)?
+            }
+            ("llama", Some("attn_k")) if name.ends_with(".weight") => {
+                permute_for_gguf(&t, spec.n_kv_head)?
+            }
+            _ => t,
+        };
+        let dtype = match kind {
+            Kind::Matrix => spec.dtype,
+            Kind::Embedding => spec.embedding_dtype,
+            Kind::Vector => GgmlDType::F32,
+        };
+        tensors.push((name, QTensor::quantize(&t, dtype)?));
+    }
 
     let k = |s: &str| format!("{arch}.{s}");
     let u32v = |v: usize| Value::U32(v as u32);
@@ -234,7 +272,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> 
     token_types.resize(n_vocab, Value::I32(1));
     let metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String(format!("tiny-{arch}-{}", spec.seed))),
+        (
+            "general.name".into(),
+            Value::String(format!("tiny-{arch}-{}", spec.seed)),
+        ),
         (k("block_count"), u32v(spec.n_layer)),
         (k("context_length"), u32v(spec.context_length)),
         (k("embedding_length"), u32v(spec.hidden)),
@@ -247,17 +288,29 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> 
         (k("vocab_size"), u32v(n_vocab)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(vocab.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(token_types)),
-        ("tokenizer.ggml.merges".into(), Value::Array(MERGES.iter().map(|(a, b)| Value::String(format!("{a} {b}"))).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(vocab.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(token_types),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(
+                MERGES
+                    .iter()
+                    .map(|(a, b)| Value::String(format!("{a} {b}")))
+                    .collect(),
+            ),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
         (
             "tokenizer.chat_template".into(),
-            Value::String(
-                "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}".into(),
-            ),
+            Value::String(CHAT_TEMPLATE.into()),
         ),
     ];
     let md_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -266,5 +319,64 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> 
     candle_core::quantized::gguf_file::write(&mut file, &md_refs, &tensor_refs)?;
     use std::io::Write as _;
     file.flush()?;
+    Ok(())
+}
+
+const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Writes the same tiny model as a Hugging Face folder in `dir`: `config.json`,
+/// `model.safetensors` (f32, weights as Hugging Face lays them out),
+/// `tokenizer.json` and `tokenizer_config.json`.
+pub fn write_tiny_hf(dir: &Path, spec: &TinySpec) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let architecture = match spec.architecture.as_str() {
+        "llama" => "LlamaForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        other => other,
+    };
+    let vocab = tiny_vocab();
+    let config = serde_json::json!({
+        "architectures": [architecture],
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.ffn,
+        "num_attention_heads": spec.n_head,
+        "num_key_value_heads": spec.n_kv_head,
+        "num_hidden_layers": spec.n_layer,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": vocab.len(),
+        "max_position_embeddings": spec.context_length,
+        "tie_word_embeddings": !spec.untied_head,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    let tensors: std::collections::HashMap<String, Tensor> = tiny_tensors(spec)?
+        .into_iter()
+        .map(|(name, t, _)| (super::hf::hf_name(&name), t))
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let special: Vec<bool> = (0..vocab.len()).map(|i| i < TINY_SPECIALS.len()).collect();
+    let merges = MERGES
+        .iter()
+        .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+        .collect();
+    let tokenizer = super::tokenizer::byte_level_bpe(&vocab, merges, &special, false, false)?;
+    tokenizer
+        .save(dir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tokenizer_config = serde_json::json!({
+        "bos_token": TINY_SPECIALS[1],
+        "eos_token": TINY_SPECIALS[2],
+        "chat_template": CHAT_TEMPLATE,
+    });
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tokenizer_config)?,
+    )?;
     Ok(())
 }

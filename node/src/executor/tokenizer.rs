@@ -3,7 +3,6 @@
 //! plus the model's chat template. No Python, no network.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -30,6 +29,9 @@ pub enum TokenizerError {
     /// The tokenizers library refused the vocabulary, a file or an input.
     #[error("tokenizer: {0}")]
     Library(String),
+    /// The model has no tokenizer.
+    #[error("the model has no tokenizer (expected tokenizer.json in {0})")]
+    Missing(String),
     /// The model has no chat template.
     #[error("the model has no chat template (tokenizer.chat_template); run without --chat")]
     NoChatTemplate,
@@ -51,6 +53,46 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// A GPT-2 style byte-level BPE over `tokens` (ids in order) and `merges`,
+/// with the tokens marked in `special` as special tokens; `digits` splits
+/// every digit into its own token first (SmolLM's pre-tokenizer).
+pub(crate) fn byte_level_bpe(
+    tokens: &[String],
+    merges: Vec<(String, String)>,
+    special: &[bool],
+    digits: bool,
+    add_prefix_space: bool,
+) -> Result<tokenizers::Tokenizer, TokenizerError> {
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = tokenizers::models::bpe::BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(lib)?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let byte_level = ByteLevel::new(add_prefix_space, true, true);
+    if digits {
+        inner.with_pre_tokenizer(Some(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(byte_level),
+        ])));
+    } else {
+        inner.with_pre_tokenizer(Some(byte_level));
+    }
+    inner.with_decoder(Some(ByteLevel::default()));
+    let specials: Vec<AddedToken> = tokens
+        .iter()
+        .zip(special)
+        .filter(|(_, s)| **s)
+        .map(|(t, _)| AddedToken::from(t.clone(), true))
+        .collect();
+    inner.add_special_tokens(specials).map_err(lib)?;
+    Ok(inner)
+}
+
 /// A tokenizer with the special tokens and chat template of its model.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -58,6 +100,8 @@ pub struct Tokenizer {
     bos: Option<u32>,
     eos: Option<u32>,
     add_bos: bool,
+    /// Let the tokenizer's own post-processor add special tokens (tokenizer.json models).
+    post_process: bool,
     stop_tokens: Vec<u32>,
     chat_template: Option<String>,
 }
@@ -119,11 +163,6 @@ impl Tokenizer {
                 key: types_key.into(),
             });
         }
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
         let merges = merges
             .iter()
             .map(|m| m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
@@ -131,31 +170,19 @@ impl Tokenizer {
             .ok_or_else(|| TokenizerError::Metadata {
                 key: "tokenizer.ggml.merges".into(),
             })?;
-        let bpe = tokenizers::models::bpe::BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(lib)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-
         let add_prefix_space = matches!(
             m.get("tokenizer.ggml.add_space_prefix"),
             Some(Value::Bool(true))
         );
-        let byte_level = ByteLevel::new(add_prefix_space, true, true);
+        let special: Vec<bool> = types.iter().map(|t| matches!(*t, 2..=5)).collect();
         let pre = md_str(m, "tokenizer.ggml.pre")
             .map(String::as_str)
             .unwrap_or("default");
-        match pre {
+        let inner = match pre {
             // SmolLM: every digit is its own token, then GPT-2's byte-level split.
-            "smollm" => {
-                let seq = Sequence::new(vec![
-                    PreTokenizerWrapper::Digits(Digits::new(true)),
-                    PreTokenizerWrapper::ByteLevel(byte_level),
-                ]);
-                inner.with_pre_tokenizer(Some(seq));
-            }
+            "smollm" => byte_level_bpe(&tokens, merges, &special, true, add_prefix_space)?,
             "gpt2" | "default" => {
-                inner.with_pre_tokenizer(Some(byte_level));
+                byte_level_bpe(&tokens, merges, &special, false, add_prefix_space)?
             }
             // Pre-tokenizers with their own split regex: candle knows them.
             other => {
@@ -166,23 +193,10 @@ impl Tokenizer {
                     tensor_infos: HashMap::new(),
                     tensor_data_offset: 0,
                 };
-                inner = tokenizers::Tokenizer::from_gguf(&content).map_err(|e| {
-                    TokenizerError::Library(format!("pre-tokenizer {other:?}: {e}"))
-                })?;
+                tokenizers::Tokenizer::from_gguf(&content)
+                    .map_err(|e| TokenizerError::Library(format!("pre-tokenizer {other:?}: {e}")))?
             }
-        }
-        if !matches!(pre, "smollm" | "gpt2" | "default") {
-            // candle's converter sets its own decoder and special tokens.
-        } else {
-            inner.with_decoder(Some(ByteLevel::default()));
-            let specials: Vec<AddedToken> = types
-                .iter()
-                .zip(&tokens)
-                .filter(|(t, _)| matches!(**t, 2..=5))
-                .map(|(_, tok)| AddedToken::from(tok.clone(), true))
-                .collect();
-            inner.add_special_tokens(specials).map_err(lib)?;
-        }
+        };
 
         let bos = md_u32(m, "tokenizer.ggml.bos_token_id");
         let eos = md_u32(m, "tokenizer.ggml.eos_token_id");
@@ -200,42 +214,90 @@ impl Tokenizer {
             bos,
             eos,
             add_bos,
+            post_process: false,
             stop_tokens,
             chat_template,
         })
     }
 
-    /// Loads a `tokenizer.json`.
-    pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(lib)?;
+    /// The tokenizer of an opened model: rebuilt from GGUF metadata, or read
+    /// from a Hugging Face folder's `tokenizer.json` and `tokenizer_config.json`.
+    pub fn for_model(model: &super::ModelFile) -> Result<Self, TokenizerError> {
+        if let Some(metadata) = model.metadata() {
+            return Self::from_gguf_metadata(metadata);
+        }
+        let dir = model.path();
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(TokenizerError::Missing(dir.display().to_string()));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(lib)?;
+        #[derive(serde::Deserialize, Default)]
+        struct TokenizerConfig {
+            chat_template: Option<serde_json::Value>,
+            bos_token: Option<serde_json::Value>,
+            eos_token: Option<serde_json::Value>,
+        }
+        let tc: TokenizerConfig = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| TokenizerError::Library(format!("tokenizer_config.json: {e}")))?,
+            Err(_) => TokenizerConfig::default(),
+        };
+        // A token is given as a string or as {"content": "..."}.
+        let token_id = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .and_then(|v| v.as_str().or_else(|| v["content"].as_str()))
+                .and_then(|t| inner.token_to_id(t))
+        };
+        let config_ids = |v: Option<&serde_json::Value>| -> Vec<u32> {
+            match v {
+                Some(serde_json::Value::Number(n)) => {
+                    n.as_u64().map(|n| n as u32).into_iter().collect()
+                }
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|n| n.as_u64().map(|n| n as u32))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let hf = model.hf();
+        let bos = token_id(&tc.bos_token).or_else(|| {
+            config_ids(hf.and_then(|h| h.config.bos_token_id.as_ref()))
+                .first()
+                .copied()
+        });
+        let mut stop_tokens = config_ids(hf.and_then(|h| h.config.eos_token_id.as_ref()));
+        let eos = token_id(&tc.eos_token).or_else(|| stop_tokens.first().copied());
+        if let Some(e) = eos
+            && !stop_tokens.contains(&e)
+        {
+            stop_tokens.insert(0, e);
+        }
+        let chat_template = match tc.chat_template {
+            Some(serde_json::Value::String(t)) => Some(t),
+            // A list of named templates: take the default one.
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or_else(|| list.first())
+                .and_then(|t| t["template"].as_str().map(str::to_owned)),
+            _ => None,
+        };
         Ok(Self {
             inner,
-            bos: None,
-            eos: None,
+            bos,
+            eos,
             add_bos: false,
-            stop_tokens: Vec::new(),
-            chat_template: None,
+            post_process: true,
+            stop_tokens,
+            chat_template,
         })
-    }
-
-    /// Sets the special tokens and chat template (for `tokenizer.json` models, from their config).
-    #[must_use]
-    pub fn with_specials(
-        mut self,
-        bos: Option<u32>,
-        eos: Option<u32>,
-        chat_template: Option<String>,
-    ) -> Self {
-        self.bos = bos;
-        self.eos = eos;
-        self.stop_tokens = eos.into_iter().collect();
-        self.chat_template = chat_template;
-        self
     }
 
     /// Token ids of plain text, with the BOS token when the model asks for one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.inner.encode(text, false).map_err(lib)?;
+        let enc = self.inner.encode(text, self.post_process).map_err(lib)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if self.add_bos
             && let Some(bos) = self.bos
