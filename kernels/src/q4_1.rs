@@ -37,6 +37,35 @@ const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 #[derive(Debug)]
 pub struct FastQ4_1 {
     blocks: Vec<BlockQ4_1>,
+    /// Copies of each block's scale and minimum (f16 bits), contiguous so that
+    /// the kernel loads eight at once.
+    d: Vec<u16>,
+    m: Vec<u16>,
+}
+
+/// One weight row: its blocks and their scales and minimums.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    blocks: &'a [BlockQ4_1],
+    d: &'a [u16],
+    m: &'a [u16],
+}
+
+impl FastQ4_1 {
+    fn new(blocks: Vec<BlockQ4_1>) -> Self {
+        let d = blocks.iter().map(|b| b.d).collect();
+        let m = blocks.iter().map(|b| b.m).collect();
+        Self { blocks, d, m }
+    }
+
+    fn row(&self, c: usize, kb: usize) -> Row<'_> {
+        let r = c * kb..(c + 1) * kb;
+        Row {
+            blocks: &self.blocks[r.clone()],
+            d: &self.d[r.clone()],
+            m: &self.m[r],
+        }
+    }
 }
 
 /// Replaces a CPU Q4_1 tensor's storage with [`FastQ4_1`]; other tensors are returned as they are.
@@ -58,7 +87,7 @@ pub fn accelerate(t: QTensor) -> Result<QTensor> {
         })
         .collect();
     let shape = t.shape().clone();
-    QTensor::new(QStorage::Cpu(Box::new(FastQ4_1 { blocks })), shape)
+    QTensor::new(QStorage::Cpu(Box::new(FastQ4_1::new(blocks))), shape)
 }
 
 /// Activations quantized to Q8_1: values, and the scale and sum terms as f32
@@ -118,9 +147,9 @@ fn block_term(sumi: i32, x: &BlockQ4_1, yd: f32, ys: f32) -> f32 {
 }
 
 /// Portable kernel: the reference the SIMD one must equal.
-fn dot_scalar(x: &[BlockQ4_1], y: &Q8_1Rows, y0: usize) -> f32 {
+fn dot_scalar(row: Row<'_>, y: &Q8_1Rows, y0: usize) -> f32 {
     let mut sumf = 0f32;
-    for (b, xb) in x.iter().enumerate() {
+    for (b, xb) in row.blocks.iter().enumerate() {
         sumf += block_term(block_sumi(xb, &y.qs[y0 + b]), xb, y.d[y0 + b], y.s[y0 + b]);
     }
     sumf
@@ -130,7 +159,7 @@ fn dot_scalar(x: &[BlockQ4_1], y: &Q8_1Rows, y0: usize) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BlockQ4_1, Q8_1Rows, QK, block_term};
+    use super::{BlockQ4_1, Q8_1Rows, QK, Row, block_term};
 
     /// The 8 i32 partial sums of one block's products.
     #[target_feature(enable = "avx2")]
@@ -179,8 +208,9 @@ mod avx2 {
     /// Eight f16 values (as bits) widened to f32.
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
-    fn widen8(h: [u16; 8]) -> __m256 {
-        // SAFETY: `h` is 16 bytes; unaligned load.
+    fn widen8(h: &[u16]) -> __m256 {
+        assert!(h.len() >= 8);
+        // SAFETY: `h` holds at least 8 u16 (16 bytes); unaligned load.
         let v = unsafe { _mm_loadu_si128(h.as_ptr().cast()) };
         _mm256_cvtph_ps(v)
     }
@@ -188,7 +218,8 @@ mod avx2 {
     /// The dot product of a row of Q4_1 blocks with Q8_1 activations from block `y0`.
     /// Callers must have checked that the CPU has AVX2 and F16C.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) fn dot(x: &[BlockQ4_1], y: &Q8_1Rows, y0: usize) -> f32 {
+    pub(super) fn dot(row: Row<'_>, y: &Q8_1Rows, y0: usize) -> f32 {
+        let x = row.blocks;
         let nb = x.len();
         let (yq, yd, ys) = (&y.qs[y0..y0 + nb], &y.d[y0..y0 + nb], &y.s[y0..y0 + nb]);
         let mut sumf = 0f32;
@@ -197,8 +228,8 @@ mod avx2 {
             let xs = &x[b..b + 8];
             let p: [__m256i; 8] = std::array::from_fn(|t| block_products(&xs[t], &yq[b + t]));
             let sumi = _mm256_cvtepi32_ps(sums8(p));
-            let xd = widen8(std::array::from_fn(|t| xs[t].d));
-            let xm = widen8(std::array::from_fn(|t| xs[t].m));
+            let xd = widen8(&row.d[b..b + 8]);
+            let xm = widen8(&row.m[b..b + 8]);
             let (ydv, ysv) = (&yd[b..b + 8], &ys[b..b + 8]);
             // SAFETY: both slices hold exactly 8 f32; unaligned loads.
             let (ydv, ysv) =
@@ -221,6 +252,58 @@ mod avx2 {
         }
         sumf
     }
+
+    /// The dot products of four rows of Q4_1 blocks with the same activations:
+    /// each exactly as [`dot`] computes it, but the four running sums are
+    /// independent, so their additions overlap instead of waiting on each other.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn dot4(rows: [Row<'_>; 4], y: &Q8_1Rows, y0: usize) -> [f32; 4] {
+        let x = rows.map(|r| r.blocks);
+        let nb = x[0].len();
+        let (yq, yd, ys) = (&y.qs[y0..y0 + nb], &y.d[y0..y0 + nb], &y.s[y0..y0 + nb]);
+        let mut sumf = [0f32; 4];
+        let mut b = 0;
+        while b + 8 <= nb {
+            // SAFETY: both slices hold exactly 8 f32; unaligned loads.
+            let (ydv, ysv) = unsafe {
+                (
+                    _mm256_loadu_ps(yd[b..b + 8].as_ptr()),
+                    _mm256_loadu_ps(ys[b..b + 8].as_ptr()),
+                )
+            };
+            let mut lanes = [[0f32; 8]; 4];
+            for (c, out) in lanes.iter_mut().enumerate() {
+                let xs = &x[c][b..b + 8];
+                let p: [__m256i; 8] = std::array::from_fn(|t| block_products(&xs[t], &yq[b + t]));
+                let sumi = _mm256_cvtepi32_ps(sums8(p));
+                let xd = widen8(&rows[c].d[b..b + 8]);
+                let xm = widen8(&rows[c].m[b..b + 8]);
+                let terms = _mm256_add_ps(
+                    _mm256_mul_ps(_mm256_mul_ps(sumi, xd), ydv),
+                    _mm256_mul_ps(xm, ysv),
+                );
+                // SAFETY: `out` holds 8 f32; unaligned store.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), terms) };
+            }
+            for lane in 0..8 {
+                for c in 0..4 {
+                    sumf[c] += lanes[c][lane];
+                }
+            }
+            b += 8;
+        }
+        for t in b..nb {
+            for c in 0..4 {
+                sumf[c] += block_term(
+                    hsum(block_products(&x[c][t], &yq[t])),
+                    &x[c][t],
+                    yd[t],
+                    ys[t],
+                );
+            }
+        }
+        sumf
+    }
 }
 
 fn has_avx2() -> bool {
@@ -234,7 +317,7 @@ fn has_avx2() -> bool {
     }
 }
 
-fn dot(simd: bool, x: &[BlockQ4_1], y: &Q8_1Rows, y0: usize) -> f32 {
+fn dot(simd: bool, x: Row<'_>, y: &Q8_1Rows, y0: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is only true when AVX2 and F16C were detected at run time.
@@ -242,6 +325,16 @@ fn dot(simd: bool, x: &[BlockQ4_1], y: &Q8_1Rows, y0: usize) -> f32 {
     }
     let _ = simd;
     dot_scalar(x, y, y0)
+}
+
+/// Four dot products against the same activations (see [`avx2::dot4`]).
+fn dot4(simd: bool, x: [Row<'_>; 4], y: &Q8_1Rows, y0: usize) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is only true when AVX2 and F16C were detected at run time.
+        return unsafe { avx2::dot4(x, y, y0) };
+    }
+    x.map(|x| dot(simd, x, y, y0))
 }
 
 /// Columns per task: enough work to pay for scheduling, few enough to share out.
@@ -273,10 +366,14 @@ impl FastQ4_1 {
         // another thread: run them here.
         if m * n * kb < PARALLEL_MIN_BLOCK_DOTS {
             for row in 0..m {
-                for col in 0..n {
-                    dst[row * n + col] =
-                        dot(simd, &self.blocks[col * kb..(col + 1) * kb], &y, row * kb);
-                }
+                self.row_dots(
+                    simd,
+                    &y,
+                    row * kb,
+                    kb,
+                    0..n,
+                    &mut dst[row * n..(row + 1) * n],
+                );
             }
             return Ok(());
         }
@@ -284,16 +381,17 @@ impl FastQ4_1 {
             .into_par_iter()
             .map(|c| {
                 let cols = c * COLS_PER_TASK..((c + 1) * COLS_PER_TASK).min(n);
-                let mut out = Vec::with_capacity(m * cols.len());
+                let width = cols.len();
+                let mut out = vec![0f32; m * width];
                 for row in 0..m {
-                    for col in cols.clone() {
-                        out.push(dot(
-                            simd,
-                            &self.blocks[col * kb..(col + 1) * kb],
-                            &y,
-                            row * kb,
-                        ));
-                    }
+                    self.row_dots(
+                        simd,
+                        &y,
+                        row * kb,
+                        kb,
+                        cols.clone(),
+                        &mut out[row * width..(row + 1) * width],
+                    );
                 }
                 out
             })
@@ -309,14 +407,45 @@ impl FastQ4_1 {
         Ok(())
     }
 
-    fn to_f32(&self, out: &mut [f32]) {
-        for (b, chunk) in self.blocks.iter().zip(out.chunks_exact_mut(QK)) {
-            let d = f16::from_bits(b.d).to_f32();
-            let m = f16::from_bits(b.m).to_f32();
-            for j in 0..QK / 2 {
-                chunk[j] = (b.qs[j] & 0x0F) as f32 * d + m;
-                chunk[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
-            }
+    /// `out[i]` = dot of weight row `cols.start + i` with activation row at block `y0`.
+    fn row_dots(
+        &self,
+        simd: bool,
+        y: &Q8_1Rows,
+        y0: usize,
+        kb: usize,
+        cols: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let row = |c: usize| self.row(c, kb);
+        let mut c = cols.start;
+        let mut i = 0;
+        while c + 4 <= cols.end {
+            out[i..i + 4].copy_from_slice(&dot4(
+                simd,
+                [row(c), row(c + 1), row(c + 2), row(c + 3)],
+                y,
+                y0,
+            ));
+            c += 4;
+            i += 4;
+        }
+        while c < cols.end {
+            out[i] = dot(simd, row(c), y, y0);
+            c += 1;
+            i += 1;
+        }
+    }
+}
+
+/// Dequantizes blocks as candle does: `q · d + m`.
+fn blocks_to_f32(blocks: &[BlockQ4_1], out: &mut [f32]) {
+    for (b, chunk) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = f16::from_bits(b.d).to_f32();
+        let m = f16::from_bits(b.m).to_f32();
+        for j in 0..QK / 2 {
+            chunk[j] = (b.qs[j] & 0x0F) as f32 * d + m;
+            chunk[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
         }
     }
 }
@@ -351,10 +480,7 @@ impl QuantizedType for FastQ4_1 {
             if id >= rows {
                 candle_core::bail!("q4_1 embedding: id {id} out of {rows} rows");
             }
-            FastQ4_1 {
-                blocks: self.blocks[id * kb..(id + 1) * kb].to_vec(),
-            }
-            .to_f32(row_out);
+            blocks_to_f32(&self.blocks[id * kb..(id + 1) * kb], row_out);
         }
         Ok(CpuStorage::F32(out))
     }
@@ -367,7 +493,7 @@ impl QuantizedType for FastQ4_1 {
             );
         }
         let mut out = vec![0f32; elem_count];
-        self.to_f32(&mut out);
+        blocks_to_f32(&self.blocks, &mut out);
         Ok(CpuStorage::F32(out))
     }
 
@@ -401,6 +527,8 @@ impl QuantizedType for FastQ4_1 {
                 b.qs[j] = x0 | (x1 << 4);
             }
         }
+        self.d = self.blocks.iter().map(|b| b.d).collect();
+        self.m = self.blocks.iter().map(|b| b.m).collect();
     }
 
     fn from_float_imatrix(&mut self, xs: &[f32], _imatrix_weights: &[f32], _n_per_row: usize) {
@@ -480,7 +608,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             Err(e) => panic!("{e}"),
         };
-        let w = FastQ4_1 { blocks: fast };
+        let w = FastQ4_1::new(fast);
         let x = weights(5, k, 9)
             .flatten_all()
             .unwrap()

@@ -475,6 +475,16 @@ impl Stage {
         };
         *kv = Some((k.clone(), v.clone()));
         let groups = cfg.n_head / cfg.n_kv_head;
+        if seq_len == 1 && groups > 1 {
+            // One position: the heads sharing a key/value head form one
+            // (groups × hd) query block, so the cache is used as it is instead
+            // of being copied `groups` times.
+            let q = q.reshape((b_sz, cfg.n_kv_head, groups, cfg.head_dim))?;
+            let att = (q.matmul(&k.t()?)? / (cfg.head_dim as f64).sqrt())?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v)?;
+            return y.reshape((b_sz, 1, cfg.n_head * cfg.head_dim));
+        }
         let k = candle_transformers::utils::repeat_kv(k, groups)?;
         let v = candle_transformers::utils::repeat_kv(v, groups)?;
         let att = (q.matmul(&k.t()?)? / (cfg.head_dim as f64).sqrt())?;
