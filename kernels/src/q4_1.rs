@@ -285,6 +285,8 @@ mod avx2 {
                 // SAFETY: `out` holds 8 f32; unaligned store.
                 unsafe { _mm256_storeu_ps(out.as_mut_ptr(), terms) };
             }
+            // Block order within each row; the four rows interleave.
+            #[allow(clippy::needless_range_loop)]
             for lane in 0..8 {
                 for c in 0..4 {
                     sumf[c] += lanes[c][lane];
