@@ -38,8 +38,9 @@ enum Command {
     /// Manage the node's identity key.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Join the swarm, show its status, leave it.
-    Node(NotBuilt),
+    /// Join the swarm, show a running node's status, leave.
+    #[command(subcommand)]
+    Node(crate::join::NodeCommand),
     /// Submit, follow and cancel jobs on the swarm.
     Job(NotBuilt),
     /// Generate text with a model on this machine alone (the single-node baseline).
@@ -107,7 +108,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
             keys_generate(&settings, force, json)
         }
         Command::Keys(KeysCommand::Show { json, .. }) => keys_show(&settings, json),
-        Command::Node(_) => not_built("node", "node membership (join, status, leave)"),
+        Command::Node(command) => crate::join::run(&settings, command),
         Command::Job(_) => not_built("job", "pipelined jobs over the swarm"),
         Command::Run(args) => crate::run_local::run(args),
         Command::Coalition(_) => not_built("coalition", "coalition charters"),
@@ -125,9 +126,11 @@ fn init_tracing(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    use std::io::IsTerminal as _;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 

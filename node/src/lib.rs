@@ -2,9 +2,13 @@
 //! identity handling, and (as they land) the libp2p swarm, the candle executor
 //! and the control API.
 
+pub mod capacity;
 pub mod cli;
+pub mod control;
 pub mod executor;
 pub mod identity;
+pub mod join;
+pub mod network;
 pub mod run_local;
 pub mod settings;
 

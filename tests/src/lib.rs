@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests: find (or build) the real `commons` binary,
 //! run it, and check the workspace's dependency rules.
 
+pub mod node;
 pub mod purity;
 
 use std::path::PathBuf;

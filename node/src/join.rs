@@ -1,0 +1,221 @@
+//! `commons node join | status | leave`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use libp2p::Multiaddr;
+use tokio::sync::{Notify, mpsc};
+
+use crate::network::{EventLoop, Metrics, NetworkConfig};
+use crate::settings::Settings;
+
+/// Default control API address.
+pub const DEFAULT_CONTROL: &str = "127.0.0.1:7717";
+
+/// `commons node …`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Join the swarm and serve until stopped (Ctrl-C, SIGTERM or `commons node leave`).
+    Join(JoinArgs),
+    /// Show a running node's id, addresses, peers and counters.
+    Status(ControlArgs),
+    /// Ask a running node to announce its leave and stop.
+    Leave(ControlArgs),
+}
+
+/// Arguments of `commons node join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Address to listen on (repeatable). Default: TCP and QUIC on port 4001, all interfaces.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<Multiaddr>,
+    /// Peer to join through (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Control API address (loopback only).
+    #[arg(long, default_value = DEFAULT_CONTROL, value_name = "ADDR")]
+    pub control: SocketAddr,
+    /// Do not discover peers on the local network with mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Seconds an advert stays valid; it is republished every third of that.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub advert_ttl: u64,
+    /// Measure the machine again instead of using the cached figures.
+    #[arg(long)]
+    pub rebench: bool,
+    /// Coalition charter files to serve (accepted; enforced once charters are checked).
+    #[arg(long, value_name = "CHARTER")]
+    pub coalition: Vec<PathBuf>,
+}
+
+/// Where to reach a running node.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// Its control API. Default: the address the node in the data directory recorded.
+    #[arg(long, value_name = "ADDR")]
+    pub control: Option<SocketAddr>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `commons node …`.
+pub fn run(settings: &Settings, command: NodeCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        NodeCommand::Join(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(join(settings, args))
+        }
+        NodeCommand::Status(args) => status(settings, &args),
+        NodeCommand::Leave(args) => {
+            let addr = control_addr(settings, args.control)?;
+            crate::control::request_leave(addr)?;
+            println!("asked the node at {addr} to leave");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn control_addr(settings: &Settings, given: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
+    if let Some(a) = given {
+        return Ok(a);
+    }
+    let recorded = settings.data_dir.join("control.addr");
+    match std::fs::read_to_string(&recorded) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .with_context(|| format!("{} does not hold an address", recorded.display())),
+        Err(_) => Ok(DEFAULT_CONTROL.parse()?),
+    }
+}
+
+fn status(settings: &Settings, args: &ControlArgs) -> anyhow::Result<ExitCode> {
+    let addr = control_addr(settings, args.control)?;
+    let s = crate::control::fetch_status(addr)?;
+    if args.json {
+        println!("{s}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("peer id:  {}", s["peer_id"].as_str().unwrap_or("?"));
+    for a in s["listen_addrs"].as_array().into_iter().flatten() {
+        println!("listen:   {}", a.as_str().unwrap_or("?"));
+    }
+    println!(
+        "connected peers: {}   work in progress: {}",
+        s["connected_peers"], s["work_in_progress"]
+    );
+    let peers = s["peers"].as_array().cloned().unwrap_or_default();
+    println!("peers ({}):", peers.len());
+    for p in peers {
+        println!(
+            "  {}  {} cores  {:.1} GiB  {} MFLOP/s  seen {} ms ago",
+            p["peer_id"].as_str().unwrap_or("?"),
+            p["cpu_cores"],
+            p["ram_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+            p["matmul_mflops"],
+            p["last_seen_ms"]
+        );
+    }
+    println!("counters: {}", s["counters"]);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal(leave: Arc<Notify>) {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(s) => s,
+            Err(_) => {
+                tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = leave.notified() => {} }
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            () = leave.notified() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, () = leave.notified() => {} }
+}
+
+async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
+    crate::control::check_loopback(&args.control)?;
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "cannot use the data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
+    let (identity, created) = crate::identity::load_or_create(&settings.key)?;
+    if created {
+        tracing::info!(path = %settings.key.display(), "created a new node key");
+    }
+    let identity = Arc::new(identity);
+    let capacity = crate::capacity::measure(&settings.data_dir, args.rebench)?;
+    let listen = if args.listen.is_empty() {
+        vec![
+            "/ip4/0.0.0.0/tcp/4001".parse()?,
+            "/ip4/0.0.0.0/udp/4001/quic-v1".parse()?,
+        ]
+    } else {
+        args.listen.clone()
+    };
+    if args.advert_ttl < 3 {
+        anyhow::bail!("--advert-ttl must be at least 3 seconds");
+    }
+    let config = NetworkConfig {
+        listen,
+        bootstrap: args.bootstrap.clone(),
+        mdns: !args.no_mdns,
+        advert_ttl: Duration::from_secs(args.advert_ttl),
+    };
+    let (commands_tx, commands_rx) = mpsc::channel(64);
+    let metrics = Arc::new(Metrics::default());
+    let leave = Arc::new(Notify::new());
+    let event_loop = EventLoop::new(
+        identity.clone(),
+        capacity,
+        config,
+        commands_rx,
+        metrics.clone(),
+    )?;
+
+    let stopping = Arc::new(Notify::new());
+    let server_stop = {
+        let s = stopping.clone();
+        async move { s.notified().await }
+    };
+    let (control, server) = crate::control::serve(
+        args.control,
+        commands_tx,
+        metrics,
+        leave.clone(),
+        server_stop,
+    )
+    .await?;
+    std::fs::write(settings.data_dir.join("control.addr"), control.to_string())?;
+    println!(
+        "{}",
+        serde_json::json!({ "event": "joined", "peer_id": identity.node_id().to_string(), "control": control.to_string() })
+    );
+    let server = tokio::spawn(server);
+    event_loop.run(shutdown_signal(leave)).await;
+    stopping.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    let _ = std::fs::remove_file(settings.data_dir.join("control.addr"));
+    println!("{}", serde_json::json!({ "event": "left" }));
+    Ok(ExitCode::SUCCESS)
+}
