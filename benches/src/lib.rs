@@ -10,20 +10,7 @@ use commons_node::executor::{KvCache, ModelFile, Pipeline, Stage};
 
 /// The bundled model (scripts/fetch-model.sh), or `$COMMONS_MODEL`.
 pub fn model_path() -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("COMMONS_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    anyhow::ensure!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
-    Ok(path)
+    commons_node::run_local::bundled_model()
 }
 
 /// A prompt of `n` ordinary tokens.

@@ -20,6 +20,24 @@ pub const ENV_MODEL: &str = "COMMONS_MODEL";
 /// The bundled default model, fetched by `scripts/fetch-model.sh`.
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The bundled model in this source tree (for tests and benches), or
+/// `$COMMONS_MODEL`; an error that says how to fetch it when it is missing.
+pub fn bundled_model() -> anyhow::Result<std::path::PathBuf> {
+    let path = std::env::var_os(ENV_MODEL)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(DEFAULT_MODEL)
+        });
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-model.sh first",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// Arguments of `commons run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {

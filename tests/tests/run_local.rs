@@ -6,16 +6,7 @@ use std::path::PathBuf;
 use commons_tests::{commons, output, stderr, stdout};
 
 fn model() -> PathBuf {
-    let path = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    ));
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        path.display()
-    );
-    path
+    commons_node::run_local::bundled_model().unwrap()
 }
 
 fn run_json(home: &std::path::Path, extra: &[&str]) -> serde_json::Value {

@@ -9,20 +9,7 @@ use commons_node::executor::{KvCache, ModelFile, Pipeline, Stage};
 
 /// The bundled model; fetched by `scripts/fetch-model.sh` (which `.ci/run` calls).
 pub fn real_model() -> PathBuf {
-    let path = std::env::var_os("COMMONS_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh first",
-        path.display()
-    );
-    path
+    commons_node::run_local::bundled_model().unwrap()
 }
 
 /// f32 values as bits, for exact comparison.
