@@ -49,6 +49,12 @@ pub struct JoinArgs {
     /// Measure the machine again instead of using the cached figures.
     #[arg(long)]
     pub rebench: bool,
+    /// Model to serve (GGUF file or Hugging Face folder).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Layers of the model to serve, e.g. `0..10` (default: all).
+    #[arg(long, value_name = "A..B", requires = "model")]
+    pub layers: Option<String>,
     /// Coalition charter files to serve (accepted; enforced once charters are checked).
     #[arg(long, value_name = "CHARTER")]
     pub coalition: Vec<PathBuf>,
@@ -182,6 +188,10 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         mdns: !args.no_mdns,
         advert_ttl: Duration::from_secs(args.advert_ttl),
     };
+    let served = match &args.model {
+        Some(path) => Some(load_served(path, args.layers.as_deref())?),
+        None => None,
+    };
     let (commands_tx, commands_rx) = mpsc::channel(64);
     let metrics = Arc::new(Metrics::default());
     let leave = Arc::new(Notify::new());
@@ -191,6 +201,7 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         config,
         commands_rx,
         metrics.clone(),
+        served,
     )?;
 
     let stopping = Arc::new(Notify::new());
@@ -218,4 +229,40 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(settings.data_dir.join("control.addr"));
     println!("{}", serde_json::json!({ "event": "left" }));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads the served layer range and starts its engine.
+fn load_served(
+    path: &std::path::Path,
+    layers: Option<&str>,
+) -> anyhow::Result<crate::executor::serve::Served> {
+    use crate::executor::{ModelFile, Stage, engine, model_id};
+    let model = ModelFile::open(path)?;
+    let n_layer = model.config().n_layer;
+    let range = match layers {
+        None => 0..n_layer,
+        Some(text) => {
+            let split = crate::run_local::parse_ranges(text)
+                .map_err(|e| anyhow::anyhow!("--layers: {e}"))?;
+            match split.0.as_slice() {
+                [one] => one.clone(),
+                _ => anyhow::bail!("--layers takes one range A..B"),
+            }
+        }
+    };
+    let stage = Stage::load(&model, range.clone(), &candle_core::Device::Cpu)?;
+    let hidden = stage.config().hidden;
+    let (engine, _thread) = engine::spawn(stage, engine::EngineConfig::default())?;
+    let id = model_id(path)?;
+    tracing::info!(model = %id, layers = ?range, "serving");
+    Ok(crate::executor::serve::Served {
+        model: id,
+        layers: commons_protocol::messages::LayerRange {
+            start: range.start as u32,
+            end: range.end as u32,
+        },
+        total_layers: n_layer as u32,
+        hidden,
+        engine,
+    })
 }

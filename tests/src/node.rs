@@ -43,6 +43,18 @@ impl Node {
         transports: Transports,
         ttl_secs: u64,
     ) -> Self {
+        Self::start_with(home, data_dir, bootstrap, transports, ttl_secs, &[])
+    }
+
+    /// [`Node::start`] with more arguments for `commons node join`.
+    pub fn start_with(
+        home: &Path,
+        data_dir: &Path,
+        bootstrap: &[String],
+        transports: Transports,
+        ttl_secs: u64,
+        extra: &[&str],
+    ) -> Self {
         let mut cmd: Command = commons(home);
         cmd.arg("--data-dir").arg(data_dir).args([
             "node",
@@ -62,6 +74,7 @@ impl Node {
         for b in bootstrap {
             cmd.args(["--bootstrap", b]);
         }
+        cmd.args(extra);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

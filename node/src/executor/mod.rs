@@ -6,6 +6,7 @@ pub mod generate;
 mod hf;
 pub mod model;
 pub mod sampling;
+pub mod serve;
 pub mod session;
 pub mod stage;
 pub mod tiny;

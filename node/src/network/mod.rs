@@ -8,6 +8,7 @@
 //! enabled. Transports: TCP (noise, yamux) and QUIC v1.
 
 mod peers;
+pub mod work;
 
 pub use peers::{AdvertError, PeerEntry, PeerTable, Update};
 
@@ -46,6 +47,7 @@ pub struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    work: libp2p::request_response::Behaviour<work::WorkCodec>,
 }
 
 /// Settings of the network.
@@ -131,6 +133,15 @@ pub fn build_swarm(
                 kad,
                 gossipsub,
                 mdns: Toggle::from(mdns),
+                work: libp2p::request_response::Behaviour::new(
+                    [(
+                        work::WORK_PROTOCOL,
+                        libp2p::request_response::ProtocolSupport::Full,
+                    )],
+                    libp2p::request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(120))
+                        .with_max_concurrent_streams(64),
+                ),
             })
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -231,6 +242,11 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     counters: Counters,
     last_publish: Option<std::time::Instant>,
+    served: Option<crate::executor::serve::Served>,
+    replay: commons_protocol::replay::ReplayGuard,
+    responses_tx: mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    responses_rx: mpsc::Receiver<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    in_progress: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -253,6 +269,7 @@ impl EventLoop {
         config: NetworkConfig,
         commands: mpsc::Receiver<Command>,
         metrics: Arc<Metrics>,
+        served: Option<crate::executor::serve::Served>,
     ) -> anyhow::Result<Self> {
         let mut swarm = build_swarm(&identity, &config)?;
         for addr in &config.listen {
@@ -260,6 +277,7 @@ impl EventLoop {
                 .listen_on(addr.clone())
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
+        let (responses_tx, responses_rx) = mpsc::channel(256);
         let topic = gossipsub::IdentTopic::new(ADVERT_TOPIC);
         swarm
             .behaviour_mut()
@@ -284,6 +302,12 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             counters: Counters::default(),
             last_publish: None,
+            served,
+            // Units may be valid for up to ten minutes; their nonces are kept that long.
+            replay: commons_protocol::replay::ReplayGuard::new(10 * 60_000, 1 << 20),
+            responses_tx,
+            responses_rx,
+            in_progress: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -300,7 +324,17 @@ impl EventLoop {
             gpus: BoundedVec::try_from_vec(crate::capacity::gpus()).unwrap_or_default(),
             matmul_mflops: c.matmul_mflops,
             bandwidth_bytes_per_sec: 0,
-            models: BoundedVec::new(),
+            models: BoundedVec::try_from_vec(
+                self.served
+                    .iter()
+                    .map(|s| commons_protocol::messages::HeldModel {
+                        model: s.model,
+                        layers: s.layers,
+                        total_layers: s.total_layers,
+                    })
+                    .collect(),
+            )
+            .unwrap_or_default(),
             determinism: crate::capacity::determinism_class(),
             coalitions: BoundedVec::new(),
             software: format!("commons/{}", env!("CARGO_PKG_VERSION")),
@@ -360,7 +394,7 @@ impl EventLoop {
                     expires_in_ms: e.advert.expires_at.0.saturating_sub(now.0),
                 })
                 .collect(),
-            work_in_progress: 0,
+            work_in_progress: self.in_progress.load(Ordering::Relaxed) as usize,
             counters: self.counters.clone(),
             capacity: self.capacity.clone(),
         }
@@ -376,6 +410,9 @@ impl EventLoop {
             tokio::select! {
                 () = &mut shutdown => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some((channel, bytes)) = self.responses_rx.recv() => {
+                    let _ = self.swarm.behaviour_mut().work.send_response(channel, bytes);
+                }
                 Some(command) = self.commands.recv() => match command {
                     Command::Status(reply) => { let _ = reply.send(self.status()); }
                 },
@@ -418,6 +455,47 @@ impl EventLoop {
             }
         }
         tracing::info!("left the swarm");
+    }
+
+    /// Admits a work unit here, then runs it off the event loop and answers through it.
+    fn on_work(
+        &mut self,
+        request: Vec<u8>,
+        channel: libp2p::request_response::ResponseChannel<Vec<u8>>,
+    ) {
+        use crate::executor::serve;
+        let Some(served) = self.served.clone() else {
+            let refusal = serve::refusal(
+                commons_protocol::messages::ErrorCode::MODEL_NOT_HELD,
+                "this node serves no model",
+            );
+            let _ = self.swarm.behaviour_mut().work.send_response(
+                channel,
+                serve::refusal_bytes(&self.identity, &refusal, now()),
+            );
+            return;
+        };
+        match serve::admit(&served, &mut self.replay, &request, now()) {
+            Err(refusal) => {
+                let _ = self.swarm.behaviour_mut().work.send_response(
+                    channel,
+                    serve::refusal_bytes(&self.identity, &refusal, now()),
+                );
+            }
+            Ok((id, unit)) => {
+                let (identity, tx, in_progress) = (
+                    self.identity.clone(),
+                    self.responses_tx.clone(),
+                    self.in_progress.clone(),
+                );
+                in_progress.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let bytes = serve::run(&served, &identity, id, unit, now).await;
+                    in_progress.fetch_sub(1, Ordering::Relaxed);
+                    let _ = tx.send((channel, bytes)).await;
+                });
+            }
+        }
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -484,6 +562,15 @@ impl EventLoop {
             {
                 self.publish_advert();
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Work(
+                libp2p::request_response::Event::Message {
+                    message:
+                        libp2p::request_response::Message::Request {
+                            request, channel, ..
+                        },
+                    ..
+                },
+            )) => self.on_work(request, channel),
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,

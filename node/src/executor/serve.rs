@@ -1,0 +1,243 @@
+//! Serving inference work units: checks a signed unit against what this node
+//! holds, runs it on the engine, and answers with a signed result committed by
+//! blake3, or a signed error reply with a stable code.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use commons_protocol::envelope::Envelope;
+use commons_protocol::messages::{
+    ErrorCode, ErrorReply, ExecMetrics, InferenceUnit, LayerRange, WorkBody, WorkResult, WorkUnit,
+};
+use commons_protocol::replay::ReplayGuard;
+use commons_protocol::{Identity, ModelId, UnitId, UnixMillis};
+
+use super::engine::{EngineError, EngineHandle, StepRequest};
+use super::session::SessionError;
+use super::stage::{StageInput, StageOutput, argmax};
+
+/// What a node serves: a layer range of a model, through an engine.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The model.
+    pub model: ModelId,
+    /// Layers held.
+    pub layers: LayerRange,
+    /// Layers in the whole model.
+    pub total_layers: u32,
+    /// Hidden size.
+    pub hidden: usize,
+    /// The engine running the stage.
+    pub engine: EngineHandle,
+}
+
+/// How long results and error replies stay valid.
+const REPLY_TTL_MS: u64 = 60_000;
+
+/// A unit refused before it ran.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    code: ErrorCode,
+    message: String,
+    unit: Option<UnitId>,
+}
+
+/// A refusal not tied to a unit.
+#[must_use]
+pub fn refusal(code: ErrorCode, message: &str) -> Refusal {
+    Refusal::new(code, message, None)
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>, unit: Option<UnitId>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            unit,
+        }
+    }
+}
+
+/// Opens a work unit and checks it can run here: signature, validity, replay,
+/// model, layer range, input shape.
+pub fn admit(
+    served: &Served,
+    replay: &mut ReplayGuard,
+    bytes: &[u8],
+    now: UnixMillis,
+) -> Result<(UnitId, InferenceUnit), Refusal> {
+    let unit: WorkUnit = Envelope::open_bytes(bytes, now).map_err(|e| {
+        let code = match e {
+            commons_protocol::OpenError::Expired { .. }
+            | commons_protocol::OpenError::NotYetValid { .. } => ErrorCode::EXPIRED,
+            commons_protocol::OpenError::TooLarge { .. } => ErrorCode::TOO_LARGE,
+            _ => ErrorCode::BAD_REQUEST,
+        };
+        Refusal::new(code, e.to_string(), None)
+    })?;
+    let id = unit
+        .id()
+        .map_err(|e| Refusal::new(ErrorCode::BAD_REQUEST, e.to_string(), None))?;
+    replay
+        .check(unit.issuer, unit.nonce, unit.expires_at, now)
+        .map_err(|e| {
+            let code = if matches!(e, commons_protocol::replay::ReplayError::Replayed { .. }) {
+                ErrorCode::REPLAYED
+            } else {
+                ErrorCode::EXPIRED
+            };
+            Refusal::new(code, e.to_string(), Some(id))
+        })?;
+    let WorkBody::Inference(inf) = unit.body else {
+        return Err(Refusal::new(
+            ErrorCode::BAD_REQUEST,
+            "this node serves inference units only",
+            Some(id),
+        ));
+    };
+    if inf.model != served.model || inf.layers != served.layers {
+        return Err(Refusal::new(
+            ErrorCode::MODEL_NOT_HELD,
+            format!(
+                "this node holds layers {} of {}, not {} of {}",
+                served.layers, served.model, inf.layers, inf.model
+            ),
+            Some(id),
+        ));
+    }
+    inf.input
+        .verify()
+        .map_err(|e| Refusal::new(ErrorCode::BAD_REQUEST, e.to_string(), Some(id)))?;
+    Ok((id, inf))
+}
+
+fn to_input(served: &Served, t: &commons_protocol::Tensor) -> Result<StageInput, String> {
+    let shape = t.shape();
+    if served.layers.start == 0 {
+        let ids = t.to_u32().ok_or("the first stage takes u32 token ids")?;
+        if shape.len() != 2 || shape[0] != 1 {
+            return Err(format!("token ids must have shape (1, n), not {shape:?}"));
+        }
+        return Ok(StageInput::Tokens(ids));
+    }
+    let values = t.to_f32().ok_or("later stages take f32 hidden states")?;
+    if shape.len() != 3 || shape[0] != 1 || shape[2] as usize != served.hidden {
+        return Err(format!(
+            "hidden states must have shape (1, n, {}), not {shape:?}",
+            served.hidden
+        ));
+    }
+    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    Tensor::from_vec(values, dims, &Device::Cpu)
+        .map(StageInput::Hidden)
+        .map_err(|e| e.to_string())
+}
+
+fn to_wire(t: &Tensor) -> Result<commons_protocol::Tensor, String> {
+    let shape: Vec<u64> = t.dims().iter().map(|&d| d as u64).collect();
+    let values = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| e.to_string())?;
+    commons_protocol::Tensor::from_f32(&shape, &values).map_err(|e| e.to_string())
+}
+
+/// Runs an admitted unit and returns the signed response envelope.
+pub async fn run(
+    served: &Served,
+    identity: &Arc<Identity>,
+    id: UnitId,
+    unit: InferenceUnit,
+    now: impl Fn() -> UnixMillis,
+) -> Vec<u8> {
+    let outcome = async {
+        let input = to_input(served, &unit.input)
+            .map_err(|m| Refusal::new(ErrorCode::BAD_REQUEST, m, Some(id)))?;
+        let request = StepRequest {
+            session: unit.session,
+            start_pos: unit.options.start_pos as usize,
+            input,
+            session_budget: unit.options.max_session_tokens as usize,
+            close_after: unit.options.close_session,
+        };
+        let reply = served.engine.step(request).await.map_err(|e| {
+            let code = match &e {
+                EngineError::Session(
+                    SessionError::Unknown { .. } | SessionError::Position { .. },
+                ) => ErrorCode::UNKNOWN_SESSION,
+                EngineError::Session(
+                    SessionError::OverBudget { .. } | SessionError::NoRoom { .. },
+                ) => ErrorCode::OVERLOADED,
+                EngineError::Stopped => ErrorCode::SHUTTING_DOWN,
+                _ => ErrorCode::INTERNAL,
+            };
+            Refusal::new(code, e.to_string(), Some(id))
+        })?;
+        let internal = |m: String| Refusal::new(ErrorCode::INTERNAL, m, Some(id));
+        let outputs = match reply.output {
+            StageOutput::Hidden(h) => vec![to_wire(&h).map_err(internal)?],
+            StageOutput::Logits(l) => match &unit.options.sampling {
+                // Greedy is the only sampling that needs no history: anything else
+                // is chosen by whoever holds the whole sequence, from the logits.
+                Some(s) if s.temperature == 0.0 => {
+                    let token = argmax(&l).map_err(|e| internal(e.to_string()))?;
+                    vec![
+                        commons_protocol::Tensor::from_u32(&[1], &[token])
+                            .map_err(|e| internal(e.to_string()))?,
+                    ]
+                }
+                _ => vec![to_wire(&l).map_err(internal)?],
+            },
+        };
+        let tokens = match &unit.input.shape() {
+            s if s.len() >= 2 => s[1] as u32,
+            _ => 0,
+        };
+        let metrics = ExecMetrics {
+            queue_micros: reply.queued.as_micros() as u64,
+            compute_micros: reply.compute.as_micros() as u64,
+            tokens,
+            peak_memory_bytes: 0,
+        };
+        let t = now();
+        WorkResult::sign(
+            identity,
+            id,
+            outputs,
+            metrics,
+            t,
+            t.plus_millis(REPLY_TTL_MS),
+        )
+        .map_err(|e| internal(e.to_string()))
+    }
+    .await;
+    match outcome {
+        Ok(result) => match Envelope::seal(identity, &result) {
+            Ok(e) => e.to_bytes(),
+            Err(e) => refusal_bytes(
+                identity,
+                &Refusal::new(ErrorCode::TOO_LARGE, e.to_string(), Some(id)),
+                now(),
+            ),
+        },
+        Err(refusal) => refusal_bytes(identity, &refusal, now()),
+    }
+}
+
+/// A signed error reply for `refusal`.
+pub fn refusal_bytes(identity: &Identity, refusal: &Refusal, now: UnixMillis) -> Vec<u8> {
+    let mut message = refusal.message.clone();
+    message.truncate(1024);
+    let reply = ErrorReply {
+        code: refusal.code,
+        message,
+        regarding: refusal.unit,
+        responder: identity.node_id(),
+        issued_at: now,
+        expires_at: now.plus_millis(REPLY_TTL_MS),
+    };
+    Envelope::seal(identity, &reply)
+        .map(|e| e.to_bytes())
+        .unwrap_or_default()
+}
