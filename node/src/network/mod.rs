@@ -209,6 +209,8 @@ pub struct Counters {
     pub adverts_rejected: u64,
     /// Connections established since start.
     pub connections_established: u64,
+    /// Size of the latest advert envelope this node published.
+    pub advert_bytes: u64,
 }
 
 /// Shared counters the metrics endpoint reads.
@@ -242,6 +244,7 @@ pub struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     counters: Counters,
     last_publish: Option<std::time::Instant>,
+    publish_pending: bool,
     served: Option<crate::executor::serve::Served>,
     replay: commons_protocol::replay::ReplayGuard,
     responses_tx: mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
@@ -302,6 +305,7 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             counters: Counters::default(),
             last_publish: None,
+            publish_pending: false,
             served,
             // Units may be valid for up to ten minutes; their nonces are kept that long.
             replay: commons_protocol::replay::ReplayGuard::new(10 * 60_000, 1 << 20),
@@ -343,6 +347,20 @@ impl EventLoop {
         }
     }
 
+    /// Publishes now unless an advert went out less than a second ago, in
+    /// which case the next sweep publishes.
+    fn publish_soon(&mut self) {
+        if self
+            .last_publish
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            self.publish_advert();
+            self.publish_pending = false;
+        } else {
+            self.publish_pending = true;
+        }
+    }
+
     fn publish_advert(&mut self) {
         let advert = self.advert();
         let bytes = match Envelope::seal(&self.identity, &advert) {
@@ -352,6 +370,7 @@ impl EventLoop {
                 return;
             }
         };
+        self.counters.advert_bytes = bytes.len() as u64;
         match self
             .swarm
             .behaviour_mut()
@@ -361,10 +380,11 @@ impl EventLoop {
             Ok(_) => {
                 self.counters.adverts_published += 1;
                 self.metrics.published.fetch_add(1, Ordering::Relaxed);
+                // Only a publication that went out holds back the next one.
+                self.last_publish = Some(std::time::Instant::now());
             }
             Err(e) => tracing::debug!(%e, "advert not published"),
         }
-        self.last_publish = Some(std::time::Instant::now());
     }
 
     fn status(&self) -> Status {
@@ -418,6 +438,9 @@ impl EventLoop {
                 },
                 _ = republish.tick() => self.publish_advert(),
                 _ = sweep.tick() => {
+                    if self.publish_pending {
+                        self.publish_soon();
+                    }
                     for gone in self.peers.expire(now()) {
                         tracing::info!(peer_id = %gone, "peer's advert expired");
                     }
@@ -553,15 +576,11 @@ impl EventLoop {
                     }
                 }
             }
-            // A newcomer learns about us at once instead of at our next round.
+            // A newcomer learns about us at once instead of at our next round
+            // (at most one extra advert a second: later ones wait for the sweep).
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
                 ..
-            })) if self
-                .last_publish
-                .is_none_or(|t| t.elapsed() > Duration::from_secs(1)) =>
-            {
-                self.publish_advert();
-            }
+            })) => self.publish_soon(),
             SwarmEvent::Behaviour(BehaviourEvent::Work(
                 libp2p::request_response::Event::Message {
                     message:
