@@ -1,0 +1,247 @@
+//! Placement: which node serves which contiguous layer range of a model.
+//!
+//! The reference is Petals' block selection. Each node, strongest first,
+//! takes the contiguous span (as long as its memory allows) whose layers
+//! currently have the least throughput, and adds its own throughput, spread
+//! over the span, to them. The pipeline's throughput is that of its weakest
+//! layer; nodes beyond what coverage needs become replicas of the weakest
+//! spans. Everything is deterministic: ties go to the lower layer index and
+//! the lower node id, so the simulator and every coordinator agree.
+
+use commons_protocol::NodeId;
+use commons_protocol::messages::LayerRange;
+
+/// What a node can give to one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeCapacity {
+    /// The node.
+    pub node: NodeId,
+    /// Tokens per second it can push through a single layer of this model.
+    pub layer_throughput: f64,
+    /// Bytes of memory it offers for weights and caches of this model.
+    pub memory_bytes: u64,
+}
+
+/// The model's cost per layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelShape {
+    /// Transformer blocks.
+    pub n_layers: u32,
+    /// Memory one layer needs (weights plus its share of KV cache).
+    pub layer_bytes: u64,
+}
+
+/// A node's span.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// The node.
+    pub node: NodeId,
+    /// Its layers.
+    pub layers: LayerRange,
+    /// Tokens per second it adds to each of its layers.
+    pub throughput: f64,
+}
+
+/// A placement of a model over nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Who serves what, in the order nodes were placed.
+    pub assignments: Vec<Assignment>,
+    /// Throughput of each layer: the sum over the nodes serving it.
+    pub layer_throughput: Vec<f64>,
+}
+
+impl Plan {
+    /// The pipeline's throughput: its weakest layer's.
+    #[must_use]
+    pub fn bottleneck(&self) -> f64 {
+        self.layer_throughput
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Whether every layer is served by someone.
+    #[must_use]
+    pub fn covers_all(&self) -> bool {
+        self.layer_throughput.iter().all(|t| *t > 0.0)
+    }
+
+    /// The assignments of `node`.
+    pub fn of(&self, node: &NodeId) -> impl Iterator<Item = &Assignment> {
+        self.assignments.iter().filter(move |a| a.node == *node)
+    }
+}
+
+/// A model that cannot be placed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlanError {
+    /// No node can hold even one layer.
+    #[error("no node can hold a layer of this model")]
+    NoCapacity,
+    /// The nodes together cannot hold every layer once.
+    #[error("layer {layer} is left without a node (not enough memory in the swarm)")]
+    Uncovered {
+        /// The first layer nobody serves.
+        layer: u32,
+    },
+    /// The model has no layers.
+    #[error("the model has no layers")]
+    EmptyModel,
+}
+
+fn max_span(model: &ModelShape, node: &NodeCapacity) -> u32 {
+    if model.layer_bytes == 0 {
+        return model.n_layers;
+    }
+    (node.memory_bytes / model.layer_bytes).min(u64::from(model.n_layers)) as u32
+}
+
+/// The start of the window of `len` layers with the least total throughput;
+/// among equals, the first.
+fn weakest_window(layer_throughput: &[f64], len: usize) -> usize {
+    let mut best = (f64::INFINITY, 0);
+    let mut sum: f64 = layer_throughput[..len].iter().sum();
+    for start in 0..=layer_throughput.len() - len {
+        if start > 0 {
+            sum += layer_throughput[start + len - 1] - layer_throughput[start - 1];
+        }
+        // The weakest layer decides, then the window's total.
+        let weakest = layer_throughput[start..start + len]
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let key = weakest * 1e9 + sum;
+        if key < best.0 {
+            best = (key, start);
+        }
+    }
+    best.1
+}
+
+/// Places `model` over `nodes`.
+pub fn plan(model: &ModelShape, nodes: &[NodeCapacity]) -> Result<Plan, PlanError> {
+    if model.n_layers == 0 {
+        return Err(PlanError::EmptyModel);
+    }
+    let mut order: Vec<&NodeCapacity> = nodes
+        .iter()
+        .filter(|n| max_span(model, n) > 0 && n.layer_throughput > 0.0)
+        .collect();
+    if order.is_empty() {
+        return Err(PlanError::NoCapacity);
+    }
+    // Strongest first (by what it adds to a full span), then by id.
+    order.sort_by(|a, b| {
+        b.layer_throughput
+            .total_cmp(&a.layer_throughput)
+            .then(a.node.cmp(&b.node))
+    });
+    let mut plan = Plan {
+        assignments: Vec::new(),
+        layer_throughput: vec![0.0; model.n_layers as usize],
+    };
+    for node in order {
+        place(&mut plan, model, node);
+    }
+    first_gap(&plan).map_or(Ok(plan), |layer| Err(PlanError::Uncovered { layer }))
+}
+
+fn first_gap(plan: &Plan) -> Option<u32> {
+    plan.layer_throughput
+        .iter()
+        .position(|t| *t <= 0.0)
+        .map(|l| l as u32)
+}
+
+/// Adds `node` where the plan is weakest.
+fn place(plan: &mut Plan, model: &ModelShape, node: &NodeCapacity) {
+    let n = model.n_layers as usize;
+    // While coverage is incomplete, a node takes as many layers as it can; once
+    // everything is covered, it takes the span that lifts the bottleneck most.
+    let len = max_span(model, node) as usize;
+    let len = if first_gap(plan).is_some() {
+        len
+    } else {
+        best_replica_len(plan, node, len)
+    };
+    let start = weakest_window(&plan.layer_throughput, len.min(n));
+    let per_layer = node.layer_throughput / len as f64;
+    for t in &mut plan.layer_throughput[start..start + len] {
+        *t += per_layer;
+    }
+    plan.assignments.push(Assignment {
+        node: node.node,
+        layers: LayerRange {
+            start: start as u32,
+            end: (start + len) as u32,
+        },
+        throughput: per_layer,
+    });
+}
+
+/// For a replica: the span length (up to `max_len`) that leaves the highest
+/// bottleneck when placed on the weakest window of that length; among equals
+/// the longest, which adds the most capacity for later.
+fn best_replica_len(plan: &Plan, node: &NodeCapacity, max_len: usize) -> usize {
+    let mut best = (f64::NEG_INFINITY, max_len);
+    for len in (1..=max_len).rev() {
+        let start = weakest_window(&plan.layer_throughput, len);
+        let mut t = plan.layer_throughput.clone();
+        for x in &mut t[start..start + len] {
+            *x += node.layer_throughput / len as f64;
+        }
+        let bottleneck = t.iter().copied().fold(f64::INFINITY, f64::min);
+        if bottleneck > best.0 + 1e-12 {
+            best = (bottleneck, len);
+        }
+    }
+    best.1
+}
+
+/// Adjusts `current` to the nodes now present: drops departed nodes and places
+/// new ones where the plan is weakest; if that leaves a gap, or a fresh plan's
+/// bottleneck is better by more than `threshold` (e.g. 0.2 for 20%), returns
+/// the fresh plan instead (moving spans costs loading weights, so small gains
+/// are not worth it).
+pub fn rebalance(
+    model: &ModelShape,
+    current: &Plan,
+    nodes: &[NodeCapacity],
+    threshold: f64,
+) -> Result<Plan, PlanError> {
+    let mut kept = Plan {
+        assignments: Vec::new(),
+        layer_throughput: vec![0.0; model.n_layers as usize],
+    };
+    for a in &current.assignments {
+        if nodes.iter().any(|n| n.node == a.node) {
+            for t in &mut kept.layer_throughput[a.layers.start as usize..a.layers.end as usize] {
+                *t += a.throughput;
+            }
+            kept.assignments.push(a.clone());
+        }
+    }
+    let mut newcomers: Vec<&NodeCapacity> = nodes
+        .iter()
+        .filter(|n| {
+            !kept.assignments.iter().any(|a| a.node == n.node)
+                && max_span(model, n) > 0
+                && n.layer_throughput > 0.0
+        })
+        .collect();
+    newcomers.sort_by(|a, b| {
+        b.layer_throughput
+            .total_cmp(&a.layer_throughput)
+            .then(a.node.cmp(&b.node))
+    });
+    for node in newcomers {
+        place(&mut kept, model, node);
+    }
+    let fresh = plan(model, nodes)?;
+    if !kept.covers_all() || fresh.bottleneck() > kept.bottleneck() * (1.0 + threshold) {
+        return Ok(fresh);
+    }
+    Ok(kept)
+}
