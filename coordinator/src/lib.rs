@@ -7,5 +7,6 @@
 //! workspace's purity test keeps tokio, libp2p and candle out of it.
 
 pub mod placement;
+pub mod routing;
 
 pub use commons_protocol as protocol;
