@@ -109,6 +109,7 @@ impl NsNode {
             }
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("node in {ns} did not start");
     }
 
