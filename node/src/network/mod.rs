@@ -144,7 +144,7 @@ pub fn build_swarm(
                     )],
                     libp2p::request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(120))
-                        .with_max_concurrent_streams(64),
+                        .with_max_concurrent_streams(16),
                 ),
             })
         })?

@@ -26,8 +26,16 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io
             format!("frame of {len} bytes exceeds {limit}"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
+    // Grow with the bytes that actually arrive: a peer that announces a large
+    // frame and sends nothing makes us reserve nothing.
+    let mut buf = Vec::new();
+    io.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("frame ended after {} of {len} bytes", buf.len()),
+        ));
+    }
     Ok(buf)
 }
 
@@ -76,5 +84,42 @@ impl libp2p::request_response::Codec for WorkCodec {
         res: Vec<u8>,
     ) -> io::Result<()> {
         write_frame(io, &res).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+
+    #[tokio::test]
+    async fn frames_roundtrip_and_bad_frames_are_refused() {
+        let mut out = Cursor::new(Vec::new());
+        write_frame(&mut out, b"envelope").await.unwrap();
+        let bytes = out.into_inner();
+        assert_eq!(
+            read_frame(&mut Cursor::new(bytes.clone()), 64)
+                .await
+                .unwrap(),
+            b"envelope"
+        );
+        // Over the limit: refused at the header.
+        assert_eq!(
+            read_frame(&mut Cursor::new(bytes.clone()), 4)
+                .await
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidData
+        );
+        // A frame that announces more than it carries.
+        let mut short = (1000u32).to_be_bytes().to_vec();
+        short.extend_from_slice(b"only a few");
+        assert_eq!(
+            read_frame(&mut Cursor::new(short), 1 << 20)
+                .await
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 }
