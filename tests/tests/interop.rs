@@ -93,7 +93,13 @@ async fn plain_rust_libp2p_identifies_pings_and_queries_a_node() {
                         "{}",
                         info.agent_version
                     );
-                    for p in ["/ipfs/id/1.0.0", "/ipfs/ping/1.0.0", "/commons/kad/1.0.0"] {
+                    for p in [
+                        "/ipfs/id/1.0.0",
+                        "/ipfs/ping/1.0.0",
+                        "/commons/kad/1.0.0",
+                        "/libp2p/autonat/1.0.0",
+                        "/commons/work/1.0.0",
+                    ] {
                         assert!(
                             info.protocols.iter().any(|x| x.as_ref() == p),
                             "{p} not offered: {:?}",

@@ -5,7 +5,9 @@
 //! (`/ipfs/id/1.0.0`, agent `commons/<version>`); ping (`/ipfs/ping/1.0.0`);
 //! Kademlia on `/commons/kad/1.0.0` in server mode; gossipsub (signed
 //! messages, strict validation) carrying signed capacity adverts; mDNS when
-//! enabled. Transports: TCP (noise, yamux) and QUIC v1.
+//! enabled; AutoNAT, the relay client and DCUtR for nodes behind NAT; the
+//! work protocol. Transports: TCP (noise, yamux), QUIC v1, and relayed
+//! circuits.
 
 mod peers;
 pub mod work;
@@ -47,6 +49,9 @@ pub struct Behaviour {
     kad: kad::Behaviour<kad::store::MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    autonat: libp2p::autonat::Behaviour,
+    relay_client: libp2p::relay::client::Behaviour,
+    dcutr: libp2p::dcutr::Behaviour,
     work: libp2p::request_response::Behaviour<work::WorkCodec>,
 }
 
@@ -86,7 +91,8 @@ pub fn build_swarm(
             yamux::Config::default,
         )?
         .with_quic()
-        .with_behaviour(|key| {
+        .with_relay_client(noise::Config::new, yamux::Config::default)?
+        .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let limits = connection_limits::ConnectionLimits::default()
                 .with_max_established_per_peer(Some(2))
@@ -137,6 +143,15 @@ pub fn build_swarm(
                 kad,
                 gossipsub,
                 mdns: Toggle::from(mdns),
+                // Behind a NAT: AutoNAT finds out whether we are reachable, the
+                // relay client lets others reach us through a relay, DCUtR then
+                // upgrades relayed connections to direct ones (hole punching).
+                autonat: libp2p::autonat::Behaviour::new(
+                    peer_id,
+                    libp2p::autonat::Config::default(),
+                ),
+                relay_client,
+                dcutr: libp2p::dcutr::Behaviour::new(peer_id),
                 work: libp2p::request_response::Behaviour::new(
                     [(
                         work::WORK_PROTOCOL,
