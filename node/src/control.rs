@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use anyhow::{Context as _, bail};
 use axum::Router;
@@ -17,12 +16,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::network::{Command, Metrics};
+use crate::network::{Command, Status};
 
 #[derive(Clone)]
 struct AppState {
     commands: mpsc::Sender<Command>,
-    metrics: Arc<Metrics>,
     leave: Arc<Notify>,
 }
 
@@ -38,7 +36,6 @@ pub fn check_loopback(addr: &SocketAddr) -> anyhow::Result<()> {
 pub async fn serve(
     addr: SocketAddr,
     commands: mpsc::Sender<Command>,
-    metrics: Arc<Metrics>,
     leave: Arc<Notify>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(
@@ -54,23 +51,22 @@ pub async fn serve(
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics_text))
         .route("/v1/leave", post(leave_now))
-        .with_state(AppState {
-            commands,
-            metrics,
-            leave,
-        });
+        .with_state(AppState { commands, leave });
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     Ok((bound, async move { server.await }))
 }
 
-async fn status(State(state): State<AppState>) -> Response {
+/// A snapshot from the event loop, the one place the node's state lives.
+async fn snapshot(state: &AppState) -> Option<Status> {
     let (tx, rx) = oneshot::channel();
-    if state.commands.send(Command::Status(tx)).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping").into_response();
-    }
-    match rx.await {
-        Ok(status) => axum::Json(status).into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping").into_response(),
+    state.commands.send(Command::Status(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    match snapshot(&state).await {
+        Some(status) => axum::Json(status).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping").into_response(),
     }
 }
 
@@ -80,43 +76,52 @@ async fn leave_now(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    let m = &state.metrics;
-    let mut registry = Registry::with_prefix("commons");
-    let gauge = |v: u64| {
-        let g: Gauge = Gauge::default();
-        g.set(v as i64);
-        g
+    let Some(s) = snapshot(&state).await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping").into_response();
     };
-    registry.register(
-        "peers",
-        "Peers known by their adverts",
-        gauge(m.peers.load(Ordering::Relaxed)),
-    );
-    registry.register(
-        "connected_peers",
-        "Peers connected now",
-        gauge(m.connected.load(Ordering::Relaxed)),
-    );
-    registry.register(
-        "adverts_published",
-        "Adverts this node published",
-        gauge(m.published.load(Ordering::Relaxed)),
-    );
-    registry.register(
-        "adverts_accepted",
-        "Adverts and leave notices accepted",
-        gauge(m.accepted.load(Ordering::Relaxed)),
-    );
-    registry.register(
-        "adverts_rejected",
-        "Gossip messages rejected",
-        gauge(m.rejected.load(Ordering::Relaxed)),
-    );
-    registry.register(
-        "connections_established",
-        "Connections established since start",
-        gauge(m.connections.load(Ordering::Relaxed)),
-    );
+    let mut registry = Registry::with_prefix("commons");
+    let c = &s.counters;
+    for (name, help, value) in [
+        (
+            "peers",
+            "Peers known by their adverts",
+            s.peers.len() as u64,
+        ),
+        (
+            "connected_peers",
+            "Peers connected now",
+            s.connected_peers as u64,
+        ),
+        (
+            "work_in_progress",
+            "Work units running",
+            s.work_in_progress as u64,
+        ),
+        (
+            "adverts_published",
+            "Adverts this node published",
+            c.adverts_published,
+        ),
+        (
+            "adverts_accepted",
+            "Adverts and leave notices accepted",
+            c.adverts_accepted,
+        ),
+        (
+            "adverts_rejected",
+            "Gossip messages rejected",
+            c.adverts_rejected,
+        ),
+        (
+            "connections_established",
+            "Connections established since start",
+            c.connections_established,
+        ),
+    ] {
+        let g: Gauge = Gauge::default();
+        g.set(value as i64);
+        registry.register(name, help, g);
+    }
     let mut body = String::new();
     if encode(&mut body, &registry).is_err() {
         return (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics").into_response();

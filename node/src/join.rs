@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use libp2p::Multiaddr;
 use tokio::sync::{Notify, mpsc};
 
-use crate::network::{EventLoop, Metrics, NetworkConfig};
+use crate::network::{EventLoop, NetworkConfig};
 use crate::settings::Settings;
 
 /// Default control API address.
@@ -193,30 +193,16 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let (commands_tx, commands_rx) = mpsc::channel(64);
-    let metrics = Arc::new(Metrics::default());
     let leave = Arc::new(Notify::new());
-    let event_loop = EventLoop::new(
-        identity.clone(),
-        capacity,
-        config,
-        commands_rx,
-        metrics.clone(),
-        served,
-    )?;
+    let event_loop = EventLoop::new(identity.clone(), capacity, config, commands_rx, served)?;
 
     let stopping = Arc::new(Notify::new());
     let server_stop = {
         let s = stopping.clone();
         async move { s.notified().await }
     };
-    let (control, server) = crate::control::serve(
-        args.control,
-        commands_tx,
-        metrics,
-        leave.clone(),
-        server_stop,
-    )
-    .await?;
+    let (control, server) =
+        crate::control::serve(args.control, commands_tx, leave.clone(), server_stop).await?;
     std::fs::write(settings.data_dir.join("control.addr"), control.to_string())?;
     println!(
         "{}",

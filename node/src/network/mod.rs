@@ -232,23 +232,6 @@ pub struct Counters {
     pub advert_bytes: u64,
 }
 
-/// Shared counters the metrics endpoint reads.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Peers known.
-    pub peers: AtomicU64,
-    /// Connected peers.
-    pub connected: AtomicU64,
-    /// Adverts published.
-    pub published: AtomicU64,
-    /// Messages accepted.
-    pub accepted: AtomicU64,
-    /// Messages rejected.
-    pub rejected: AtomicU64,
-    /// Connections established.
-    pub connections: AtomicU64,
-}
-
 /// Owns the swarm; runs until `shutdown` resolves, then announces its leave.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -257,7 +240,6 @@ pub struct EventLoop {
     config: NetworkConfig,
     peers: PeerTable,
     commands: mpsc::Receiver<Command>,
-    metrics: Arc<Metrics>,
     topic: gossipsub::IdentTopic,
     sequence: u64,
     listen_addrs: Vec<Multiaddr>,
@@ -290,7 +272,6 @@ impl EventLoop {
         capacity: Capacity,
         config: NetworkConfig,
         commands: mpsc::Receiver<Command>,
-        metrics: Arc<Metrics>,
         served: Option<crate::executor::serve::Served>,
     ) -> anyhow::Result<Self> {
         let mut swarm = build_swarm(&identity, &config)?;
@@ -318,7 +299,6 @@ impl EventLoop {
             config,
             peers: PeerTable::new(),
             commands,
-            metrics,
             topic,
             sequence: 0,
             listen_addrs: Vec::new(),
@@ -398,7 +378,6 @@ impl EventLoop {
         {
             Ok(_) => {
                 self.counters.adverts_published += 1;
-                self.metrics.published.fetch_add(1, Ordering::Relaxed);
                 // Only a publication that went out holds back the next one.
                 self.last_publish = Some(std::time::Instant::now());
             }
@@ -463,7 +442,6 @@ impl EventLoop {
                     for gone in self.peers.expire(now()) {
                         tracing::info!(peer_id = %gone, "peer's advert expired");
                     }
-                    self.metrics.peers.store(self.peers.len() as u64, Ordering::Relaxed);
                 }
                 _ = rebootstrap.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
             }
@@ -554,11 +532,6 @@ impl EventLoop {
                 peer_id, endpoint, ..
             } => {
                 self.counters.connections_established += 1;
-                self.metrics.connections.fetch_add(1, Ordering::Relaxed);
-                self.metrics.connected.store(
-                    self.swarm.connected_peers().count() as u64,
-                    Ordering::Relaxed,
-                );
                 if endpoint.is_dialer() {
                     self.swarm
                         .behaviour_mut()
@@ -566,12 +539,6 @@ impl EventLoop {
                         .add_address(&peer_id, endpoint.get_remote_address().clone());
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
-            }
-            SwarmEvent::ConnectionClosed { .. } => {
-                self.metrics.connected.store(
-                    self.swarm.connected_peers().count() as u64,
-                    Ordering::Relaxed,
-                );
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -624,7 +591,6 @@ impl EventLoop {
                     Ok(update) => {
                         tracing::debug!(?update, "advert accepted");
                         self.counters.adverts_accepted += 1;
-                        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                         if let Update::Left(node) = update {
                             tracing::info!(peer_id = %node, "peer left");
                         }
@@ -634,13 +600,9 @@ impl EventLoop {
                     Err(e) => {
                         tracing::debug!(%e, from = %propagation_source, "advert rejected");
                         self.counters.adverts_rejected += 1;
-                        self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
                         gossipsub::MessageAcceptance::Reject
                     }
                 };
-                self.metrics
-                    .peers
-                    .store(self.peers.len() as u64, Ordering::Relaxed);
                 self.swarm
                     .behaviour_mut()
                     .gossipsub
