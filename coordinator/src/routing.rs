@@ -76,17 +76,50 @@ impl PartialOrd for State {
     }
 }
 
-/// The cheapest chain of hops covering layers `0..n_layers`, avoiding `banned` nodes.
+/// The cheapest chain of hops covering layers `0..n_layers`, avoiding `banned`
+/// nodes; a hop may run any part of a node's span.
 pub fn route(
     n_layers: u32,
     offers: &[SpanOffer],
     banned: &BTreeSet<NodeId>,
 ) -> Result<Vec<Hop>, RouteError> {
-    let n = n_layers as usize;
+    route_within(
+        LayerRange {
+            start: 0,
+            end: n_layers,
+        },
+        offers,
+        banned,
+        Spans::Partial,
+    )
+}
+
+/// Whether a hop may run part of a node's span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spans {
+    /// Any contiguous part of a span.
+    Partial,
+    /// Only whole spans, exactly as offered (for executors that load one fixed range).
+    Whole,
+}
+
+/// The cheapest chain of hops covering `range` exactly, avoiding `banned` nodes.
+pub fn route_within(
+    range: LayerRange,
+    offers: &[SpanOffer],
+    banned: &BTreeSet<NodeId>,
+    spans: Spans,
+) -> Result<Vec<Hop>, RouteError> {
+    let (first, n) = (range.start as usize, range.end as usize);
+    if range.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut usable: Vec<&SpanOffer> = offers
         .iter()
-        .filter(|o| {
-            !banned.contains(&o.node) && o.layers.start < o.layers.end && o.layers.end <= n_layers
+        .filter(|o| !banned.contains(&o.node) && o.layers.start < o.layers.end)
+        .filter(|o| match spans {
+            Spans::Partial => o.layers.start < range.end && o.layers.end > range.start,
+            Spans::Whole => o.layers.start >= range.start && o.layers.end <= range.end,
         })
         .filter(|o| o.ms_per_layer.is_finite() && o.rtt_ms.is_finite() && o.queue_ms.is_finite())
         .collect();
@@ -98,11 +131,11 @@ pub fn route(
     let mut best: Vec<Option<(f64, u32)>> = vec![None; n + 1];
     let mut prev: Vec<Option<(usize, usize)>> = vec![None; n + 1]; // (from boundary, offer index)
     let mut heap = BinaryHeap::new();
-    best[0] = Some((0.0, 0));
+    best[first] = Some((0.0, 0));
     heap.push(State {
         cost: 0.0,
         hops: 0,
-        boundary: 0,
+        boundary: range.start,
     });
     while let Some(State {
         cost,
@@ -118,10 +151,16 @@ pub fn route(
             break;
         }
         for (i, o) in usable.iter().enumerate() {
-            if !(o.layers.start as usize <= s && s < o.layers.end as usize) {
-                continue;
-            }
-            for e in s + 1..=o.layers.end as usize {
+            let ends = match spans {
+                Spans::Partial if o.layers.start as usize <= s && s < o.layers.end as usize => {
+                    s + 1..=(o.layers.end as usize).min(n)
+                }
+                Spans::Whole if o.layers.start as usize == s => {
+                    o.layers.end as usize..=o.layers.end as usize
+                }
+                _ => continue,
+            };
+            for e in ends {
                 let c = cost + o.rtt_ms + o.queue_ms + (e - s) as f64 * o.ms_per_layer;
                 let better = match best[e] {
                     None => true,
@@ -141,14 +180,19 @@ pub fn route(
     }
     if best[n].is_none() {
         // The furthest boundary reached is where the gap starts.
-        let reached = (0..=n).rev().find(|&b| best[b].is_some()).unwrap_or(0);
+        let reached = (first..=n)
+            .rev()
+            .find(|&b| best[b].is_some())
+            .unwrap_or(first);
         return Err(RouteError::Gap {
             layer: reached as u32,
         });
     }
     let mut hops = Vec::new();
     let mut e = n;
-    while let Some((s, i)) = prev[e] {
+    while e > first
+        && let Some((s, i)) = prev[e]
+    {
         hops.push(Hop {
             node: usable[i].node,
             layers: LayerRange {
@@ -213,6 +257,35 @@ mod tests {
         assert_eq!(
             nodes(&route(30, &offers, &BTreeSet::new()).unwrap()),
             vec![(2, 0, 30)]
+        );
+    }
+
+    #[test]
+    fn whole_spans_reroute_a_sub_range() {
+        let offers = [
+            offer(1, 0, 10, 1.0, 1.0),
+            offer(2, 10, 20, 1.0, 1.0),
+            offer(3, 10, 20, 1.5, 1.0),
+            offer(4, 10, 15, 0.1, 1.0),
+            offer(5, 20, 30, 1.0, 1.0),
+            offer(6, 5, 25, 0.1, 1.0),
+        ];
+        let middle = LayerRange { start: 10, end: 20 };
+        let banned = BTreeSet::from([NodeId([2; 32])]);
+        // 4 cannot finish the range and 6 overhangs it: only 3 runs 10..20 whole.
+        assert_eq!(
+            nodes(&route_within(middle, &offers, &banned, Spans::Whole).unwrap()),
+            vec![(3, 10, 20)]
+        );
+        // Partial spans may use 4 then 6.
+        assert_eq!(
+            nodes(&route_within(middle, &offers, &banned, Spans::Partial).unwrap()),
+            vec![(6, 10, 20)]
+        );
+        let all = BTreeSet::from([NodeId([2; 32]), NodeId([3; 32])]);
+        assert_eq!(
+            route_within(middle, &offers, &all, Spans::Whole),
+            Err(RouteError::Gap { layer: 15 })
         );
     }
 

@@ -49,6 +49,10 @@ pub enum MessageKind {
     ErrorReply = 5,
     /// [`Leave`](crate::messages::Leave).
     Leave = 6,
+    /// [`JobRequest`](crate::messages::JobRequest).
+    JobRequest = 7,
+    /// [`JobReport`](crate::messages::JobReport).
+    JobReport = 8,
 }
 
 impl MessageKind {
@@ -62,6 +66,8 @@ impl MessageKind {
             4 => Self::CoalitionCharter,
             5 => Self::ErrorReply,
             6 => Self::Leave,
+            7 => Self::JobRequest,
+            8 => Self::JobReport,
             _ => return None,
         })
     }
@@ -70,7 +76,8 @@ impl MessageKind {
     #[must_use]
     pub fn limit(self) -> usize {
         use crate::messages::{
-            CapacityAdvert, CoalitionCharter, ErrorReply, Leave, WorkResult, WorkUnit,
+            CapacityAdvert, CoalitionCharter, ErrorReply, JobReport, JobRequest, Leave, WorkResult,
+            WorkUnit,
         };
         match self {
             Self::CapacityAdvert => CapacityAdvert::LIMIT.bytes(),
@@ -79,6 +86,8 @@ impl MessageKind {
             Self::CoalitionCharter => CoalitionCharter::LIMIT.bytes(),
             Self::ErrorReply => ErrorReply::LIMIT.bytes(),
             Self::Leave => Leave::LIMIT.bytes(),
+            Self::JobRequest => JobRequest::LIMIT.bytes(),
+            Self::JobReport => JobReport::LIMIT.bytes(),
         }
     }
 

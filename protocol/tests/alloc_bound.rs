@@ -9,7 +9,8 @@ use std::cell::Cell;
 use commons_protocol::codec;
 use commons_protocol::envelope::Envelope;
 use commons_protocol::messages::{
-    CapacityAdvert, CoalitionCharter, ErrorReply, Leave, WorkResult, WorkUnit,
+    CapacityAdvert, CoalitionCharter, ErrorReply, JobReport, JobRequest, Leave, WorkResult,
+    WorkUnit,
 };
 use commons_protocol::{Message, UnixMillis};
 use proptest::prelude::*;
@@ -102,6 +103,8 @@ proptest! {
         check::<CoalitionCharter>(&bytes)?;
         check::<ErrorReply>(&bytes)?;
         check::<Leave>(&bytes)?;
+        check::<JobRequest>(&bytes)?;
+        check::<JobReport>(&bytes)?;
     }
 }
 

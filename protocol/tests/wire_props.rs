@@ -8,8 +8,8 @@ use commons_protocol::ids::{CoalitionId, JobId, ModelId, Nonce, SessionId, UnitI
 use commons_protocol::messages::{
     CapacityAdvert, CoalitionCharter, CpuInfo, DataShardRef, DeterminismClass, ErrorCode,
     ErrorReply, ExecMetrics, GpuBackend, GpuInfo, GradientUnit, HeldModel, HyperParams,
-    InferenceOptions, InferenceUnit, LayerRange, Leave, SamplingParams, WorkBody, WorkResult,
-    WorkUnit,
+    InferenceOptions, InferenceUnit, JobOp, JobReport, JobRequest, JobSpec, JobState, LayerRange,
+    Leave, RouteHop, SamplingParams, WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::{BoundedVec, DType, Hash, Identity, Message, NodeId, Tensor, UnixMillis};
 use proptest::collection::vec;
@@ -339,6 +339,102 @@ fn leave() -> impl Strategy<Value = Leave> {
     })
 }
 
+fn job_request() -> impl Strategy<Value = JobRequest> {
+    let op = prop_oneof![
+        (
+            any::<[u8; 16]>(),
+            hash(),
+            text(300),
+            any::<bool>(),
+            any::<u32>(),
+            sampling()
+        )
+            .prop_map(|(job, model, prompt, chat, max_tokens, sampling)| {
+                JobOp::Submit(JobSpec {
+                    job: JobId(job),
+                    model: ModelId(model),
+                    prompt,
+                    chat,
+                    max_tokens,
+                    sampling,
+                })
+            }),
+        (any::<[u8; 16]>(), any::<u32>(), any::<u32>()).prop_map(|(job, from_token, wait_ms)| {
+            JobOp::Watch {
+                job: JobId(job),
+                from_token,
+                wait_ms,
+            }
+        }),
+        any::<[u8; 16]>().prop_map(|job| JobOp::Cancel { job: JobId(job) }),
+    ];
+    (node(), any::<[u8; 16]>(), time(), time(), op).prop_map(
+        |(submitter, nonce, issued_at, expires_at, op)| JobRequest {
+            submitter,
+            nonce: Nonce(nonce),
+            issued_at,
+            expires_at,
+            op,
+        },
+    )
+}
+
+fn job_report() -> impl Strategy<Value = JobReport> {
+    let state = prop_oneof![
+        Just(JobState::Queued),
+        Just(JobState::Running),
+        Just(JobState::Stopped),
+        Just(JobState::Length),
+        Just(JobState::Cancelled),
+        (any::<u16>(), text(100)).prop_map(|(code, message)| JobState::Failed {
+            code: ErrorCode(code),
+            message
+        }),
+    ];
+    let hop = (node(), layers(), any::<u32>()).prop_map(|(node, layers, results)| RouteHop {
+        node,
+        layers,
+        results,
+    });
+    (
+        (node(), any::<[u8; 16]>(), hash(), state, any::<u32>()),
+        (
+            any::<u32>(),
+            bounded(any::<u32>(), 64),
+            any::<u32>(),
+            text(200),
+        ),
+        (bounded(hop, 6), any::<u32>(), any::<u32>(), hash()),
+        (any::<u64>(), any::<u64>(), time(), time()),
+    )
+        .prop_map(
+            |(
+                (coordinator, job, model, state, prompt_tokens),
+                (from_token, tokens, total_tokens, text),
+                (route, failovers, receipts, transcript),
+                (prefill_ms, decode_ms, issued_at, expires_at),
+            )| JobReport {
+                coordinator,
+                job: JobId(job),
+                model: ModelId(model),
+                state,
+                prompt_tokens,
+                from_token,
+                tokens,
+                total_tokens,
+                text,
+                route,
+                failovers,
+                receipts,
+                transcript,
+                prefill_ms,
+                decode_ms,
+                issued_at,
+                expires_at,
+            },
+        )
+}
+
 fn roundtrip<M: Message + PartialEq + std::fmt::Debug>(m: &M) -> Result<(), TestCaseError> {
     let bytes = codec::encode(m).unwrap();
     prop_assert!(
@@ -390,6 +486,12 @@ proptest! {
     fn leave_roundtrips(m in leave()) { roundtrip(&m)?; }
 
     #[test]
+    fn job_request_roundtrips(m in job_request()) { roundtrip(&m)?; }
+
+    #[test]
+    fn job_report_roundtrips(m in job_report()) { roundtrip(&m)?; }
+
+    #[test]
     fn tensor_roundtrips(t in tensor()) {
         let bytes = codec::encode(&t).unwrap();
         let back: Tensor = codec::decode(&bytes, Limit::M64).unwrap();
@@ -405,6 +507,8 @@ proptest! {
         never_panics::<CoalitionCharter>(&bytes);
         never_panics::<ErrorReply>(&bytes);
         never_panics::<Leave>(&bytes);
+        never_panics::<JobRequest>(&bytes);
+        never_panics::<JobReport>(&bytes);
         let _ = codec::decode::<Tensor>(&bytes, Limit::M64);
     }
 

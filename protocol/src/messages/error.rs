@@ -32,6 +32,12 @@ impl ErrorCode {
     pub const SHUTTING_DOWN: Self = Self(9);
     /// The job is unknown.
     pub const UNKNOWN_JOB: Self = Self(10);
+    /// No node (or no usable chain of nodes) serves what was asked.
+    pub const NO_ROUTE: Self = Self(11);
+    /// The work did not finish in time.
+    pub const TIMEOUT: Self = Self(12);
+    /// The coordinator restarted and could not resume the job.
+    pub const LOST: Self = Self(13);
     /// The work failed on the node.
     pub const INTERNAL: Self = Self(100);
 
@@ -49,6 +55,9 @@ impl ErrorCode {
             Self::TOO_LARGE => "too_large",
             Self::SHUTTING_DOWN => "shutting_down",
             Self::UNKNOWN_JOB => "unknown_job",
+            Self::NO_ROUTE => "no_route",
+            Self::TIMEOUT => "timeout",
+            Self::LOST => "lost",
             Self::INTERNAL => "internal",
             _ => "unknown",
         }

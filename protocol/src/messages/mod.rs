@@ -7,6 +7,7 @@
 mod advert;
 mod charter;
 mod error;
+mod job;
 mod work;
 
 pub use advert::{
@@ -14,6 +15,7 @@ pub use advert::{
 };
 pub use charter::{AdminSignature, CharterError, CoalitionCharter};
 pub use error::{ErrorCode, ErrorReply};
+pub use job::{JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop};
 pub use work::{
     DataShardRef, ExecMetrics, GradientUnit, HyperParams, InferenceOptions, InferenceUnit,
     LayerRange, ResultError, SamplingParams, WorkBody, WorkResult, WorkUnit, commitment,
