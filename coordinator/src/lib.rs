@@ -6,6 +6,7 @@
 //! the network and the simulator drives the very same code under churn. The
 //! workspace's purity test keeps tokio, libp2p and candle out of it.
 
+pub mod job;
 pub mod placement;
 pub mod routing;
 

@@ -1,0 +1,1324 @@
+//! Jobs: the state machine that carries text generation jobs through chains
+//! of hops, one work unit at a time, and survives a hop's death.
+//!
+//! The [`Scheduler`] is driven by its caller: [`Scheduler::submit`],
+//! [`Scheduler::handle_result`], [`Scheduler::handle_sampled`],
+//! [`Scheduler::cancel`] and [`Scheduler::tick`] take the current time;
+//! [`Scheduler::poll_output`] drains what to do next (send a unit, sample a
+//! token, tell watchers). It never reads a clock, draws randomness or touches
+//! a network, so the node and the simulator drive the very same code.
+//!
+//! # Steps and replay
+//!
+//! A job's steps are its prompt (step 0) and then each generated token, fed
+//! back one at a time. Every hop of the chain records the input it was given
+//! at every step. When a hop's node dies, times out or refuses, its layers are
+//! routed again (whole spans, other nodes) and the replacement hops are given
+//! the recorded inputs, step by step, in the very chunks the first node saw.
+//! The replacements therefore rebuild exactly the KV cache that was lost, and
+//! the hops after them, whose caches are intact, continue as if nothing
+//! happened: the text is identical to an uninterrupted run.
+//!
+//! # Fairness
+//!
+//! At most `max_active_jobs` jobs generate at once. When a slot frees, the
+//! queued job whose submitter has the fewest active jobs goes next (oldest
+//! first among equals), so one submitter's burst cannot starve the others.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use commons_protocol::messages::{
+    ErrorCode, InferenceOptions, InferenceUnit, LayerRange, SamplingParams,
+};
+use commons_protocol::{Hash, JobId, ModelId, NodeId, SessionId, Tensor, UnixMillis};
+
+use crate::routing::{self, SpanOffer, Spans};
+
+/// Tunables of the scheduler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// A unit's deadline: this many milliseconds…
+    pub unit_timeout_ms: u64,
+    /// …plus this many per input token.
+    pub unit_timeout_per_token_ms: u64,
+    /// Hops a job may replace before it fails.
+    pub max_failovers: u32,
+    /// Jobs generating at once; the rest wait in the queue.
+    pub max_active_jobs: usize,
+    /// Finished jobs kept for their reports.
+    pub keep_finished: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            unit_timeout_ms: 10_000,
+            unit_timeout_per_token_ms: 50,
+            max_failovers: 8,
+            max_active_jobs: 64,
+            keep_finished: 4096,
+        }
+    }
+}
+
+/// A job as the caller resolved it: prompt tokenized, stop tokens known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// Its id.
+    pub id: JobId,
+    /// Who submitted it.
+    pub submitter: NodeId,
+    /// The model.
+    pub model: ModelId,
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Tokens that end generation.
+    pub stop_tokens: Vec<u32>,
+    /// Token choice; temperature 0 is greedy and done by the last hop.
+    pub sampling: SamplingParams,
+}
+
+/// A job refused at submission.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SubmitError {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+/// Identifies one unit in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ticket(pub u64);
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Sign `unit`, send it to `node`, and report the outcome with `ticket`.
+    Send {
+        /// Names the answer.
+        ticket: Ticket,
+        /// The job.
+        job: JobId,
+        /// Where to.
+        node: NodeId,
+        /// What to run.
+        unit: InferenceUnit,
+        /// The unit should expire then.
+        deadline: UnixMillis,
+    },
+    /// Choose the next token of `job` from `logits` and give it to
+    /// [`Scheduler::handle_sampled`].
+    Sample {
+        /// The job.
+        job: JobId,
+        /// Logits of the last position.
+        logits: Tensor,
+    },
+    /// The job's tokens or state changed.
+    Changed {
+        /// The job.
+        job: JobId,
+    },
+}
+
+/// A checked result from a hop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepResult {
+    /// Who signed it.
+    pub executor: NodeId,
+    /// Its outputs.
+    pub outputs: Vec<Tensor>,
+    /// Its commitment.
+    pub commitment: Hash,
+}
+
+/// Why a unit brought no result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepFailure {
+    /// The node answered with a signed error.
+    Refused {
+        /// Its code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+    /// The node could not be reached or the exchange broke.
+    Unreachable(String),
+    /// The answer was malformed or not the node's.
+    Invalid(String),
+}
+
+impl std::fmt::Display for StepFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused { code, message } => write!(f, "refused: {code}: {message}"),
+            Self::Unreachable(m) => write!(f, "unreachable: {m}"),
+            Self::Invalid(m) => write!(f, "invalid answer: {m}"),
+        }
+    }
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStatus {
+    /// Waiting for a slot.
+    Queued,
+    /// Generating.
+    Running,
+    /// A stop token ended it.
+    Stopped,
+    /// The token budget or the context ended it.
+    Length,
+    /// It failed.
+    Failed {
+        /// Stable code.
+        code: ErrorCode,
+        /// For people.
+        message: String,
+    },
+    /// Its submitter cancelled it.
+    Cancelled,
+}
+
+impl JobStatus {
+    /// True once the job can change no more.
+    #[must_use]
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+}
+
+/// A hop as reports show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopView {
+    /// The node.
+    pub node: NodeId,
+    /// Its layers.
+    pub layers: LayerRange,
+    /// Results it returned for this job.
+    pub results: u32,
+    /// Still part of the chain (false: replaced after a failure).
+    pub current: bool,
+}
+
+/// A job's state, for reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobView {
+    /// Its id.
+    pub id: JobId,
+    /// Its submitter.
+    pub submitter: NodeId,
+    /// The model.
+    pub model: ModelId,
+    /// Where it stands.
+    pub status: JobStatus,
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Generated tokens.
+    pub tokens: Vec<u32>,
+    /// Every hop that served it, current and replaced, in layer order.
+    pub hops: Vec<HopView>,
+    /// Hops replaced.
+    pub failovers: u32,
+    /// Results received.
+    pub receipts: u32,
+    /// blake3 chain over the received commitments, in order.
+    pub transcript: Hash,
+    /// Start to first token, milliseconds.
+    pub prefill_ms: u64,
+    /// First token to last, milliseconds.
+    pub decode_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Hop {
+    node: NodeId,
+    layers: LayerRange,
+    session: SessionId,
+    /// The input of every step this hop has been given.
+    inputs: Vec<Tensor>,
+    /// Steps it has run.
+    done: usize,
+    results: u32,
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    ticket: Ticket,
+    hop: usize,
+    step: usize,
+    deadline: UnixMillis,
+}
+
+#[derive(Debug)]
+struct Job {
+    spec: NewJob,
+    status: JobStatus,
+    chain: Vec<Hop>,
+    retired: Vec<Hop>,
+    tokens: Vec<u32>,
+    in_flight: Option<InFlight>,
+    awaiting_sample: bool,
+    banned: BTreeSet<NodeId>,
+    failovers: u32,
+    receipts: u32,
+    transcript: Hash,
+    sessions_opened: u64,
+    started_at: Option<UnixMillis>,
+    first_token_at: Option<UnixMillis>,
+    last_token_at: Option<UnixMillis>,
+    /// The caller restored tokens generated before a restart; prefill and decode times restart.
+    restored: usize,
+    queued_seq: u64,
+}
+
+/// What the scheduler knows of a model.
+#[derive(Debug, Clone, PartialEq)]
+struct ModelInfo {
+    n_layers: u32,
+    context_length: u32,
+    offers: Vec<SpanOffer>,
+}
+
+/// Many jobs, their chains, and their recovery.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    seed: u64,
+    models: BTreeMap<ModelId, ModelInfo>,
+    jobs: BTreeMap<JobId, Job>,
+    queue: Vec<JobId>,
+    finished: VecDeque<JobId>,
+    tickets: BTreeMap<Ticket, JobId>,
+    next_ticket: u64,
+    next_seq: u64,
+    outputs: VecDeque<Output>,
+}
+
+const TRANSCRIPT_DOMAIN: &str = "commons job transcript v1";
+const SESSION_DOMAIN: &str = "commons session id v1";
+
+fn token_tensor(tokens: &[u32]) -> Tensor {
+    // A (1, n) u32 tensor is always well formed.
+    Tensor::from_u32(&[1, tokens.len() as u64], tokens)
+        .unwrap_or_else(|_| unreachable!("a (1, n) tensor of n values is well formed"))
+}
+
+impl Scheduler {
+    /// A scheduler; `seed` makes its session ids differ from a previous run's.
+    #[must_use]
+    pub fn new(config: SchedulerConfig, seed: u64) -> Self {
+        Self {
+            config,
+            seed,
+            models: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            queue: Vec::new(),
+            finished: VecDeque::new(),
+            tickets: BTreeMap::new(),
+            next_ticket: 1,
+            next_seq: 0,
+            outputs: VecDeque::new(),
+        }
+    }
+
+    /// Sets what the swarm offers for `model` now (replacing earlier offers).
+    pub fn set_offers(
+        &mut self,
+        model: ModelId,
+        n_layers: u32,
+        context_length: u32,
+        offers: Vec<SpanOffer>,
+    ) {
+        self.models.insert(
+            model,
+            ModelInfo {
+                n_layers,
+                context_length,
+                offers,
+            },
+        );
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// A job's state.
+    #[must_use]
+    pub fn view(&self, id: &JobId) -> Option<JobView> {
+        let job = self.jobs.get(id)?;
+        let mut hops: Vec<HopView> = job
+            .retired
+            .iter()
+            .map(|h| (h, false))
+            .chain(job.chain.iter().map(|h| (h, true)))
+            .map(|(h, current)| HopView {
+                node: h.node,
+                layers: h.layers,
+                results: h.results,
+                current,
+            })
+            .collect();
+        hops.sort_by_key(|h| (h.layers.start, !h.current));
+        let prefill_ms = match (job.started_at, job.first_token_at) {
+            (Some(s), Some(f)) => f.0.saturating_sub(s.0),
+            _ => 0,
+        };
+        let decode_ms = match (job.first_token_at, job.last_token_at) {
+            (Some(f), Some(l)) => l.0.saturating_sub(f.0),
+            _ => 0,
+        };
+        Some(JobView {
+            id: *id,
+            submitter: job.spec.submitter,
+            model: job.spec.model,
+            status: job.status.clone(),
+            prompt: job.spec.prompt.clone(),
+            tokens: job.tokens.clone(),
+            hops,
+            failovers: job.failovers,
+            receipts: job.receipts,
+            transcript: job.transcript,
+            prefill_ms,
+            decode_ms,
+        })
+    }
+
+    /// Jobs not yet finished.
+    #[must_use]
+    pub fn active(&self) -> Vec<JobId> {
+        self.jobs
+            .iter()
+            .filter(|(_, j)| !j.status.is_terminal())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Accepts a job, or refuses it at once when it cannot run: unknown model,
+    /// no chain of nodes serving it, empty or over-long prompt.
+    pub fn submit(&mut self, now: UnixMillis, job: NewJob) -> Result<(), SubmitError> {
+        self.restore(now, job, Vec::new())
+    }
+
+    /// Accepts a job that had already generated `tokens` (after a restart):
+    /// every hop of its new chain replays them before it goes on.
+    pub fn restore(
+        &mut self,
+        now: UnixMillis,
+        job: NewJob,
+        tokens: Vec<u32>,
+    ) -> Result<(), SubmitError> {
+        let refuse = |code, message: String| Err(SubmitError { code, message });
+        if let Some(existing) = self.jobs.get(&job.id) {
+            if existing.spec.submitter == job.submitter {
+                return Ok(());
+            }
+            return refuse(
+                ErrorCode::BAD_REQUEST,
+                format!("job id {} is taken", job.id),
+            );
+        }
+        let Some(info) = self.models.get(&job.model) else {
+            return refuse(
+                ErrorCode::NO_ROUTE,
+                format!("no node in the swarm serves model {}", job.model),
+            );
+        };
+        if job.prompt.is_empty() {
+            return refuse(ErrorCode::BAD_REQUEST, "the prompt is empty".into());
+        }
+        let used = job.prompt.len() + tokens.len();
+        if used >= info.context_length as usize {
+            return refuse(
+                ErrorCode::TOO_LARGE,
+                format!(
+                    "the prompt is {} tokens; the model's context length is {}",
+                    job.prompt.len(),
+                    info.context_length
+                ),
+            );
+        }
+        let whole = LayerRange {
+            start: 0,
+            end: info.n_layers,
+        };
+        if let Err(e) = routing::route_within(whole, &info.offers, &BTreeSet::new(), Spans::Whole) {
+            return refuse(
+                ErrorCode::NO_ROUTE,
+                format!(
+                    "no chain of nodes serves model {} ({e} of {})",
+                    job.model, info.n_layers
+                ),
+            );
+        }
+        let id = job.id;
+        let restored = tokens.len();
+        self.next_seq += 1;
+        self.jobs.insert(
+            id,
+            Job {
+                spec: job,
+                status: JobStatus::Queued,
+                chain: Vec::new(),
+                retired: Vec::new(),
+                tokens,
+                in_flight: None,
+                awaiting_sample: false,
+                banned: BTreeSet::new(),
+                failovers: 0,
+                receipts: 0,
+                transcript: Hash([0; 32]),
+                sessions_opened: 0,
+                started_at: None,
+                first_token_at: None,
+                last_token_at: None,
+                restored,
+                queued_seq: self.next_seq,
+            },
+        );
+        self.queue.push(id);
+        self.outputs.push_back(Output::Changed { job: id });
+        self.admit(now);
+        Ok(())
+    }
+
+    /// Cancels `job` if `by` submitted it. Returns false if it is unknown or not theirs.
+    pub fn cancel(&mut self, now: UnixMillis, job: &JobId, by: &NodeId) -> bool {
+        match self.jobs.get(job) {
+            Some(j) if &j.spec.submitter == by => {
+                if !j.status.is_terminal() {
+                    self.finish(now, *job, JobStatus::Cancelled);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Expires units past their deadline, as failures of their hops.
+    pub fn tick(&mut self, now: UnixMillis) {
+        let late: Vec<(Ticket, UnixMillis)> = self
+            .jobs
+            .values()
+            .filter_map(|j| j.in_flight.as_ref())
+            .filter(|f| f.deadline < now)
+            .map(|f| (f.ticket, f.deadline))
+            .collect();
+        for (ticket, deadline) in late {
+            self.handle_result(
+                now,
+                ticket,
+                Err(StepFailure::Unreachable(format!(
+                    "no answer by its deadline ({} ms late)",
+                    now.0 - deadline.0
+                ))),
+            );
+        }
+    }
+
+    /// The outcome of the unit sent with `ticket`. Answers to units no longer
+    /// awaited (after a timeout or a cancel) are ignored.
+    pub fn handle_result(
+        &mut self,
+        now: UnixMillis,
+        ticket: Ticket,
+        outcome: Result<StepResult, StepFailure>,
+    ) {
+        let Some(id) = self.tickets.remove(&ticket) else {
+            return;
+        };
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let Some(flight) = job.in_flight.take_if(|f| f.ticket == ticket) else {
+            return;
+        };
+        let outcome = outcome.and_then(|r| {
+            let hop = &job.chain[flight.hop];
+            if r.executor != hop.node {
+                return Err(StepFailure::Invalid(format!(
+                    "result signed by {}, not by {}",
+                    r.executor, hop.node
+                )));
+            }
+            Ok(r)
+        });
+        match outcome {
+            Ok(result) => self.on_result(now, id, flight, result),
+            Err(failure) => self.on_failure(now, id, flight.hop, &failure),
+        }
+        self.pump(now, id);
+    }
+
+    /// The token chosen from the logits of an [`Output::Sample`].
+    pub fn handle_sampled(&mut self, now: UnixMillis, job: &JobId, token: u32) {
+        let Some(j) = self.jobs.get_mut(job) else {
+            return;
+        };
+        if !j.awaiting_sample || j.status != JobStatus::Running {
+            return;
+        }
+        j.awaiting_sample = false;
+        self.accept_token(now, *job, token);
+        self.pump(now, *job);
+    }
+
+    fn on_result(&mut self, now: UnixMillis, id: JobId, flight: InFlight, result: StepResult) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let step = flight.step;
+        let last = flight.hop + 1 == job.chain.len();
+        let input_len = job.chain[flight.hop].inputs[step]
+            .shape()
+            .get(1)
+            .copied()
+            .unwrap_or(0);
+        let [output] = result.outputs.as_slice() else {
+            self.on_failure(
+                now,
+                id,
+                flight.hop,
+                &StepFailure::Invalid(format!("{} outputs, not 1", result.outputs.len())),
+            );
+            return;
+        };
+        if !last {
+            let shape = output.shape();
+            if shape.len() != 3 || shape[0] != 1 || shape[1] != input_len {
+                self.on_failure(
+                    now,
+                    id,
+                    flight.hop,
+                    &StepFailure::Invalid(format!(
+                        "hidden states of shape {shape:?} for {input_len} tokens"
+                    )),
+                );
+                return;
+            }
+        }
+        job.receipts += 1;
+        job.transcript = Hash::of_parts(
+            TRANSCRIPT_DOMAIN,
+            &[&job.transcript.0, &result.commitment.0],
+        );
+        let hop = &mut job.chain[flight.hop];
+        hop.done += 1;
+        hop.results += 1;
+        if !last {
+            let next = &mut job.chain[flight.hop + 1];
+            // A replacement hop replaying old steps produces inputs the next
+            // hop already has (and has run): those are dropped.
+            if next.inputs.len() == step {
+                next.inputs.push(output.clone());
+            }
+            return;
+        }
+        if step < job.tokens.len() {
+            // A replayed step: its token was chosen before.
+            return;
+        }
+        if let Some(token) = output.to_u32().filter(|t| t.len() == 1) {
+            self.accept_token(now, id, token[0]);
+        } else if job.spec.sampling.temperature > 0.0 && output.to_f32().is_some() {
+            job.awaiting_sample = true;
+            self.outputs.push_back(Output::Sample {
+                job: id,
+                logits: output.clone(),
+            });
+        } else {
+            self.on_failure(
+                now,
+                id,
+                flight.hop,
+                &StepFailure::Invalid("the last hop returned neither a token nor logits".into()),
+            );
+        }
+    }
+
+    fn accept_token(&mut self, now: UnixMillis, id: JobId, token: u32) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.tokens.push(token);
+        if job.first_token_at.is_none() {
+            job.first_token_at = Some(now);
+        }
+        job.last_token_at = Some(now);
+        self.outputs.push_back(Output::Changed { job: id });
+        let context = self
+            .models
+            .get(&job.spec.model)
+            .map_or(0, |m| m.context_length as usize);
+        if job.spec.stop_tokens.contains(&token) {
+            self.finish(now, id, JobStatus::Stopped);
+        } else if job.tokens.len() >= job.spec.max_tokens as usize
+            || job.spec.prompt.len() + job.tokens.len() >= context
+        {
+            self.finish(now, id, JobStatus::Length);
+        } else {
+            job.chain[0].inputs.push(token_tensor(&[token]));
+        }
+    }
+
+    fn on_failure(&mut self, now: UnixMillis, id: JobId, hop_index: usize, failure: &StepFailure) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let hop = job.chain[hop_index].clone();
+        if let StepFailure::Refused { code, message } = failure
+            && matches!(*code, ErrorCode::BAD_REQUEST | ErrorCode::TOO_LARGE)
+        {
+            let status = JobStatus::Failed {
+                code: *code,
+                message: format!("node {} refused layers {}: {message}", hop.node, hop.layers),
+            };
+            self.finish(now, id, status);
+            return;
+        }
+        job.banned.insert(hop.node);
+        job.failovers += 1;
+        if job.failovers > self.config.max_failovers {
+            let status = JobStatus::Failed {
+                code: ErrorCode::TIMEOUT,
+                message: format!(
+                    "gave up after {} failovers; the last: node {} on layers {}: {failure}",
+                    self.config.max_failovers, hop.node, hop.layers
+                ),
+            };
+            self.finish(now, id, status);
+            return;
+        }
+        let offers = self
+            .models
+            .get(&job.spec.model)
+            .map(|m| m.offers.as_slice())
+            .unwrap_or_default();
+        match routing::route_within(hop.layers, offers, &job.banned, Spans::Whole) {
+            Ok(route) => {
+                let mut replacement: Vec<Hop> = route
+                    .into_iter()
+                    .map(|h| {
+                        job.sessions_opened += 1;
+                        Hop {
+                            node: h.node,
+                            layers: h.layers,
+                            session: session_id(self.seed, &id, job.sessions_opened),
+                            inputs: Vec::new(),
+                            done: 0,
+                            results: 0,
+                        }
+                    })
+                    .collect();
+                // The first replacement replays what the failed hop was given.
+                replacement[0].inputs = hop.inputs.clone();
+                let failed = job.chain.splice(hop_index..=hop_index, replacement).next();
+                job.retired.extend(failed);
+                self.outputs.push_back(Output::Changed { job: id });
+            }
+            Err(e) => {
+                let status = JobStatus::Failed {
+                    code: ErrorCode::NO_ROUTE,
+                    message: format!(
+                        "node {} failed on layers {} ({failure}) and no other node can take them over: {e}",
+                        hop.node, hop.layers
+                    ),
+                };
+                self.finish(now, id, status);
+            }
+        }
+    }
+
+    fn finish(&mut self, now: UnixMillis, id: JobId, status: JobStatus) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if let Some(f) = job.in_flight.take() {
+            self.tickets.remove(&f.ticket);
+        }
+        job.status = status;
+        job.awaiting_sample = false;
+        self.queue.retain(|q| q != &id);
+        self.outputs.push_back(Output::Changed { job: id });
+        self.finished.push_back(id);
+        while self.finished.len() > self.config.keep_finished {
+            if let Some(old) = self.finished.pop_front() {
+                self.jobs.remove(&old);
+            }
+        }
+        self.admit(now);
+    }
+
+    fn running(&self) -> impl Iterator<Item = &Job> {
+        self.jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Running)
+    }
+
+    /// Starts queued jobs while slots are free, fairest first.
+    fn admit(&mut self, now: UnixMillis) {
+        while self.running().count() < self.config.max_active_jobs && !self.queue.is_empty() {
+            let mut active: BTreeMap<NodeId, usize> = BTreeMap::new();
+            for j in self.running() {
+                *active.entry(j.spec.submitter).or_default() += 1;
+            }
+            let Some((pos, _)) = self.queue.iter().enumerate().min_by_key(|(_, id)| {
+                let j = &self.jobs[*id];
+                (
+                    active.get(&j.spec.submitter).copied().unwrap_or(0),
+                    j.queued_seq,
+                )
+            }) else {
+                return;
+            };
+            let id = self.queue.remove(pos);
+            self.start(now, id);
+        }
+    }
+
+    fn start(&mut self, now: UnixMillis, id: JobId) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let Some(info) = self.models.get(&job.spec.model) else {
+            let status = JobStatus::Failed {
+                code: ErrorCode::NO_ROUTE,
+                message: format!("no node in the swarm serves model {}", job.spec.model),
+            };
+            self.finish(now, id, status);
+            return;
+        };
+        let whole = LayerRange {
+            start: 0,
+            end: info.n_layers,
+        };
+        let route = match routing::route_within(whole, &info.offers, &job.banned, Spans::Whole) {
+            Ok(r) if !r.is_empty() => r,
+            Ok(_) | Err(_) => {
+                let status = JobStatus::Failed {
+                    code: ErrorCode::NO_ROUTE,
+                    message: format!(
+                        "no chain of nodes serves all {} layers of model {}",
+                        info.n_layers, job.spec.model
+                    ),
+                };
+                self.finish(now, id, status);
+                return;
+            }
+        };
+        job.chain = route
+            .into_iter()
+            .map(|h| {
+                job.sessions_opened += 1;
+                Hop {
+                    node: h.node,
+                    layers: h.layers,
+                    session: session_id(self.seed, &id, job.sessions_opened),
+                    inputs: Vec::new(),
+                    done: 0,
+                    results: 0,
+                }
+            })
+            .collect();
+        // Step 0 is the prompt; then one step per token already generated
+        // (restored after a restart), the newest still to be run.
+        let first = &mut job.chain[0];
+        first.inputs.push(token_tensor(&job.spec.prompt));
+        let generated = job.tokens.len();
+        for (i, &t) in job.tokens.iter().enumerate() {
+            let ends_it =
+                job.spec.stop_tokens.contains(&t) || i + 1 >= job.spec.max_tokens as usize;
+            if i + 1 == generated && ends_it {
+                break;
+            }
+            first.inputs.push(token_tensor(&[t]));
+        }
+        job.status = JobStatus::Running;
+        job.started_at = Some(now);
+        self.outputs.push_back(Output::Changed { job: id });
+        if generated > 0 && job.chain[0].inputs.len() == generated {
+            // The restored tokens already ended the job.
+            let status = if job.spec.stop_tokens.contains(&job.tokens[generated - 1]) {
+                JobStatus::Stopped
+            } else {
+                JobStatus::Length
+            };
+            self.finish(now, id, status);
+            return;
+        }
+        self.pump(now, id);
+    }
+
+    /// Sends the job's next unit: the first hop that has an input it has not run.
+    fn pump(&mut self, now: UnixMillis, id: JobId) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if job.status != JobStatus::Running || job.in_flight.is_some() || job.awaiting_sample {
+            return;
+        }
+        let Some(h) = job.chain.iter().position(|h| h.done < h.inputs.len()) else {
+            return;
+        };
+        let n_hops = job.chain.len();
+        let hop = &job.chain[h];
+        let step = hop.done;
+        let input = hop.inputs[step].clone();
+        let tokens_in = input.shape().get(1).copied().unwrap_or(1);
+        let start_pos = if step == 0 {
+            0
+        } else {
+            (job.spec.prompt.len() + step - 1) as u32
+        };
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        let deadline = now.plus_millis(
+            self.config.unit_timeout_ms + self.config.unit_timeout_per_token_ms * tokens_in,
+        );
+        let unit = InferenceUnit {
+            job: id,
+            model: job.spec.model,
+            layers: hop.layers,
+            session: hop.session,
+            step: step as u64,
+            input,
+            options: InferenceOptions {
+                start_pos,
+                max_session_tokens: (job.spec.prompt.len() as u32)
+                    .saturating_add(job.spec.max_tokens),
+                sampling: (h + 1 == n_hops).then(|| job.spec.sampling.clone()),
+                close_session: false,
+            },
+        };
+        job.in_flight = Some(InFlight {
+            ticket,
+            hop: h,
+            step,
+            deadline,
+        });
+        self.tickets.insert(ticket, id);
+        self.outputs.push_back(Output::Send {
+            ticket,
+            job: id,
+            node: hop.node,
+            unit,
+            deadline,
+        });
+    }
+
+    /// Tokens restored when the job was resumed (they count neither for prefill nor decode time).
+    #[must_use]
+    pub fn restored_tokens(&self, id: &JobId) -> usize {
+        self.jobs.get(id).map_or(0, |j| j.restored)
+    }
+}
+
+fn session_id(seed: u64, job: &JobId, n: u64) -> SessionId {
+    let h = Hash::of_parts(
+        SESSION_DOMAIN,
+        &[&seed.to_le_bytes(), &job.0, &n.to_le_bytes()],
+    );
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.0[..16]);
+    SessionId(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    const MODEL: ModelId = ModelId(Hash([9; 32]));
+    const VOCAB: u32 = 50;
+    const STOP: u32 = 0;
+
+    /// A stand-in executor whose outputs depend on the whole session history,
+    /// so a hop that lost or skipped a step gives different tokens.
+    struct FakeNode {
+        layers: LayerRange,
+        sessions: HashMap<SessionId, (u64, u32)>, // (state, next position)
+        alive: bool,
+        /// Die when asked for this many more units.
+        dies_after: Option<u32>,
+    }
+
+    struct Swarm {
+        nodes: BTreeMap<NodeId, FakeNode>,
+        now: u64,
+        sent: u32,
+    }
+
+    fn node(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    impl Swarm {
+        fn new(spans: &[(u8, u32, u32)]) -> Self {
+            let nodes = spans
+                .iter()
+                .map(|&(n, a, b)| {
+                    (
+                        node(n),
+                        FakeNode {
+                            layers: LayerRange { start: a, end: b },
+                            sessions: HashMap::new(),
+                            alive: true,
+                            dies_after: None,
+                        },
+                    )
+                })
+                .collect();
+            Self {
+                nodes,
+                now: 1_000,
+                sent: 0,
+            }
+        }
+
+        fn offers(&self) -> Vec<SpanOffer> {
+            self.nodes
+                .iter()
+                .map(|(id, n)| SpanOffer {
+                    node: *id,
+                    layers: n.layers,
+                    ms_per_layer: 1.0 + f64::from(id.0[0]) / 100.0,
+                    rtt_ms: 1.0,
+                    queue_ms: 0.0,
+                })
+                .collect()
+        }
+
+        fn scheduler(&self, config: SchedulerConfig) -> Scheduler {
+            let mut s = Scheduler::new(config, 7);
+            s.set_offers(MODEL, 30, 256, self.offers());
+            s
+        }
+
+        fn execute(&mut self, to: NodeId, unit: &InferenceUnit) -> Result<StepResult, StepFailure> {
+            self.sent += 1;
+            let n = self.nodes.get_mut(&to).expect("a known node");
+            if let Some(k) = n.dies_after.as_mut() {
+                if *k == 0 {
+                    n.alive = false;
+                }
+                *k = k.saturating_sub(1);
+            }
+            if !n.alive {
+                return Err(StepFailure::Unreachable("connection closed".into()));
+            }
+            assert_eq!(unit.layers, n.layers, "whole spans only");
+            let values: Vec<u64> = match unit.input.to_u32() {
+                Some(t) => t.into_iter().map(u64::from).collect(),
+                None => unit
+                    .input
+                    .to_f32()
+                    .expect("f32 or u32")
+                    .into_iter()
+                    .map(|v| v as u64)
+                    .collect(),
+            };
+            let (state, pos) = n.sessions.entry(unit.session).or_insert((0, 0));
+            if *pos != unit.options.start_pos {
+                return Err(StepFailure::Refused {
+                    code: ErrorCode::UNKNOWN_SESSION,
+                    message: format!("at {pos}, asked {}", unit.options.start_pos),
+                });
+            }
+            let mut outs = Vec::new();
+            for v in values {
+                *state =
+                    (*state * 31 + v + u64::from(n.layers.start) * 7 + u64::from(n.layers.end))
+                        % 65_521;
+                outs.push(*state as f32);
+                *pos += 1;
+            }
+            let output = if n.layers.end == 30 {
+                Tensor::from_u32(&[1], &[(*state % u64::from(VOCAB)) as u32]).expect("tensor")
+            } else {
+                Tensor::from_f32(&[1, outs.len() as u64, 1], &outs).expect("tensor")
+            };
+            let commitment = output.digest();
+            Ok(StepResult {
+                executor: to,
+                outputs: vec![output],
+                commitment,
+            })
+        }
+
+        /// Runs until every job ends or `limit` outputs were handled.
+        fn drive(&mut self, s: &mut Scheduler, limit: usize) {
+            for _ in 0..limit {
+                self.now += 1;
+                let now = UnixMillis(self.now);
+                match s.poll_output() {
+                    Some(Output::Send {
+                        ticket, node, unit, ..
+                    }) => {
+                        let r = self.execute(node, &unit);
+                        s.handle_result(now, ticket, r);
+                    }
+                    Some(Output::Sample { .. }) => panic!("greedy jobs never sample"),
+                    Some(Output::Changed { .. }) => {}
+                    None => return,
+                }
+            }
+            panic!("the jobs did not end within {limit} steps");
+        }
+    }
+
+    fn job(id: u8, submitter: u8, prompt: &[u32], max_tokens: u32) -> NewJob {
+        NewJob {
+            id: JobId([id; 16]),
+            submitter: node(submitter),
+            model: MODEL,
+            prompt: prompt.to_vec(),
+            max_tokens,
+            stop_tokens: vec![STOP],
+            sampling: SamplingParams {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                repetition_penalty: 1.0,
+                seed: 0,
+            },
+        }
+    }
+
+    const SPANS: [(u8, u32, u32); 5] = [
+        (1, 0, 10),
+        (2, 10, 20),
+        (3, 10, 20),
+        (4, 20, 30),
+        (5, 0, 10),
+    ];
+
+    fn reference(prompt: &[u32], max_tokens: u32) -> Vec<u32> {
+        let mut swarm = Swarm::new(&SPANS);
+        let mut s = swarm.scheduler(SchedulerConfig::default());
+        s.submit(UnixMillis(0), job(1, 1, prompt, max_tokens))
+            .unwrap();
+        swarm.drive(&mut s, 10_000);
+        let v = s.view(&JobId([1; 16])).unwrap();
+        assert!(matches!(v.status, JobStatus::Length | JobStatus::Stopped));
+        assert_eq!(v.failovers, 0);
+        v.tokens
+    }
+
+    #[test]
+    fn a_job_runs_through_a_three_hop_chain() {
+        let tokens = reference(&[5, 6, 7, 8], 24);
+        assert!(!tokens.is_empty());
+        let mut swarm = Swarm::new(&SPANS);
+        let mut s = swarm.scheduler(SchedulerConfig::default());
+        s.submit(UnixMillis(0), job(1, 1, &[5, 6, 7, 8], 24))
+            .unwrap();
+        swarm.drive(&mut s, 10_000);
+        let v = s.view(&JobId([1; 16])).unwrap();
+        assert_eq!(v.tokens, tokens);
+        let chain: Vec<(u8, u32)> = v
+            .hops
+            .iter()
+            .map(|h| (h.node.0[0], h.layers.start))
+            .collect();
+        assert_eq!(chain, vec![(1, 0), (2, 10), (4, 20)]);
+        // One result per hop per step.
+        assert_eq!(v.receipts as usize, 3 * v.tokens.len());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whichever hop dies, whenever: the text equals the uninterrupted run's.
+        #[test]
+        fn a_dying_hop_is_replaced_and_the_text_is_unchanged(
+            victim in prop::sample::select(vec![1u8, 2, 4]),
+            after in 0u32..40,
+            prompt in proptest::collection::vec(1u32..VOCAB, 1..12),
+        ) {
+            let expected = reference(&prompt, 32);
+            let mut spans = SPANS.to_vec();
+            spans.push((6, 20, 30));
+            let mut swarm = Swarm::new(&spans);
+            swarm.nodes.get_mut(&node(victim)).unwrap().dies_after = Some(after);
+            let mut s = swarm.scheduler(SchedulerConfig::default());
+            s.submit(UnixMillis(0), job(1, 1, &prompt, 32)).unwrap();
+            swarm.drive(&mut s, 100_000);
+            let v = s.view(&JobId([1; 16])).unwrap();
+            prop_assert!(matches!(v.status, JobStatus::Length | JobStatus::Stopped), "{:?}", v.status);
+            prop_assert_eq!(&v.tokens, &expected);
+            let died = !swarm.nodes[&node(victim)].alive;
+            prop_assert_eq!(v.failovers, u32::from(died));
+            if died {
+                prop_assert!(v.hops.iter().any(|h| h.node == node(victim) && !h.current));
+            }
+        }
+    }
+
+    #[test]
+    fn a_restored_job_replays_its_tokens_and_goes_on_identically() {
+        let expected = reference(&[3, 1, 4, 1, 5], 30);
+        assert!(expected.len() > 6, "{expected:?}");
+        let mut swarm = Swarm::new(&SPANS);
+        let mut s = swarm.scheduler(SchedulerConfig::default());
+        s.restore(
+            UnixMillis(0),
+            job(1, 1, &[3, 1, 4, 1, 5], 30),
+            expected[..6].to_vec(),
+        )
+        .unwrap();
+        swarm.drive(&mut s, 10_000);
+        assert_eq!(s.view(&JobId([1; 16])).unwrap().tokens, expected);
+        // Restoring every token ends the job at once, with no unit sent.
+        let mut swarm = Swarm::new(&SPANS);
+        let mut s = swarm.scheduler(SchedulerConfig::default());
+        s.restore(
+            UnixMillis(0),
+            job(1, 1, &[3, 1, 4, 1, 5], 30),
+            expected.clone(),
+        )
+        .unwrap();
+        swarm.drive(&mut s, 10);
+        assert_eq!(swarm.sent, 0);
+        assert!(s.view(&JobId([1; 16])).unwrap().status.is_terminal());
+    }
+
+    #[test]
+    fn jobs_nobody_can_serve_fail_at_submission() {
+        let swarm = Swarm::new(&[(1, 0, 10), (2, 11, 30)]);
+        let mut s = swarm.scheduler(SchedulerConfig::default());
+        let e = s.submit(UnixMillis(0), job(1, 1, &[1], 4)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NO_ROUTE);
+        assert!(e.message.contains("layer 10"), "{e}");
+        let mut other = job(2, 1, &[1], 4);
+        other.model = ModelId(Hash([1; 32]));
+        assert_eq!(
+            s.submit(UnixMillis(0), other).unwrap_err().code,
+            ErrorCode::NO_ROUTE
+        );
+        assert_eq!(
+            s.submit(UnixMillis(0), job(3, 1, &[], 4)).unwrap_err().code,
+            ErrorCode::BAD_REQUEST
+        );
+        assert_eq!(
+            s.submit(UnixMillis(0), job(4, 1, &[1; 256], 4))
+                .unwrap_err()
+                .code,
+            ErrorCode::TOO_LARGE
+        );
+    }
+
+    #[test]
+    fn a_hop_with_no_replacement_fails_the_job_with_its_reason() {
+        let mut swarm = Swarm::new(&[(1, 0, 10), (2, 10, 20), (4, 20, 30)]);
+        swarm.nodes.get_mut(&node(2)).unwrap().dies_after = Some(0);
+        let mut s = swarm.scheduler(SchedulerConfig::default());
+        s.submit(UnixMillis(0), job(1, 1, &[1, 2], 30)).unwrap();
+        swarm.drive(&mut s, 10_000);
+        let v = s.view(&JobId([1; 16])).unwrap();
+        let JobStatus::Failed { code, message } = v.status else {
+            panic!("{:?}", v.status)
+        };
+        assert_eq!(code, ErrorCode::NO_ROUTE);
+        assert!(message.contains("layers 10..20"), "{message}");
+        assert!(message.contains("connection closed"), "{message}");
+    }
+
+    #[test]
+    fn a_silent_hop_times_out_and_is_replaced() {
+        let swarm = Swarm::new(&SPANS);
+        let mut s = swarm.scheduler(SchedulerConfig::default());
+        s.submit(UnixMillis(0), job(1, 1, &[1, 2], 30)).unwrap();
+        let first = loop {
+            match s.poll_output() {
+                Some(Output::Send { node, .. }) => break node,
+                Some(_) => {}
+                None => panic!("nothing sent"),
+            }
+        };
+        assert_eq!(first, node(1));
+        s.tick(UnixMillis(5_000));
+        assert!(s.poll_output().is_none(), "not late yet");
+        s.tick(UnixMillis(60_000));
+        let next = std::iter::from_fn(|| s.poll_output())
+            .find_map(|o| match o {
+                Output::Send { node, .. } => Some(node),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(next, node(5));
+        assert_eq!(s.view(&JobId([1; 16])).unwrap().failovers, 1);
+    }
+
+    #[test]
+    fn bad_requests_fail_the_job_without_failover() {
+        let mut swarm = Swarm::new(&SPANS);
+        let mut s = swarm.scheduler(SchedulerConfig::default());
+        s.submit(UnixMillis(0), job(1, 1, &[1, 2], 30)).unwrap();
+        let Some(Output::Send { ticket, .. }) =
+            std::iter::from_fn(|| s.poll_output()).find(|o| matches!(o, Output::Send { .. }))
+        else {
+            panic!("nothing sent")
+        };
+        s.handle_result(
+            UnixMillis(2),
+            ticket,
+            Err(StepFailure::Refused {
+                code: ErrorCode::BAD_REQUEST,
+                message: "hidden states must have shape (1, n, 576)".into(),
+            }),
+        );
+        swarm.drive(&mut s, 100);
+        let v = s.view(&JobId([1; 16])).unwrap();
+        assert!(matches!(
+            v.status,
+            JobStatus::Failed {
+                code: ErrorCode::BAD_REQUEST,
+                ..
+            }
+        ));
+        assert_eq!(swarm.sent, 0);
+    }
+
+    #[test]
+    fn submitters_share_slots_fairly_and_cancel_frees_theirs() {
+        let swarm = Swarm::new(&SPANS);
+        let config = SchedulerConfig {
+            max_active_jobs: 2,
+            ..SchedulerConfig::default()
+        };
+        let mut s = swarm.scheduler(config);
+        for i in 1..=3 {
+            s.submit(UnixMillis(0), job(i, 1, &[1, 2], 8)).unwrap();
+        }
+        s.submit(UnixMillis(0), job(9, 2, &[1, 2], 8)).unwrap();
+        let status = |s: &Scheduler, i: u8| s.view(&JobId([i; 16])).unwrap().status;
+        assert_eq!(status(&s, 1), JobStatus::Running);
+        assert_eq!(status(&s, 2), JobStatus::Running);
+        assert_eq!(status(&s, 9), JobStatus::Queued);
+        // A slot frees: the second submitter goes before the first one's third job.
+        assert!(
+            !s.cancel(UnixMillis(1), &JobId([1; 16]), &node(2)),
+            "not theirs"
+        );
+        assert!(s.cancel(UnixMillis(1), &JobId([1; 16]), &node(1)));
+        assert_eq!(status(&s, 1), JobStatus::Cancelled);
+        assert_eq!(status(&s, 9), JobStatus::Running);
+        assert_eq!(status(&s, 3), JobStatus::Queued);
+        // All of them end.
+        let mut swarm = swarm;
+        swarm.drive(&mut s, 100_000);
+        for i in [2, 3, 9] {
+            assert!(matches!(
+                status(&s, i),
+                JobStatus::Length | JobStatus::Stopped
+            ));
+        }
+    }
+}
