@@ -501,6 +501,13 @@ impl Scheduler {
         }
     }
 
+    /// Ends `job` as failed (for failures outside the scheduler, such as sampling).
+    pub fn fail(&mut self, now: UnixMillis, job: &JobId, code: ErrorCode, message: String) {
+        if self.jobs.get(job).is_some_and(|j| !j.status.is_terminal()) {
+            self.finish(now, *job, JobStatus::Failed { code, message });
+        }
+    }
+
     /// Expires units past their deadline, as failures of their hops.
     pub fn tick(&mut self, now: UnixMillis) {
         let late: Vec<(Ticket, UnixMillis)> = self

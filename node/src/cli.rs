@@ -42,7 +42,8 @@ enum Command {
     #[command(subcommand)]
     Node(crate::join::NodeCommand),
     /// Submit, follow and cancel jobs on the swarm.
-    Job(NotBuilt),
+    #[command(subcommand)]
+    Job(crate::job_cli::JobCommand),
     /// Generate text with a model on this machine alone (the single-node baseline).
     Run(crate::run_local::RunArgs),
     /// Create and sign coalition charters.
@@ -109,7 +110,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         }
         Command::Keys(KeysCommand::Show { json, .. }) => keys_show(&settings, json),
         Command::Node(command) => crate::join::run(&settings, command),
-        Command::Job(_) => not_built("job", "pipelined jobs over the swarm"),
+        Command::Job(command) => crate::job_cli::run(&settings, command),
         Command::Run(args) => crate::run_local::run(args),
         Command::Coalition(_) => not_built("coalition", "coalition charters"),
         Command::Train(_) => not_built("train", "training"),

@@ -49,10 +49,14 @@ pub struct JoinArgs {
     /// Measure the machine again instead of using the cached figures.
     #[arg(long)]
     pub rebench: bool,
-    /// Model to serve (GGUF file or Hugging Face folder).
+    /// Model to serve (GGUF file or Hugging Face folder); with `--coordinator`,
+    /// the model to plan jobs for (served too only when `--layers` is given).
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
-    /// Layers of the model to serve, e.g. `0..10` (default: all).
+    /// Also act as a coordinator: accept jobs, route them over the swarm, fail over.
+    #[arg(long, requires = "model")]
+    pub coordinator: bool,
+    /// Layers of the model to serve, e.g. `0..10` (default: all, unless coordinating).
     #[arg(long, value_name = "A..B", requires = "model")]
     pub layers: Option<String>,
     /// Coalition charter files to serve (accepted; enforced once charters are checked).
@@ -189,12 +193,29 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         advert_ttl: Duration::from_secs(args.advert_ttl),
     };
     let served = match &args.model {
-        Some(path) => Some(load_served(path, args.layers.as_deref())?),
-        None => None,
+        Some(path) if !args.coordinator || args.layers.is_some() => {
+            Some(load_served(path, args.layers.as_deref())?)
+        }
+        _ => None,
+    };
+    let coordinating = match (&args.model, args.coordinator) {
+        (Some(path), true) => {
+            let model = crate::coordinate::KnownModel::open(path)?;
+            tracing::info!(model = %model.id, "coordinating jobs");
+            Some(vec![model])
+        }
+        _ => None,
     };
     let (commands_tx, commands_rx) = mpsc::channel(64);
     let leave = Arc::new(Notify::new());
-    let event_loop = EventLoop::new(identity.clone(), capacity, config, commands_rx, served)?;
+    let event_loop = EventLoop::new(
+        identity.clone(),
+        capacity,
+        config,
+        commands_rx,
+        served,
+        coordinating,
+    )?;
 
     let stopping = Arc::new(Notify::new());
     let server_stop = {

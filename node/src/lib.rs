@@ -5,8 +5,10 @@
 pub mod capacity;
 pub mod cli;
 pub mod control;
+pub mod coordinate;
 pub mod executor;
 pub mod identity;
+pub mod job_cli;
 pub mod join;
 pub mod network;
 pub mod run_local;

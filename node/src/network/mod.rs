@@ -32,7 +32,10 @@ use libp2p::{
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use std::collections::HashMap;
+
 use crate::capacity::Capacity;
+use crate::coordinate::{Answer, Coordinating, KnownModel, Outgoing, Pending};
 
 /// Kademlia protocol id of the Commons DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/kad/1.0.0");
@@ -53,6 +56,7 @@ pub struct Behaviour {
     relay_client: libp2p::relay::client::Behaviour,
     dcutr: libp2p::dcutr::Behaviour,
     work: libp2p::request_response::Behaviour<work::WorkCodec>,
+    jobs: libp2p::request_response::Behaviour<work::JobCodec>,
 }
 
 /// Settings of the network.
@@ -161,6 +165,16 @@ pub fn build_swarm(
                         .with_request_timeout(Duration::from_secs(120))
                         .with_max_concurrent_streams(16),
                 ),
+                // Long polls wait up to 20 s for news.
+                jobs: libp2p::request_response::Behaviour::new(
+                    [(
+                        work::JOB_PROTOCOL,
+                        libp2p::request_response::ProtocolSupport::Full,
+                    )],
+                    libp2p::request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(60))
+                        .with_max_concurrent_streams(256),
+                ),
             })
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -232,6 +246,8 @@ pub struct Counters {
     pub advert_bytes: u64,
 }
 
+type Channel = libp2p::request_response::ResponseChannel<Vec<u8>>;
+
 /// Owns the swarm; runs until `shutdown` resolves, then announces its leave.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -251,6 +267,11 @@ pub struct EventLoop {
     responses_tx: mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
     responses_rx: mpsc::Receiver<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
     in_progress: Arc<AtomicU64>,
+    coordinating: Option<Coordinating<Channel>>,
+    units_out: HashMap<libp2p::request_response::OutboundRequestId, (Pending, NodeId)>,
+    local_tx: mpsc::Sender<(Pending, Vec<u8>)>,
+    local_rx: mpsc::Receiver<(Pending, Vec<u8>)>,
+    rtts: HashMap<PeerId, Duration>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -273,6 +294,7 @@ impl EventLoop {
         config: NetworkConfig,
         commands: mpsc::Receiver<Command>,
         served: Option<crate::executor::serve::Served>,
+        coordinating: Option<Vec<KnownModel>>,
     ) -> anyhow::Result<Self> {
         let mut swarm = build_swarm(&identity, &config)?;
         for addr in &config.listen {
@@ -281,6 +303,8 @@ impl EventLoop {
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
         let (responses_tx, responses_rx) = mpsc::channel(256);
+        let (local_tx, local_rx) = mpsc::channel(64);
+        let coordinating = coordinating.map(|models| Coordinating::new(identity.clone(), models));
         let topic = gossipsub::IdentTopic::new(ADVERT_TOPIC);
         swarm
             .behaviour_mut()
@@ -311,6 +335,11 @@ impl EventLoop {
             responses_tx,
             responses_rx,
             in_progress: Arc::new(AtomicU64::new(0)),
+            coordinating,
+            units_out: HashMap::new(),
+            local_tx,
+            local_rx,
+            rtts: HashMap::new(),
         })
     }
 
@@ -423,11 +452,20 @@ impl EventLoop {
         let mut republish = tokio::time::interval(self.config.advert_ttl / 3);
         let mut sweep = tokio::time::interval(Duration::from_millis(500));
         let mut rebootstrap = tokio::time::interval(Duration::from_secs(30));
+        let mut coordinate = tokio::time::interval(Duration::from_millis(100));
+        coordinate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some((pending, bytes)) = self.local_rx.recv() => {
+                    let me = self.identity.node_id();
+                    if let Some(c) = self.coordinating.as_mut() {
+                        c.on_response(pending, me, &bytes, now());
+                    }
+                }
+                _ = coordinate.tick(), if self.coordinating.is_some() => self.coordinate_tick(),
                 Some((channel, bytes)) = self.responses_rx.recv() => {
                     let _ = self.swarm.behaviour_mut().work.send_response(channel, bytes);
                 }
@@ -445,8 +483,184 @@ impl EventLoop {
                 }
                 _ = rebootstrap.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
             }
+            self.flush_coordinator();
         }
         self.leave().await;
+    }
+
+    /// What the swarm offers now, for the coordinator: connected peers' adverts and our own.
+    fn span_offers(
+        &self,
+        c: &Coordinating<Channel>,
+    ) -> Vec<(
+        commons_protocol::ModelId,
+        commons_coordinator::routing::SpanOffer,
+    )> {
+        use commons_coordinator::routing::SpanOffer;
+        let mut load: HashMap<NodeId, usize> = HashMap::new();
+        for (_, node) in self.units_out.values() {
+            *load.entry(*node).or_default() += 1;
+        }
+        let mut offers = Vec::new();
+        let mut add = |node: NodeId,
+                       model,
+                       layers: commons_protocol::messages::LayerRange,
+                       mflops,
+                       rtt_ms| {
+            let ms_per_layer = c.ms_per_layer(&model, mflops);
+            let queue_ms = load.get(&node).copied().unwrap_or(0) as f64
+                * ms_per_layer
+                * f64::from(layers.len());
+            offers.push((
+                model,
+                SpanOffer {
+                    node,
+                    layers,
+                    ms_per_layer,
+                    rtt_ms,
+                    queue_ms,
+                },
+            ));
+        };
+        for entry in self.peers.peers() {
+            let Ok(peer) = PeerId::from_bytes(&entry.advert.node.peer_id_bytes()) else {
+                continue;
+            };
+            if !self.swarm.is_connected(&peer) {
+                continue;
+            }
+            let rtt = self.rtts.get(&peer).map_or(1.0, |d| d.as_secs_f64() * 1e3);
+            for held in entry.advert.models.iter() {
+                add(
+                    entry.advert.node,
+                    held.model,
+                    held.layers,
+                    entry.advert.matmul_mflops,
+                    rtt,
+                );
+            }
+        }
+        if let Some(s) = &self.served {
+            add(
+                self.identity.node_id(),
+                s.model,
+                s.layers,
+                self.capacity.matmul_mflops,
+                0.0,
+            );
+        }
+        offers
+    }
+
+    fn coordinate_tick(&mut self) {
+        let Some(mut c) = self.coordinating.take() else {
+            return;
+        };
+        let offers = self.span_offers(&c);
+        c.set_offers(&offers);
+        let t = now();
+        c.tick(t);
+        for (channel, bytes) in c.expire_watchers(t) {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .jobs
+                .send_response(channel, bytes);
+        }
+        self.coordinating = Some(c);
+    }
+
+    /// Sends what the coordinator decided: units to nodes, reports to watchers.
+    fn flush_coordinator(&mut self) {
+        let Some(c) = self.coordinating.as_mut() else {
+            return;
+        };
+        let (sends, answers) = c.drain(now());
+        for (channel, bytes) in answers {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .jobs
+                .send_response(channel, bytes);
+        }
+        for out in sends {
+            self.send_unit(out);
+        }
+    }
+
+    fn send_unit(&mut self, out: Outgoing) {
+        let Outgoing {
+            node,
+            bytes,
+            pending,
+        } = out;
+        if node == self.identity.node_id() {
+            // A span this node serves itself: run it here.
+            let tx = self.local_tx.clone();
+            let Some(served) = self.served.clone() else {
+                if let Some(c) = self.coordinating.as_mut() {
+                    c.on_failure(pending, "this node serves no model".into(), now());
+                }
+                return;
+            };
+            use crate::executor::serve;
+            let identity = self.identity.clone();
+            match serve::admit(&served, &mut self.replay, &bytes, now()) {
+                Err(refusal) => {
+                    let reply = serve::refusal_bytes(&identity, &refusal, now());
+                    tokio::spawn(async move {
+                        let _ = tx.send((pending, reply)).await;
+                    });
+                }
+                Ok((id, unit)) => {
+                    tokio::spawn(async move {
+                        let reply = serve::run(&served, &identity, id, unit, now).await;
+                        let _ = tx.send((pending, reply)).await;
+                    });
+                }
+            }
+            return;
+        }
+        match PeerId::from_bytes(&node.peer_id_bytes()) {
+            Ok(peer) => {
+                let id = self.swarm.behaviour_mut().work.send_request(&peer, bytes);
+                self.units_out.insert(id, (pending, node));
+            }
+            Err(e) => {
+                if let Some(c) = self.coordinating.as_mut() {
+                    c.on_failure(pending, format!("bad peer id: {e}"), now());
+                }
+            }
+        }
+    }
+
+    fn on_job_request(&mut self, request: Vec<u8>, channel: Channel) {
+        let Some(c) = self.coordinating.as_mut() else {
+            let reply = commons_protocol::messages::ErrorReply {
+                code: commons_protocol::messages::ErrorCode::BAD_REQUEST,
+                message: "this node is not a coordinator (start it with --coordinator)".into(),
+                regarding: None,
+                responder: self.identity.node_id(),
+                issued_at: now(),
+                expires_at: now().plus_millis(60_000),
+            };
+            let bytes = Envelope::seal(&self.identity, &reply)
+                .map(|e| e.to_bytes())
+                .unwrap_or_default();
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .jobs
+                .send_response(channel, bytes);
+            return;
+        };
+        if let Answer::Now(channel, bytes) = c.on_request(&request, channel, now()) {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .jobs
+                .send_response(channel, bytes);
+        }
     }
 
     async fn leave(&mut self) {
@@ -576,6 +790,51 @@ impl EventLoop {
                     ..
                 },
             )) => self.on_work(request, channel),
+            SwarmEvent::Behaviour(BehaviourEvent::Work(
+                libp2p::request_response::Event::Message {
+                    message:
+                        libp2p::request_response::Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                },
+            )) => {
+                if let (Some((pending, node)), Some(c)) = (
+                    self.units_out.remove(&request_id),
+                    self.coordinating.as_mut(),
+                ) {
+                    c.on_response(pending, node, &response, now());
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Work(
+                libp2p::request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                },
+            )) => {
+                if let (Some((pending, _)), Some(c)) = (
+                    self.units_out.remove(&request_id),
+                    self.coordinating.as_mut(),
+                ) {
+                    c.on_failure(pending, error.to_string(), now());
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Jobs(
+                libp2p::request_response::Event::Message {
+                    message:
+                        libp2p::request_response::Message::Request {
+                            request, channel, ..
+                        },
+                    ..
+                },
+            )) => self.on_job_request(request, channel),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                self.rtts.insert(peer, rtt);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,

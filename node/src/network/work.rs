@@ -11,6 +11,9 @@ use libp2p::StreamProtocol;
 
 /// Protocol id of the work exchange.
 pub const WORK_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/work/1.0.0");
+/// Protocol id of job requests to a coordinator: a signed `JobRequest`
+/// envelope answered by a signed `JobReport` or `ErrorReply` envelope.
+pub const JOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/job/1.0.0");
 
 /// Length-prefixed envelope frames with per-direction limits.
 #[derive(Debug, Clone, Copy, Default)]
@@ -66,6 +69,50 @@ impl libp2p::request_response::Codec for WorkCodec {
         io: &mut T,
     ) -> io::Result<Vec<u8>> {
         read_frame(io, MessageKind::WorkResult.envelope_limit()).await
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &req).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &res).await
+    }
+}
+
+/// Length-prefixed job request and report frames.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobCodec;
+
+impl libp2p::request_response::Codec for JobCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io, MessageKind::JobRequest.envelope_limit()).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io, MessageKind::JobReport.envelope_limit()).await
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
