@@ -44,6 +44,8 @@ enum Command {
     /// Submit, follow and cancel jobs on the swarm.
     #[command(subcommand)]
     Job(crate::job_cli::JobCommand),
+    /// Start a local swarm, split the model over it, answer a prompt, and shut it down.
+    Demo(crate::demo::DemoArgs),
     /// Generate text with a model on this machine alone (the single-node baseline).
     Run(crate::run_local::RunArgs),
     /// Create and sign coalition charters.
@@ -112,6 +114,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Node(command) => crate::join::run(&settings, command),
         Command::Job(command) => crate::job_cli::run(&settings, command),
         Command::Run(args) => crate::run_local::run(args),
+        Command::Demo(args) => crate::demo::run(args),
         Command::Coalition(_) => not_built("coalition", "coalition charters"),
         Command::Train(_) => not_built("train", "training"),
         Command::Sim(_) => not_built("sim", "the simulator"),

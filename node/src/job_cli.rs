@@ -76,6 +76,10 @@ pub struct SubmitArgs {
     /// Seed for sampling.
     #[arg(long, default_value_t = 299_792_458)]
     pub seed: u64,
+    /// The job's id (32 hex digits). Default: a random one. Submitting the same
+    /// id again follows the job already accepted instead of starting another.
+    #[arg(long, value_name = "HEX")]
+    pub job_id: Option<JobId>,
     #[command(flatten)]
     pub target: CoordinatorArg,
 }
@@ -258,7 +262,19 @@ impl JobClient {
         mut on_report: impl FnMut(&JobReport),
     ) -> Result<JobReport, JobError> {
         let job = spec.job;
-        let mut report = self.request(JobOp::Submit(spec)).await?;
+        let started = std::time::Instant::now();
+        // Submitting again is harmless: the coordinator knows the job by its id.
+        let mut report = loop {
+            match self.request(JobOp::Submit(spec.clone())).await {
+                Ok(r) => break r,
+                Err(e @ JobError::Refused { .. }) => return Err(e),
+                Err(e) if started.elapsed() > patience => return Err(e),
+                Err(e) => {
+                    tracing::warn!(%e, "cannot submit yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        };
         on_report(&report);
         let mut have = report.total_tokens;
         let mut failing_since: Option<std::time::Instant> = None;
@@ -436,7 +452,10 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<ExitCod
     let model = resolve_model(&args.model)?;
     let mut client = client(settings, &args.target)?;
     let spec = JobSpec {
-        job: new_job_id()?,
+        job: match args.job_id {
+            Some(id) => id,
+            None => new_job_id()?,
+        },
         model,
         prompt: args.prompt,
         chat: args.chat,
@@ -454,9 +473,12 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<ExitCod
     }
     let json = args.target.json;
     let mut printed = 0usize;
+    let mut tokens: Vec<u32> = Vec::new();
     let mut stdout = std::io::stdout();
     let report = client
         .run(spec, Duration::from_secs(60), |r| {
+            tokens.truncate(r.from_token as usize);
+            tokens.extend(r.tokens.iter());
             if json {
                 return;
             }
@@ -471,7 +493,9 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<ExitCod
         })
         .await?;
     if json {
-        println!("{}", report_json(&report));
+        let mut value = report_json(&report);
+        value["tokens"] = serde_json::json!(tokens);
+        println!("{value}");
     } else {
         println!();
         print_summary(&report);

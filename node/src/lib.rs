@@ -6,6 +6,7 @@ pub mod capacity;
 pub mod cli;
 pub mod control;
 pub mod coordinate;
+pub mod demo;
 pub mod executor;
 pub mod identity;
 pub mod job_cli;

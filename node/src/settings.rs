@@ -15,6 +15,10 @@ pub const ENV_CONFIG: &str = "COMMONS_CONFIG";
 pub const ENV_DATA_DIR: &str = "COMMONS_DATA_DIR";
 /// Environment variable naming the key file.
 pub const ENV_KEY: &str = "COMMONS_KEY";
+/// The log filter when none is set: libp2p's per-swarm start-up line is noise
+/// for members running short commands.
+pub const DEFAULT_LOG: &str = "info,libp2p_swarm=warn";
+
 /// Environment variable with the log filter (`tracing` directives); `RUST_LOG` also works.
 pub const ENV_LOG: &str = "COMMONS_LOG";
 
@@ -143,7 +147,7 @@ impl Settings {
             .log
             .clone()
             .or(file.log)
-            .unwrap_or_else(|| "info".to_owned());
+            .unwrap_or_else(|| DEFAULT_LOG.to_owned());
         Ok(Self {
             data_dir,
             key,
@@ -191,7 +195,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (s.data_dir, s.log),
-            (PathBuf::from("/default"), "info".to_owned())
+            (PathBuf::from("/default"), DEFAULT_LOG.to_owned())
         );
         assert!(matches!(
             Settings::layer(&none, FileSettings::default(), None, || None),

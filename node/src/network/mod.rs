@@ -99,7 +99,7 @@ pub fn build_swarm(
         .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let limits = connection_limits::ConnectionLimits::default()
-                .with_max_established_per_peer(Some(2))
+                .with_max_established_per_peer(Some(4))
                 .with_max_established(Some(512))
                 .with_max_pending_incoming(Some(64));
             let identify = identify::Behaviour::new(
@@ -225,6 +225,8 @@ pub struct PeerStatus {
     pub gpus: usize,
     /// Software version.
     pub software: String,
+    /// Layer ranges it serves, as `MODEL LAYERS`.
+    pub models: Vec<String>,
     /// Milliseconds since its latest advert arrived.
     pub last_seen_ms: u64,
     /// Milliseconds until that advert expires.
@@ -437,6 +439,12 @@ impl EventLoop {
                     matmul_mflops: e.advert.matmul_mflops,
                     gpus: e.advert.gpus.len(),
                     software: e.advert.software.clone(),
+                    models: e
+                        .advert
+                        .models
+                        .iter()
+                        .map(|m| format!("{} {}", m.model, m.layers))
+                        .collect(),
                     last_seen_ms: now.0.saturating_sub(e.received_at.0),
                     expires_in_ms: e.advert.expires_at.0.saturating_sub(now.0),
                 })
@@ -635,7 +643,7 @@ impl EventLoop {
     }
 
     fn on_job_request(&mut self, request: Vec<u8>, channel: Channel) {
-        let Some(c) = self.coordinating.as_mut() else {
+        let Some(mut c) = self.coordinating.take() else {
             let reply = commons_protocol::messages::ErrorReply {
                 code: commons_protocol::messages::ErrorCode::BAD_REQUEST,
                 message: "this node is not a coordinator (start it with --coordinator)".into(),
@@ -654,7 +662,12 @@ impl EventLoop {
                 .send_response(channel, bytes);
             return;
         };
-        if let Answer::Now(channel, bytes) = c.on_request(&request, channel, now()) {
+        // Plan with the adverts that arrived since the last tick.
+        let offers = self.span_offers(&c);
+        c.set_offers(&offers);
+        let answer = c.on_request(&request, channel, now());
+        self.coordinating = Some(c);
+        if let Answer::Now(channel, bytes) = answer {
             let _ = self
                 .swarm
                 .behaviour_mut()
