@@ -274,6 +274,8 @@ struct Job {
     /// The caller restored tokens generated before a restart; prefill and decode times restart.
     restored: usize,
     queued_seq: u64,
+    /// A resumed job waits for a chain of nodes until then.
+    route_deadline: Option<UnixMillis>,
 }
 
 /// What the scheduler knows of a model.
@@ -403,16 +405,29 @@ impl Scheduler {
     /// Accepts a job, or refuses it at once when it cannot run: unknown model,
     /// no chain of nodes serving it, empty or over-long prompt.
     pub fn submit(&mut self, now: UnixMillis, job: NewJob) -> Result<(), SubmitError> {
-        self.restore(now, job, Vec::new())
+        self.accept(now, job, Vec::new(), None)
     }
 
-    /// Accepts a job that had already generated `tokens` (after a restart):
-    /// every hop of its new chain replays them before it goes on.
-    pub fn restore(
+    /// Takes back a job that had already generated `tokens` (after a restart):
+    /// every hop of its new chain replays them before it goes on. The swarm
+    /// may not be known yet, so the job waits in the queue for a chain of
+    /// nodes until `wait_for_route_until`, then fails as lost.
+    pub fn resume(
         &mut self,
         now: UnixMillis,
         job: NewJob,
         tokens: Vec<u32>,
+        wait_for_route_until: UnixMillis,
+    ) -> Result<(), SubmitError> {
+        self.accept(now, job, tokens, Some(wait_for_route_until))
+    }
+
+    fn accept(
+        &mut self,
+        now: UnixMillis,
+        job: NewJob,
+        tokens: Vec<u32>,
+        route_deadline: Option<UnixMillis>,
     ) -> Result<(), SubmitError> {
         let refuse = |code, message: String| Err(SubmitError { code, message });
         if let Some(existing) = self.jobs.get(&job.id) {
@@ -424,15 +439,20 @@ impl Scheduler {
                 format!("job id {} is taken", job.id),
             );
         }
-        let Some(info) = self.models.get(&job.model) else {
-            return refuse(
-                ErrorCode::NO_ROUTE,
-                format!("no node in the swarm serves model {}", job.model),
-            );
-        };
         if job.prompt.is_empty() {
             return refuse(ErrorCode::BAD_REQUEST, "the prompt is empty".into());
         }
+        let info = self.models.get(&job.model);
+        let Some(info) = info.filter(|_| route_deadline.is_none()) else {
+            if route_deadline.is_none() {
+                return refuse(
+                    ErrorCode::NO_ROUTE,
+                    format!("no node in the swarm serves model {}", job.model),
+                );
+            }
+            self.enqueue(now, job, tokens, route_deadline);
+            return Ok(());
+        };
         let used = job.prompt.len() + tokens.len();
         if used >= info.context_length as usize {
             return refuse(
@@ -457,6 +477,17 @@ impl Scheduler {
                 ),
             );
         }
+        self.enqueue(now, job, tokens, None);
+        Ok(())
+    }
+
+    fn enqueue(
+        &mut self,
+        now: UnixMillis,
+        job: NewJob,
+        tokens: Vec<u32>,
+        route_deadline: Option<UnixMillis>,
+    ) {
         let id = job.id;
         let restored = tokens.len();
         self.next_seq += 1;
@@ -480,12 +511,12 @@ impl Scheduler {
                 last_token_at: None,
                 restored,
                 queued_seq: self.next_seq,
+                route_deadline,
             },
         );
         self.queue.push(id);
         self.outputs.push_back(Output::Changed { job: id });
         self.admit(now);
-        Ok(())
     }
 
     /// Cancels `job` if `by` submitted it. Returns false if it is unknown or not theirs.
@@ -510,6 +541,8 @@ impl Scheduler {
 
     /// Expires units past their deadline, as failures of their hops.
     pub fn tick(&mut self, now: UnixMillis) {
+        // Resumed jobs start once their route appears, or fail past their wait.
+        self.admit(now);
         let late: Vec<(Ticket, UnixMillis)> = self
             .jobs
             .values()
@@ -770,54 +803,74 @@ impl Scheduler {
 
     /// Starts queued jobs while slots are free, fairest first.
     fn admit(&mut self, now: UnixMillis) {
-        while self.running().count() < self.config.max_active_jobs && !self.queue.is_empty() {
+        'slots: while self.running().count() < self.config.max_active_jobs {
             let mut active: BTreeMap<NodeId, usize> = BTreeMap::new();
             for j in self.running() {
                 *active.entry(j.spec.submitter).or_default() += 1;
             }
-            let Some((pos, _)) = self.queue.iter().enumerate().min_by_key(|(_, id)| {
-                let j = &self.jobs[*id];
-                (
-                    active.get(&j.spec.submitter).copied().unwrap_or(0),
-                    j.queued_seq,
-                )
-            }) else {
-                return;
-            };
-            let id = self.queue.remove(pos);
-            self.start(now, id);
+            let mut order: Vec<(usize, u64, JobId)> = self
+                .queue
+                .iter()
+                .map(|id| {
+                    let j = &self.jobs[id];
+                    (
+                        active.get(&j.spec.submitter).copied().unwrap_or(0),
+                        j.queued_seq,
+                        *id,
+                    )
+                })
+                .collect();
+            order.sort();
+            for (_, _, id) in order {
+                if self.start(now, id) {
+                    continue 'slots;
+                }
+            }
+            return;
         }
     }
 
-    fn start(&mut self, now: UnixMillis, id: JobId) {
+    /// Starts a queued job; false when it must keep waiting for a route.
+    fn start(&mut self, now: UnixMillis, id: JobId) -> bool {
         let Some(job) = self.jobs.get_mut(&id) else {
-            return;
+            return false;
         };
-        let Some(info) = self.models.get(&job.spec.model) else {
-            let status = JobStatus::Failed {
-                code: ErrorCode::NO_ROUTE,
-                message: format!("no node in the swarm serves model {}", job.spec.model),
+        let route = self.models.get(&job.spec.model).and_then(|info| {
+            let whole = LayerRange {
+                start: 0,
+                end: info.n_layers,
             };
-            self.finish(now, id, status);
-            return;
-        };
-        let whole = LayerRange {
-            start: 0,
-            end: info.n_layers,
-        };
-        let route = match routing::route_within(whole, &info.offers, &job.banned, Spans::Whole) {
-            Ok(r) if !r.is_empty() => r,
-            Ok(_) | Err(_) => {
-                let status = JobStatus::Failed {
-                    code: ErrorCode::NO_ROUTE,
-                    message: format!(
-                        "no chain of nodes serves all {} layers of model {}",
-                        info.n_layers, job.spec.model
-                    ),
-                };
-                self.finish(now, id, status);
-                return;
+            routing::route_within(whole, &info.offers, &job.banned, Spans::Whole)
+                .ok()
+                .filter(|r| !r.is_empty())
+        });
+        let Some(route) = route else {
+            match job.route_deadline {
+                Some(d) if now <= d => return false,
+                Some(_) => {
+                    let status = JobStatus::Failed {
+                        code: ErrorCode::LOST,
+                        message: format!(
+                            "the coordinator restarted after {} tokens and no chain of nodes served model {} in time to resume",
+                            job.tokens.len(),
+                            job.spec.model
+                        ),
+                    };
+                    self.finish(now, id, status);
+                }
+                None => {
+                    let status = JobStatus::Failed {
+                        code: ErrorCode::NO_ROUTE,
+                        message: format!("no chain of nodes serves model {}", job.spec.model),
+                    };
+                    self.finish(now, id, status);
+                }
             }
+            return true;
+        };
+        self.queue.retain(|q| q != &id);
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return false;
         };
         job.chain = route
             .into_iter()
@@ -857,9 +910,10 @@ impl Scheduler {
                 JobStatus::Length
             };
             self.finish(now, id, status);
-            return;
+            return true;
         }
         self.pump(now, id);
+        true
     }
 
     /// Sends the job's next unit: the first hop that has an input it has not run.
@@ -1174,10 +1228,11 @@ mod tests {
         assert!(expected.len() > 6, "{expected:?}");
         let mut swarm = Swarm::new(&SPANS);
         let mut s = swarm.scheduler(SchedulerConfig::default());
-        s.restore(
+        s.resume(
             UnixMillis(0),
             job(1, 1, &[3, 1, 4, 1, 5], 30),
             expected[..6].to_vec(),
+            UnixMillis(0),
         )
         .unwrap();
         swarm.drive(&mut s, 10_000);
@@ -1185,15 +1240,55 @@ mod tests {
         // Restoring every token ends the job at once, with no unit sent.
         let mut swarm = Swarm::new(&SPANS);
         let mut s = swarm.scheduler(SchedulerConfig::default());
-        s.restore(
+        s.resume(
             UnixMillis(0),
             job(1, 1, &[3, 1, 4, 1, 5], 30),
             expected.clone(),
+            UnixMillis(0),
         )
         .unwrap();
         swarm.drive(&mut s, 10);
         assert_eq!(swarm.sent, 0);
         assert!(s.view(&JobId([1; 16])).unwrap().status.is_terminal());
+    }
+
+    #[test]
+    fn a_resumed_job_waits_for_its_route_then_fails_as_lost() {
+        let expected = reference(&[3, 1, 4, 1, 5], 30);
+        let mut swarm = Swarm::new(&SPANS);
+        // A restarted coordinator knows no node yet.
+        let mut s = Scheduler::new(SchedulerConfig::default(), 7);
+        let id = JobId([1; 16]);
+        s.resume(
+            UnixMillis(0),
+            job(1, 1, &[3, 1, 4, 1, 5], 30),
+            expected[..3].to_vec(),
+            UnixMillis(5_000),
+        )
+        .unwrap();
+        s.tick(UnixMillis(1_000));
+        assert_eq!(s.view(&id).unwrap().status, JobStatus::Queued);
+        assert_eq!(s.view(&id).unwrap().tokens, expected[..3]);
+        // The nodes' adverts arrive: it resumes and ends as if never stopped.
+        s.set_offers(MODEL, 30, 256, swarm.offers());
+        s.tick(UnixMillis(2_000));
+        swarm.drive(&mut s, 10_000);
+        assert_eq!(s.view(&id).unwrap().tokens, expected);
+        // No node ever comes: failed, with the reason.
+        let mut s = Scheduler::new(SchedulerConfig::default(), 7);
+        s.resume(
+            UnixMillis(0),
+            job(2, 1, &[3, 1, 4, 1, 5], 30),
+            expected[..3].to_vec(),
+            UnixMillis(5_000),
+        )
+        .unwrap();
+        s.tick(UnixMillis(5_001));
+        let JobStatus::Failed { code, message } = s.view(&JobId([2; 16])).unwrap().status else {
+            panic!("still waiting")
+        };
+        assert_eq!(code, ErrorCode::LOST);
+        assert!(message.contains("after 3 tokens"), "{message}");
     }
 
     #[test]

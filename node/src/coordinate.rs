@@ -22,6 +22,7 @@ use commons_protocol::replay::ReplayGuard;
 use commons_protocol::{BoundedVec, Identity, JobId, ModelId, NodeId, Nonce, UnitId, UnixMillis};
 
 use crate::executor::{ChatMessage, Sampler, SamplingConfig, Tokenizer};
+use crate::jobstore::{JobStore, StoredJob};
 
 /// A model the coordinator can plan jobs for: it holds the tokenizer.
 #[derive(Debug)]
@@ -91,8 +92,12 @@ pub struct Outgoing {
     pub pending: Pending,
 }
 
+/// How long a resumed job waits for a chain of nodes after a restart.
+const RESUME_GRACE_MS: u64 = 30_000;
+
 /// The coordinator's state; `C` is the response channel of a job request.
 pub struct Coordinating<C> {
+    store: Option<JobStore>,
     identity: Arc<Identity>,
     scheduler: Scheduler,
     models: BTreeMap<ModelId, KnownModel>,
@@ -128,10 +133,17 @@ fn random_u64() -> u64 {
 }
 
 impl<C> Coordinating<C> {
-    /// A coordinator for `models`.
-    pub fn new(identity: Arc<Identity>, models: Vec<KnownModel>) -> Self {
+    /// A coordinator for `models`, recording jobs in `store`; unfinished jobs
+    /// found there are resumed (or failed with their reason).
+    pub fn new(
+        identity: Arc<Identity>,
+        models: Vec<KnownModel>,
+        store: Option<JobStore>,
+        now: UnixMillis,
+    ) -> Self {
         let seed = random_u64();
-        Self {
+        let mut this = Self {
+            store,
             identity,
             scheduler: Scheduler::new(SchedulerConfig::default(), seed),
             models: models.into_iter().map(|m| (m.id, m)).collect(),
@@ -140,7 +152,128 @@ impl<C> Coordinating<C> {
             replay: ReplayGuard::new(10 * 60_000, 1 << 18),
             nonce_counter: 0,
             nonce_seed: seed.to_le_bytes(),
+        };
+        this.resume_stored(now);
+        this
+    }
+
+    fn resume_stored(&mut self, now: UnixMillis) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let stored = match store.all() {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::error!(%e, "cannot read the job database; no job resumed");
+                return;
+            }
+        };
+        let mut failed = Vec::new();
+        for job in stored.into_iter().filter(StoredJob::is_unfinished) {
+            let id = job.spec.job;
+            let outcome = self
+                .resolve(job.submitter, &job.spec)
+                .and_then(|(new, sampler)| {
+                    self.scheduler
+                        .resume(
+                            now,
+                            new,
+                            job.tokens.clone(),
+                            now.plus_millis(RESUME_GRACE_MS),
+                        )
+                        .map_err(|e| (e.code, e.message))?;
+                    Ok(sampler)
+                });
+            match outcome {
+                Ok(sampler) => {
+                    tracing::info!(job = %id, tokens = job.tokens.len(), "resuming a job after restart");
+                    self.meta.insert(
+                        id,
+                        JobMeta {
+                            spec: job.spec,
+                            sampler,
+                        },
+                    );
+                }
+                Err((code, message)) => {
+                    tracing::warn!(job = %id, %message, "cannot resume a job");
+                    failed.push(StoredJob {
+                        state: "failed".into(),
+                        error: Some(format!("cannot resume after a restart: {message} ({code})")),
+                        updated_at: now.0,
+                        ..job
+                    });
+                }
+            }
         }
+        if let Some(store) = &self.store
+            && let Err(e) = store.put_all(&failed)
+        {
+            tracing::error!(%e, "cannot record failed jobs");
+        }
+    }
+
+    /// What `spec` means for the scheduler: the prompt tokenized, the sampler.
+    fn resolve(
+        &self,
+        submitter: NodeId,
+        spec: &JobSpec,
+    ) -> Result<(NewJob, Option<Sampler>), (ErrorCode, String)> {
+        let Some(model) = self.models.get(&spec.model) else {
+            return Err((
+                ErrorCode::NO_ROUTE,
+                format!(
+                    "this coordinator plans no jobs for model {} (it knows {})",
+                    spec.model,
+                    self.models
+                        .keys()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        };
+        let text = if spec.chat {
+            model
+                .tokenizer
+                .apply_chat_template(&[ChatMessage {
+                    role: "user".into(),
+                    content: spec.prompt.clone(),
+                }])
+                .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?
+        } else {
+            spec.prompt.clone()
+        };
+        let prompt = model
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?;
+        let s = &spec.sampling;
+        let sampler = if s.temperature > 0.0 {
+            Some(
+                Sampler::new(SamplingConfig {
+                    temperature: f64::from(s.temperature),
+                    top_k: s.top_k as usize,
+                    top_p: f64::from(s.top_p),
+                    repetition_penalty: s.repetition_penalty,
+                    seed: s.seed,
+                    ..SamplingConfig::default()
+                })
+                .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let job = NewJob {
+            id: spec.job,
+            submitter,
+            model: spec.model,
+            prompt,
+            max_tokens: spec.max_tokens,
+            stop_tokens: model.tokenizer.stop_tokens().to_vec(),
+            sampling: spec.sampling.clone(),
+        };
+        Ok((job, sampler))
     }
 
     /// Models it plans for.
@@ -217,10 +350,7 @@ impl<C> Coordinating<C> {
                 wait_ms,
             } => {
                 let Some(view) = self.scheduler.view(&job) else {
-                    return Answer::Now(
-                        channel,
-                        self.refuse(ErrorCode::UNKNOWN_JOB, format!("no job {job} here"), now),
-                    );
+                    return Answer::Now(channel, self.report_bytes(&job, from_token, now));
                 };
                 if view.tokens.len() > from_token as usize
                     || view.status.is_terminal()
@@ -264,6 +394,7 @@ impl<C> Coordinating<C> {
         spec: JobSpec,
         now: UnixMillis,
     ) -> Result<(), (ErrorCode, String)> {
+        let job_id = spec.job;
         if let Some(existing) = self.meta.get(&spec.job) {
             return if existing.spec == spec {
                 Ok(())
@@ -290,65 +421,14 @@ impl<C> Coordinating<C> {
                 format!("you have {mine} unfinished jobs here; wait for some to end"),
             ));
         }
-        let Some(model) = self.models.get(&spec.model) else {
-            return Err((
-                ErrorCode::NO_ROUTE,
-                format!(
-                    "this coordinator plans no jobs for model {} (it knows {})",
-                    spec.model,
-                    self.models
-                        .keys()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        };
-        let text = if spec.chat {
-            model
-                .tokenizer
-                .apply_chat_template(&[ChatMessage {
-                    role: "user".into(),
-                    content: spec.prompt.clone(),
-                }])
-                .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?
-        } else {
-            spec.prompt.clone()
-        };
-        let prompt = model
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?;
-        let s = &spec.sampling;
-        let sampler = if s.temperature > 0.0 {
-            Some(
-                Sampler::new(SamplingConfig {
-                    temperature: f64::from(s.temperature),
-                    top_k: s.top_k as usize,
-                    top_p: f64::from(s.top_p),
-                    repetition_penalty: s.repetition_penalty,
-                    seed: s.seed,
-                    ..SamplingConfig::default()
-                })
-                .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?,
-            )
-        } else {
-            None
-        };
-        let job = NewJob {
-            id: spec.job,
-            submitter,
-            model: spec.model,
-            prompt,
-            max_tokens: spec.max_tokens,
-            stop_tokens: model.tokenizer.stop_tokens().to_vec(),
-            sampling: spec.sampling.clone(),
-        };
+        let (job, sampler) = self.resolve(submitter, &spec)?;
         self.scheduler
             .submit(now, job)
             .map_err(|e| (e.code, e.message))?;
         tracing::info!(job = %spec.job, %submitter, model = %spec.model, "job accepted");
         self.meta.insert(spec.job, JobMeta { spec, sampler });
+        // Accepted means recorded: the report goes out after the commit.
+        self.persist(&[job_id], now);
         Ok(())
     }
 
@@ -415,8 +495,38 @@ impl<C> Coordinating<C> {
         }
         changed.sort();
         changed.dedup();
+        self.persist(&changed, now);
         let answers = self.answer_watchers(&changed, now);
         (sends, answers)
+    }
+
+    /// Records the current state of `jobs`.
+    fn persist(&self, jobs: &[JobId], now: UnixMillis) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let records: Vec<StoredJob> = jobs
+            .iter()
+            .filter_map(|id| {
+                let v = self.scheduler.view(id)?;
+                let meta = self.meta.get(id)?;
+                let error = match &v.status {
+                    JobStatus::Failed { code, message } => Some(format!("{message} ({code})")),
+                    _ => None,
+                };
+                Some(StoredJob {
+                    submitter: v.submitter,
+                    spec: meta.spec.clone(),
+                    tokens: v.tokens,
+                    state: state_of(&v.status).name().into(),
+                    error,
+                    updated_at: now.0,
+                })
+            })
+            .collect();
+        if let Err(e) = store.put_all(&records) {
+            tracing::error!(%e, "cannot record jobs");
+        }
     }
 
     fn sample(&mut self, job: &JobId, logits: &commons_protocol::Tensor) -> anyhow::Result<u32> {
@@ -501,8 +611,53 @@ impl<C> Coordinating<C> {
         }
     }
 
+    /// The report of a job known only from the database (finished before a restart).
+    fn stored_report(&self, job: &JobId, from: u32, now: UnixMillis) -> Option<JobReport> {
+        let stored = self.store.as_ref()?.get(job).ok()??;
+        let text = self
+            .models
+            .get(&stored.spec.model)
+            .and_then(|m| m.tokenizer.decode(&stored.tokens).ok())
+            .map(|t| t.trim_end_matches('\u{FFFD}').to_owned())
+            .unwrap_or_default();
+        let state = match stored.state.as_str() {
+            "stop" => JobState::Stopped,
+            "length" => JobState::Length,
+            "cancelled" => JobState::Cancelled,
+            _ => JobState::Failed {
+                code: ErrorCode::LOST,
+                message: stored
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the job was lost in a restart".into()),
+            },
+        };
+        let from = (from as usize).min(stored.tokens.len());
+        Some(JobReport {
+            coordinator: self.identity.node_id(),
+            job: *job,
+            model: stored.spec.model,
+            state,
+            prompt_tokens: 0,
+            from_token: from as u32,
+            tokens: BoundedVec::try_from_vec(stored.tokens[from..].to_vec()).unwrap_or_default(),
+            total_tokens: stored.tokens.len() as u32,
+            text,
+            route: BoundedVec::new(),
+            failovers: 0,
+            receipts: 0,
+            transcript: commons_protocol::Hash([0; 32]),
+            prefill_ms: 0,
+            decode_ms: 0,
+            issued_at: now,
+            expires_at: now.plus_millis(REPORT_TTL_MS),
+        })
+    }
+
     fn report(&self, job: &JobId, from: u32, now: UnixMillis) -> Option<JobReport> {
-        let v = self.scheduler.view(job)?;
+        let Some(v) = self.scheduler.view(job) else {
+            return self.stored_report(job, from, now);
+        };
         let text = self
             .models
             .get(&v.model)
@@ -510,14 +665,7 @@ impl<C> Coordinating<C> {
             .map(|t| t.trim_end_matches('\u{FFFD}').to_owned())
             .unwrap_or_default();
         let from = (from as usize).min(v.tokens.len());
-        let state = match v.status {
-            JobStatus::Queued => JobState::Queued,
-            JobStatus::Running => JobState::Running,
-            JobStatus::Stopped => JobState::Stopped,
-            JobStatus::Length => JobState::Length,
-            JobStatus::Cancelled => JobState::Cancelled,
-            JobStatus::Failed { code, message } => JobState::Failed { code, message },
-        };
+        let state = state_of(&v.status);
         Some(JobReport {
             coordinator: self.identity.node_id(),
             job: *job,
@@ -548,6 +696,17 @@ impl<C> Coordinating<C> {
             issued_at: now,
             expires_at: now.plus_millis(REPORT_TTL_MS),
         })
+    }
+}
+
+fn state_of(status: &JobStatus) -> JobState {
+    match status.clone() {
+        JobStatus::Queued => JobState::Queued,
+        JobStatus::Running => JobState::Running,
+        JobStatus::Stopped => JobState::Stopped,
+        JobStatus::Length => JobState::Length,
+        JobStatus::Cancelled => JobState::Cancelled,
+        JobStatus::Failed { code, message } => JobState::Failed { code, message },
     }
 }
 

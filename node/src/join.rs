@@ -201,8 +201,9 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
     let coordinating = match (&args.model, args.coordinator) {
         (Some(path), true) => {
             let model = crate::coordinate::KnownModel::open(path)?;
+            let store = crate::jobstore::JobStore::open(&settings.data_dir.join("jobs.redb"))?;
             tracing::info!(model = %model.id, "coordinating jobs");
-            Some(vec![model])
+            Some((vec![model], Some(store)))
         }
         _ => None,
     };

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod executor;
 pub mod identity;
 pub mod job_cli;
+pub mod jobstore;
 pub mod join;
 pub mod network;
 pub mod run_local;

@@ -337,3 +337,112 @@ fn four_concurrent_jobs_all_complete() {
         assert_eq!(tokens(&report), expected[i], "job {i}: {}", prompts[i]);
     }
 }
+
+#[test]
+fn a_coordinator_killed_mid_job_resumes_it_after_restart() {
+    const TOKENS: u32 = 48;
+    let home = tempfile::tempdir().unwrap();
+    let expected = reference(home.path(), PROMPT, TOKENS);
+    assert!(expected.len() >= 24, "{expected:?}");
+    // The coordinator comes back on the same port, as a service would.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let m = model();
+    let start_coordinator = || {
+        Node::start_with(
+            home.path(),
+            &home.path().join("coordinator"),
+            &[],
+            Transports::Quic,
+            30,
+            &["--listen", &listen, "--coordinator", "--model", &m],
+        )
+    };
+    let mut coordinator = start_coordinator();
+    let address = format!("{listen}/p2p/{}", coordinator.peer_id);
+    let nodes: Vec<Node> = ["0..15", "15..30"]
+        .iter()
+        .enumerate()
+        .map(|(i, layers)| {
+            Node::start_with(
+                home.path(),
+                &home.path().join(format!("node{i}")),
+                std::slice::from_ref(&address),
+                Transports::Tcp,
+                30,
+                &["--model", &m, "--layers", layers],
+            )
+        })
+        .collect();
+    let serving = |c: &Node| {
+        c.status(home.path()).is_some_and(|s| {
+            s["peers"].as_array().is_some_and(|ps| {
+                nodes.iter().all(|n| {
+                    ps.iter().any(|p| {
+                        p["peer_id"] == n.peer_id.as_str()
+                            && p["models"].as_array().is_some_and(|m| !m.is_empty())
+                    })
+                })
+            })
+        })
+    };
+    assert!(wait_until(Duration::from_secs(30), || serving(&coordinator)).is_some());
+
+    let job = "c0ffee00c0ffee00c0ffee00c0ffee00";
+    let child = commons(home.path())
+        .arg("--data-dir")
+        .arg(home.path().join("member"))
+        .args([
+            "job",
+            "submit",
+            "--json",
+            "--chat",
+            "--coordinator",
+            &address,
+            "--model",
+            &m,
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            &TOKENS.to_string(),
+            "--job-id",
+            job,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = |what: &str| -> Option<serde_json::Value> {
+        let out = commons(home.path())
+            .arg("--data-dir")
+            .arg(home.path().join("watcher"))
+            .args(["job", "status", "--json", "--coordinator", &address, what])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let at_kill = loop {
+        assert!(Instant::now() < deadline, "the job did not get going");
+        if let Some(r) = status(job)
+            && r["generated_tokens"].as_u64().unwrap_or(0) >= 8
+        {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    coordinator.kill();
+    assert_eq!(at_kill["state"], "running", "killed mid-job: {at_kill}");
+    coordinator = start_coordinator();
+    // The member's command follows the job through the restart.
+    let report = finish(child);
+    assert_eq!(tokens(&report), expected);
+    // The restarted coordinator knows the job's outcome.
+    let after = status(job).unwrap();
+    assert_eq!(after["state"], report["state"]);
+    drop(coordinator);
+}

@@ -36,6 +36,7 @@ use std::collections::HashMap;
 
 use crate::capacity::Capacity;
 use crate::coordinate::{Answer, Coordinating, KnownModel, Outgoing, Pending};
+use crate::jobstore::JobStore;
 
 /// Kademlia protocol id of the Commons DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/kad/1.0.0");
@@ -296,7 +297,7 @@ impl EventLoop {
         config: NetworkConfig,
         commands: mpsc::Receiver<Command>,
         served: Option<crate::executor::serve::Served>,
-        coordinating: Option<Vec<KnownModel>>,
+        coordinating: Option<(Vec<KnownModel>, Option<JobStore>)>,
     ) -> anyhow::Result<Self> {
         let mut swarm = build_swarm(&identity, &config)?;
         for addr in &config.listen {
@@ -306,7 +307,8 @@ impl EventLoop {
         }
         let (responses_tx, responses_rx) = mpsc::channel(256);
         let (local_tx, local_rx) = mpsc::channel(64);
-        let coordinating = coordinating.map(|models| Coordinating::new(identity.clone(), models));
+        let coordinating = coordinating
+            .map(|(models, store)| Coordinating::new(identity.clone(), models, store, now()));
         let topic = gossipsub::IdentTopic::new(ADVERT_TOPIC);
         swarm
             .behaviour_mut()
@@ -460,6 +462,7 @@ impl EventLoop {
         let mut republish = tokio::time::interval(self.config.advert_ttl / 3);
         let mut sweep = tokio::time::interval(Duration::from_millis(500));
         let mut rebootstrap = tokio::time::interval(Duration::from_secs(30));
+        let mut redial = tokio::time::interval(Duration::from_secs(2));
         let mut coordinate = tokio::time::interval(Duration::from_millis(100));
         coordinate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -490,10 +493,24 @@ impl EventLoop {
                     }
                 }
                 _ = rebootstrap.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
+                _ = redial.tick() => self.redial_bootstrap(),
             }
             self.flush_coordinator();
         }
         self.leave().await;
+    }
+
+    /// Dials bootstrap peers we lost (one restarted, say), so the node rejoins
+    /// without waiting for the DHT's next round.
+    fn redial_bootstrap(&mut self) {
+        for addr in self.config.bootstrap.clone() {
+            let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+                continue;
+            };
+            if !self.swarm.is_connected(&peer) {
+                let _ = self.swarm.dial(addr);
+            }
+        }
     }
 
     /// What the swarm offers now, for the coordinator: connected peers' adverts and our own.
