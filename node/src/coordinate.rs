@@ -15,8 +15,8 @@ use commons_coordinator::job::{
 use commons_coordinator::routing::SpanOffer;
 use commons_protocol::envelope::{Envelope, MessageKind};
 use commons_protocol::messages::{
-    ErrorCode, ErrorReply, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop, WorkBody,
-    WorkResult, WorkUnit,
+    ErrorCode, ErrorReply, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop,
+    WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::replay::ReplayGuard;
 use commons_protocol::{BoundedVec, Identity, JobId, ModelId, NodeId, Nonce, UnitId, UnixMillis};
@@ -233,16 +233,27 @@ impl<C> Coordinating<C> {
                 ),
             ));
         };
-        let text = if spec.chat {
-            model
-                .tokenizer
-                .apply_chat_template(&[ChatMessage {
-                    role: "user".into(),
-                    content: spec.prompt.clone(),
-                }])
-                .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?
-        } else {
-            spec.prompt.clone()
+        let text = match &spec.input {
+            JobInput::Text(t) => t.clone(),
+            JobInput::Chat(turns) => {
+                let messages: Vec<ChatMessage> = turns
+                    .iter()
+                    .map(|t| ChatMessage {
+                        role: t.role.clone(),
+                        content: t.content.clone(),
+                    })
+                    .collect();
+                model
+                    .tokenizer
+                    .apply_chat_template(&messages)
+                    .map_err(|e| (ErrorCode::BAD_REQUEST, e.to_string()))?
+            }
+            _ => {
+                return Err((
+                    ErrorCode::BAD_REQUEST,
+                    "this coordinator does not know this kind of prompt".into(),
+                ));
+            }
         };
         let prompt = model
             .tokenizer

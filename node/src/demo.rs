@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use commons_coordinator::placement::{self, ModelShape, NodeCapacity};
 use commons_protocol::NodeId;
-use commons_protocol::messages::{JobSpec, JobState, SamplingParams};
+use commons_protocol::messages::{JobInput, JobSpec, JobState, SamplingParams};
 
 use crate::job_cli::{JobClient, new_job_id, print_summary};
 
@@ -256,8 +256,11 @@ fn run_swarm(
     let spec = JobSpec {
         job: new_job_id()?,
         model: model_id,
-        prompt: args.prompt.clone(),
-        chat: !args.raw,
+        input: if args.raw {
+            JobInput::Text(args.prompt.clone())
+        } else {
+            JobInput::user(args.prompt.clone())
+        },
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
             temperature: 0.0,

@@ -12,7 +12,8 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use commons_protocol::envelope::{Envelope, MessageKind};
 use commons_protocol::messages::{
-    ErrorCode, ErrorReply, JobOp, JobReport, JobRequest, JobSpec, JobState, SamplingParams,
+    ErrorCode, ErrorReply, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState,
+    SamplingParams,
 };
 use commons_protocol::{Identity, JobId, ModelId, Nonce, UnixMillis};
 use futures::StreamExt as _;
@@ -457,8 +458,11 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<ExitCod
             None => new_job_id()?,
         },
         model,
-        prompt: args.prompt,
-        chat: args.chat,
+        input: if args.chat {
+            JobInput::user(args.prompt)
+        } else {
+            JobInput::Text(args.prompt)
+        },
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
             temperature: args.temperature,

@@ -116,8 +116,7 @@ mod tests {
             spec: JobSpec {
                 job: JobId([n; 16]),
                 model: ModelId(commons_protocol::Hash([1; 32])),
-                prompt: format!("prompt {n}"),
-                chat: true,
+                input: commons_protocol::messages::JobInput::user(format!("prompt {n}")),
                 max_tokens: 64,
                 sampling: SamplingParams {
                     temperature: 0.0,

@@ -56,6 +56,9 @@ pub struct JoinArgs {
     /// Also act as a coordinator: accept jobs, route them over the swarm, fail over.
     #[arg(long, requires = "model")]
     pub coordinator: bool,
+    /// Serve the OpenAI-compatible API here (loopback only; needs `--coordinator`).
+    #[arg(long, value_name = "ADDR", requires = "coordinator")]
+    pub api: Option<SocketAddr>,
     /// Layers of the model to serve, e.g. `0..10` (default: all, unless coordinating).
     #[arg(long, value_name = "A..B", requires = "model")]
     pub layers: Option<String>,
@@ -198,9 +201,17 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
+    let mut api_models = Vec::new();
     let coordinating = match (&args.model, args.coordinator) {
         (Some(path), true) => {
             let model = crate::coordinate::KnownModel::open(path)?;
+            api_models.push(crate::openai::ApiModel {
+                id: model.id,
+                name: path.file_stem().map_or_else(
+                    || model.id.to_string(),
+                    |s| s.to_string_lossy().into_owned(),
+                ),
+            });
             let store = crate::jobstore::JobStore::open(&settings.data_dir.join("jobs.redb"))?;
             tracing::info!(model = %model.id, "coordinating jobs");
             Some((vec![model], Some(store)))
@@ -223,6 +234,28 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         let s = stopping.clone();
         async move { s.notified().await }
     };
+    let api = match args.api {
+        Some(addr) => {
+            let stop = {
+                let s = stopping.clone();
+                async move { s.notified().await }
+            };
+            let (bound, server) = crate::openai::serve(
+                addr,
+                commands_tx.clone(),
+                identity.clone(),
+                api_models,
+                stop,
+            )
+            .await?;
+            println!(
+                "{}",
+                serde_json::json!({ "event": "api", "address": bound.to_string() })
+            );
+            Some(tokio::spawn(server))
+        }
+        None => None,
+    };
     let (control, server) =
         crate::control::serve(args.control, commands_tx, leave.clone(), server_stop).await?;
     std::fs::write(settings.data_dir.join("control.addr"), control.to_string())?;
@@ -232,8 +265,12 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
     );
     let server = tokio::spawn(server);
     event_loop.run(shutdown_signal(leave)).await;
+    stopping.notify_waiters();
     stopping.notify_one();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    if let Some(api) = api {
+        let _ = tokio::time::timeout(Duration::from_secs(5), api).await;
+    }
     let _ = std::fs::remove_file(settings.data_dir.join("control.addr"));
     println!("{}", serde_json::json!({ "event": "left" }));
     Ok(ExitCode::SUCCESS)

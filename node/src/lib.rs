@@ -13,6 +13,7 @@ pub mod job_cli;
 pub mod jobstore;
 pub mod join;
 pub mod network;
+pub mod openai;
 pub mod run_local;
 pub mod settings;
 

@@ -6,10 +6,10 @@ use commons_protocol::codec::{self, Limit};
 use commons_protocol::envelope::Envelope;
 use commons_protocol::ids::{CoalitionId, JobId, ModelId, Nonce, SessionId, UnitId};
 use commons_protocol::messages::{
-    CapacityAdvert, CoalitionCharter, CpuInfo, DataShardRef, DeterminismClass, ErrorCode,
+    CapacityAdvert, ChatTurn, CoalitionCharter, CpuInfo, DataShardRef, DeterminismClass, ErrorCode,
     ErrorReply, ExecMetrics, GpuBackend, GpuInfo, GradientUnit, HeldModel, HyperParams,
-    InferenceOptions, InferenceUnit, JobOp, JobReport, JobRequest, JobSpec, JobState, LayerRange,
-    Leave, RouteHop, SamplingParams, WorkBody, WorkResult, WorkUnit,
+    InferenceOptions, InferenceUnit, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState,
+    LayerRange, Leave, RouteHop, SamplingParams, WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::{BoundedVec, DType, Hash, Identity, Message, NodeId, Tensor, UnixMillis};
 use proptest::collection::vec;
@@ -344,17 +344,22 @@ fn job_request() -> impl Strategy<Value = JobRequest> {
         (
             any::<[u8; 16]>(),
             hash(),
-            text(300),
-            any::<bool>(),
+            prop_oneof![
+                text(300).prop_map(JobInput::Text),
+                bounded(
+                    (text(10), text(100)).prop_map(|(role, content)| ChatTurn { role, content }),
+                    4
+                )
+                .prop_map(JobInput::Chat),
+            ],
             any::<u32>(),
             sampling()
         )
-            .prop_map(|(job, model, prompt, chat, max_tokens, sampling)| {
+            .prop_map(|(job, model, input, max_tokens, sampling)| {
                 JobOp::Submit(JobSpec {
                     job: JobId(job),
                     model: ModelId(model),
-                    prompt,
-                    chat,
+                    input,
                     max_tokens,
                     sampling,
                 })

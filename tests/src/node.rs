@@ -20,6 +20,8 @@ pub struct Node {
     pub control: String,
     /// Its listen addresses, with `/p2p/<PeerId>`.
     pub addrs: Vec<String>,
+    /// The JSON events it printed while starting.
+    pub events: Vec<serde_json::Value>,
     lines: mpsc::Receiver<serde_json::Value>,
 }
 
@@ -94,6 +96,7 @@ impl Node {
         let want_addrs = if transports == Transports::Both { 2 } else { 1 };
         let deadline = Instant::now() + Duration::from_secs(30);
         let (mut peer_id, mut control, mut addrs) = (None, None, Vec::new());
+        let mut events = Vec::new();
         while (peer_id.is_none() || addrs.len() < want_addrs) && Instant::now() < deadline {
             let Ok(v) = rx.recv_timeout(Duration::from_millis(200)) else {
                 continue;
@@ -106,6 +109,7 @@ impl Node {
                 Some("listening") => addrs.extend(v["address"].as_str().map(str::to_owned)),
                 _ => {}
             }
+            events.push(v);
         }
         let (Some(peer_id), Some(control)) = (peer_id, control) else {
             let _ = child.kill();
@@ -117,6 +121,7 @@ impl Node {
             peer_id,
             control,
             addrs,
+            events,
             lines: rx,
         }
     }

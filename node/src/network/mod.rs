@@ -188,6 +188,13 @@ pub fn build_swarm(
 pub enum Command {
     /// A snapshot of the node's state.
     Status(oneshot::Sender<Status>),
+    /// A signed job request from this process; the answer is a signed envelope.
+    Job {
+        /// The `JobRequest` envelope.
+        request: Vec<u8>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<u8>>,
+    },
 }
 
 /// The node's state, as the control API shows it.
@@ -251,6 +258,16 @@ pub struct Counters {
 
 type Channel = libp2p::request_response::ResponseChannel<Vec<u8>>;
 
+/// Where the answer to a job request goes: a peer, or a caller in this process
+/// (the OpenAI-compatible API).
+#[derive(Debug)]
+pub enum Reply {
+    /// A peer's request over `/commons/job/1.0.0`.
+    Remote(Channel),
+    /// A request from this process.
+    Local(oneshot::Sender<Vec<u8>>),
+}
+
 /// Owns the swarm; runs until `shutdown` resolves, then announces its leave.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -270,7 +287,7 @@ pub struct EventLoop {
     responses_tx: mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
     responses_rx: mpsc::Receiver<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
     in_progress: Arc<AtomicU64>,
-    coordinating: Option<Coordinating<Channel>>,
+    coordinating: Option<Coordinating<Reply>>,
     units_out: HashMap<libp2p::request_response::OutboundRequestId, (Pending, NodeId)>,
     local_tx: mpsc::Sender<(Pending, Vec<u8>)>,
     local_rx: mpsc::Receiver<(Pending, Vec<u8>)>,
@@ -482,6 +499,7 @@ impl EventLoop {
                 }
                 Some(command) = self.commands.recv() => match command {
                     Command::Status(reply) => { let _ = reply.send(self.status()); }
+                    Command::Job { request, reply } => self.on_job_request(request, Reply::Local(reply)),
                 },
                 _ = republish.tick() => self.publish_advert(),
                 _ = sweep.tick() => {
@@ -516,7 +534,7 @@ impl EventLoop {
     /// What the swarm offers now, for the coordinator: connected peers' adverts and our own.
     fn span_offers(
         &self,
-        c: &Coordinating<Channel>,
+        c: &Coordinating<Reply>,
     ) -> Vec<(
         commons_protocol::ModelId,
         commons_coordinator::routing::SpanOffer,
@@ -585,12 +603,8 @@ impl EventLoop {
         c.set_offers(&offers);
         let t = now();
         c.tick(t);
-        for (channel, bytes) in c.expire_watchers(t) {
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .jobs
-                .send_response(channel, bytes);
+        for (reply, bytes) in c.expire_watchers(t) {
+            self.respond(reply, bytes);
         }
         self.coordinating = Some(c);
     }
@@ -601,12 +615,8 @@ impl EventLoop {
             return;
         };
         let (sends, answers) = c.drain(now());
-        for (channel, bytes) in answers {
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .jobs
-                .send_response(channel, bytes);
+        for (reply, bytes) in answers {
+            self.respond(reply, bytes);
         }
         for out in sends {
             self.send_unit(out);
@@ -659,7 +669,22 @@ impl EventLoop {
         }
     }
 
-    fn on_job_request(&mut self, request: Vec<u8>, channel: Channel) {
+    fn respond(&mut self, reply: Reply, bytes: Vec<u8>) {
+        match reply {
+            Reply::Remote(channel) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .jobs
+                    .send_response(channel, bytes);
+            }
+            Reply::Local(tx) => {
+                let _ = tx.send(bytes);
+            }
+        }
+    }
+
+    fn on_job_request(&mut self, request: Vec<u8>, channel: Reply) {
         let Some(mut c) = self.coordinating.take() else {
             let reply = commons_protocol::messages::ErrorReply {
                 code: commons_protocol::messages::ErrorCode::BAD_REQUEST,
@@ -672,11 +697,7 @@ impl EventLoop {
             let bytes = Envelope::seal(&self.identity, &reply)
                 .map(|e| e.to_bytes())
                 .unwrap_or_default();
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .jobs
-                .send_response(channel, bytes);
+            self.respond(channel, bytes);
             return;
         };
         // Plan with the adverts that arrived since the last tick.
@@ -685,11 +706,7 @@ impl EventLoop {
         let answer = c.on_request(&request, channel, now());
         self.coordinating = Some(c);
         if let Answer::Now(channel, bytes) = answer {
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .jobs
-                .send_response(channel, bytes);
+            self.respond(channel, bytes);
         }
     }
 
@@ -857,7 +874,7 @@ impl EventLoop {
                         },
                     ..
                 },
-            )) => self.on_job_request(request, channel),
+            )) => self.on_job_request(request, Reply::Remote(channel)),
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),

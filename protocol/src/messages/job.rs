@@ -54,14 +54,45 @@ pub struct JobSpec {
     pub job: JobId,
     /// The model, by content.
     pub model: ModelId,
-    /// The prompt text.
-    pub prompt: String,
-    /// Apply the model's chat template to the prompt (as one user message).
-    pub chat: bool,
+    /// The prompt.
+    pub input: JobInput,
     /// Most tokens to generate.
     pub max_tokens: u32,
     /// How to choose tokens (temperature 0: greedy).
     pub sampling: SamplingParams,
+}
+
+/// A job's prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum JobInput {
+    /// Text to continue, as it is.
+    Text(String),
+    /// A conversation, put through the model's chat template; the model answers as the assistant.
+    Chat(BoundedVec<ChatTurn, 256>),
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatTurn {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub content: String,
+}
+
+impl JobInput {
+    /// A single user message.
+    #[must_use]
+    pub fn user(content: impl Into<String>) -> Self {
+        let mut turns = BoundedVec::new();
+        // One element always fits.
+        let _ = turns.try_push(ChatTurn {
+            role: "user".into(),
+            content: content.into(),
+        });
+        Self::Chat(turns)
+    }
 }
 
 /// Where a job stands.

@@ -15,7 +15,7 @@ pub use advert::{
 };
 pub use charter::{AdminSignature, CharterError, CoalitionCharter};
 pub use error::{ErrorCode, ErrorReply};
-pub use job::{JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop};
+pub use job::{ChatTurn, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop};
 pub use work::{
     DataShardRef, ExecMetrics, GradientUnit, HyperParams, InferenceOptions, InferenceUnit,
     LayerRange, ResultError, SamplingParams, WorkBody, WorkResult, WorkUnit, commitment,
