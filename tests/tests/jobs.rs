@@ -446,3 +446,43 @@ fn a_coordinator_killed_mid_job_resumes_it_after_restart() {
     assert_eq!(after["state"], report["state"]);
     drop(coordinator);
 }
+
+#[test]
+fn the_demo_answers_through_a_local_swarm_and_shuts_it_down() {
+    let home = tempfile::tempdir().unwrap();
+    let out = output(commons(home.path()).args([
+        "demo",
+        "--model",
+        &model(),
+        "--max-tokens",
+        "12",
+        "--nodes",
+        "3",
+    ]));
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    for layers in ["0..10", "10..20", "20..30"] {
+        assert!(
+            err.contains(&format!("layers {layers:>7}  node 12D3KooW")),
+            "{err}"
+        );
+    }
+    assert!(err.contains("36 signed results"), "{err}");
+    assert!(err.contains("transcript "), "{err}");
+    // The answer is the one `commons run` gives.
+    let run = output(commons(home.path()).args([
+        "run",
+        "--chat",
+        "--model",
+        &model(),
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "12",
+    ]));
+    assert!(
+        stdout(&out).contains(stdout(&run).trim()),
+        "{}",
+        stdout(&out)
+    );
+}

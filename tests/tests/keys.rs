@@ -154,7 +154,7 @@ fn version_and_unbuilt_groups() {
     let out = output(commons(home.path()).arg("--version"));
     assert!(out.status.success());
     assert!(stdout(&out).starts_with("commons "), "{}", stdout(&out));
-    for group in ["job", "coalition", "train", "sim"] {
+    for group in ["coalition", "train", "sim"] {
         let help = output(commons(home.path()).args([group, "--help"]));
         assert!(help.status.success(), "{group} --help: {}", stderr(&help));
         let out = output(commons(home.path()).args([group, "anything"]));
