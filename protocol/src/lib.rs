@@ -17,6 +17,7 @@
 //! - [`tensor`]: dtype, shape and little-endian bytes, content-addressed by blake3.
 //! - [`replay`]: a bounded, time-windowed nonce cache.
 
+pub mod blob;
 pub mod bounded;
 pub mod codec;
 pub mod envelope;

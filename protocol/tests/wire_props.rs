@@ -2,6 +2,7 @@
 //! bytes never panic.
 #![allow(clippy::unwrap_used)] // helpers of tests may fail loudly
 
+use commons_protocol::blob::{BlobRequest, BlobResponse, Manifest};
 use commons_protocol::codec::{self, Limit};
 use commons_protocol::envelope::Envelope;
 use commons_protocol::ids::{CoalitionId, JobId, ModelId, Nonce, SessionId, UnitId};
@@ -515,6 +516,28 @@ proptest! {
         never_panics::<JobRequest>(&bytes);
         never_panics::<JobReport>(&bytes);
         let _ = codec::decode::<Tensor>(&bytes, Limit::M64);
+        let _ = codec::decode::<BlobRequest>(&bytes, Limit::K4);
+        let _ = codec::decode::<BlobResponse>(&bytes, Limit::M64);
+    }
+
+    #[test]
+    fn blob_messages_roundtrip(
+        index in any::<u32>(),
+        data in vec(any::<u8>(), 0..512),
+        blocks in vec(any::<[u8; 32]>(), 0..16),
+        len in any::<u64>(),
+        model in hash(),
+    ) {
+        let model = ModelId(model);
+        for r in [BlobRequest::Manifest { model }, BlobRequest::Block { model, index }] {
+            let bytes = codec::encode(&r).unwrap();
+            prop_assert_eq!(codec::decode::<BlobRequest>(&bytes, Limit::K4).unwrap(), r);
+        }
+        let manifest = Manifest { len, blocks: BoundedVec::try_from_vec(blocks).unwrap() };
+        for r in [BlobResponse::Block { index, data: data.clone() }, BlobResponse::Manifest(manifest.clone()), BlobResponse::NotHeld] {
+            let bytes = codec::encode(&r).unwrap();
+            prop_assert_eq!(codec::decode::<BlobResponse>(&bytes, Limit::M64).unwrap(), r);
+        }
     }
 
     #[test]
