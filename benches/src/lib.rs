@@ -132,3 +132,34 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
         xs[xs.len() / 2]
     }
 }
+
+/// This machine in one line: CPU model, threads, memory, OS and architecture.
+#[must_use]
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown cpu")
+        .trim()
+        .to_owned();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or_else(
+            || "?".to_owned(),
+            |kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0),
+        );
+    format!(
+        "{model}, {threads} threads, {mem} RAM, {} {}",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    )
+}
