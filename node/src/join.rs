@@ -49,10 +49,13 @@ pub struct JoinArgs {
     /// Measure the machine again instead of using the cached figures.
     #[arg(long)]
     pub rebench: bool,
-    /// Model to serve (GGUF file or Hugging Face folder); with `--coordinator`,
-    /// the model to plan jobs for (served too only when `--layers` is given).
-    #[arg(long, value_name = "PATH")]
-    pub model: Option<PathBuf>,
+    /// Model to serve: a GGUF file or Hugging Face folder, or a model id (64
+    /// hex digits) to fetch from peers that hold it, verified block by block
+    /// (kept in `models/` of the data directory; an interrupted fetch resumes).
+    /// With `--coordinator`, the model file to plan jobs for (served too only
+    /// when `--layers` is given).
+    #[arg(long, value_name = "PATH|ID")]
+    pub model: Option<String>,
     /// Also act as a coordinator: accept jobs, route them over the swarm, fail over.
     #[arg(long, requires = "model")]
     pub coordinator: bool,
@@ -195,15 +198,46 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         mdns: !args.no_mdns,
         advert_ttl: Duration::from_secs(args.advert_ttl),
     };
-    let served = match &args.model {
-        Some(path) if !args.coordinator || args.layers.is_some() => {
-            Some(load_served(path, args.layers.as_deref())?)
+    let source = args
+        .model
+        .as_deref()
+        .map(|m| resolve_model(m, &settings.data_dir))
+        .transpose()?;
+    let serve_layers = !args.coordinator || args.layers.is_some();
+    let (served, shares, fetch) = match &source {
+        Some(ModelSource::File(path)) => {
+            let served = if serve_layers {
+                Some(load_served(path, args.layers.as_deref())?)
+            } else {
+                None
+            };
+            let id = crate::executor::model_id(path)?;
+            // A single file can be shared with peers that lack it.
+            let shares = if path.is_file() {
+                vec![(id, path.clone())]
+            } else {
+                Vec::new()
+            };
+            (served, shares, None)
         }
-        _ => None,
+        Some(ModelSource::Fetch { id, dest }) => {
+            if args.coordinator {
+                anyhow::bail!(
+                    "a coordinator needs the model file itself; fetch it first with `commons node join --model {id} --layers A..B`, then pass its path"
+                );
+            }
+            let plan = crate::network::FetchPlan {
+                model: *id,
+                dest: dest.clone(),
+                layers: args.layers.clone(),
+            };
+            (None, Vec::new(), Some(plan))
+        }
+        None => (None, Vec::new(), None),
     };
     let mut api_models = Vec::new();
-    let coordinating = match (&args.model, args.coordinator) {
-        (Some(path), true) => {
+    let coordinating = match (&source, args.coordinator) {
+        (Some(ModelSource::File(path)), true) => {
             let model = crate::coordinate::KnownModel::open(path)?;
             api_models.push(crate::openai::ApiModel {
                 id: model.id,
@@ -227,7 +261,8 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         commands_rx,
         served,
         coordinating,
-    )?;
+    )?
+    .with_files(shares, fetch)?;
 
     let stopping = Arc::new(Notify::new());
     let server_stop = {
@@ -276,8 +311,46 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where a node's model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A file or folder on this machine.
+    File(PathBuf),
+    /// Peers, by id; the verified file goes to `dest`.
+    Fetch {
+        /// The file's blake3.
+        id: commons_protocol::ModelId,
+        /// Where it will be kept.
+        dest: PathBuf,
+    },
+}
+
+/// Reads `--model`: an existing path, or a model id (already fetched into
+/// `data_dir/models/`, or to fetch).
+pub fn resolve_model(arg: &str, data_dir: &std::path::Path) -> anyhow::Result<ModelSource> {
+    let path = PathBuf::from(arg);
+    if path.exists() {
+        return Ok(ModelSource::File(path));
+    }
+    let id: commons_protocol::Hash = arg.parse().map_err(|_| {
+        anyhow::anyhow!("--model {arg}: no such file, and not a model id (64 hex digits) either")
+    })?;
+    let id = commons_protocol::ModelId(id);
+    let dest = data_dir.join("models").join(format!("{id}.gguf"));
+    if dest.is_file() {
+        let actual = crate::executor::model_id(&dest)?;
+        anyhow::ensure!(
+            actual == id,
+            "{} should hold model {id} but hashes to {actual}; delete it to fetch it again",
+            dest.display()
+        );
+        return Ok(ModelSource::File(dest));
+    }
+    Ok(ModelSource::Fetch { id, dest })
+}
+
 /// Loads the served layer range and starts its engine.
-fn load_served(
+pub(crate) fn load_served(
     path: &std::path::Path,
     layers: Option<&str>,
 ) -> anyhow::Result<crate::executor::serve::Served> {

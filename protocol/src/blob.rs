@@ -212,16 +212,26 @@ impl Manifest {
     }
 
     /// Checks block `index` (of a manifest already [`check`](Self::check)ed against `id`).
+    ///
+    /// The chaining values bind the bytes, the length of the last block
+    /// included; the manifest's `len` is only a claim, so the last block is
+    /// judged by its chaining value alone (see [`Manifest::settle_len`]).
     pub fn verify_block(&self, id: &ModelId, index: u32, bytes: &[u8]) -> Result<(), BlobError> {
-        let (_, expected) = block_span(self.len, index);
-        if index as usize >= self.blocks.len() || bytes.len() as u64 != expected {
+        let count = self.blocks.len();
+        let last = index as usize + 1 == count;
+        let length_ok = if last {
+            bytes.len() as u64 <= BLOCK_LEN && (count == 1 || !bytes.is_empty())
+        } else {
+            bytes.len() as u64 == BLOCK_LEN
+        };
+        if index as usize >= count || !length_ok {
             return Err(BlobError::BlockLength {
                 index,
                 got: bytes.len(),
-                expected,
+                expected: block_span(self.len, index).1,
             });
         }
-        let ok = if self.blocks.len() == 1 {
+        let ok = if count == 1 {
             Hash(*blake3::hash(bytes).as_bytes()) == id.0
         } else {
             block_cv(index, bytes) == self.blocks[index as usize]
@@ -231,6 +241,13 @@ impl Manifest {
         } else {
             Err(BlobError::CorruptBlock { index })
         }
+    }
+
+    /// Sets the length from the verified last block (whose bytes the chaining
+    /// values bind), correcting a manifest that claimed another length.
+    pub fn settle_len(&mut self, last_block_len: usize) {
+        let blocks = self.blocks.len() as u64;
+        self.len = (blocks - 1) * BLOCK_LEN + last_block_len as u64;
     }
 }
 
@@ -333,9 +350,14 @@ mod tests {
             m.verify_block(&id, 2, &bytes[b..2 * b]),
             Err(BlobError::CorruptBlock { index: 2 })
         );
-        // Short, and past the end.
+        // A short last block (the chaining value binds its length), a short
+        // block in the middle, and a block past the end.
         assert!(matches!(
             m.verify_block(&id, 3, &bytes[3 * b..3 * b + 99]),
+            Err(BlobError::CorruptBlock { .. })
+        ));
+        assert!(matches!(
+            m.verify_block(&id, 1, &bytes[b..2 * b - 1]),
             Err(BlobError::BlockLength { .. })
         ));
         assert!(matches!(

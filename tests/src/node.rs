@@ -126,6 +126,22 @@ impl Node {
         }
     }
 
+    /// The first JSON event named `name`, printed while starting or within `limit` after.
+    pub fn wait_event(&self, name: &str, limit: Duration) -> Option<serde_json::Value> {
+        if let Some(v) = self.events.iter().find(|v| v["event"] == name) {
+            return Some(v.clone());
+        }
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(v) if v["event"] == name => return Some(v),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
     /// `commons node status --json` of this node.
     pub fn status(&self, home: &Path) -> Option<serde_json::Value> {
         let out = commons(home)

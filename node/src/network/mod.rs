@@ -9,6 +9,7 @@
 //! work protocol. Transports: TCP (noise, yamux), QUIC v1, and relayed
 //! circuits.
 
+pub mod blobs;
 mod peers;
 pub mod work;
 
@@ -58,6 +59,7 @@ pub struct Behaviour {
     dcutr: libp2p::dcutr::Behaviour,
     work: libp2p::request_response::Behaviour<work::WorkCodec>,
     jobs: libp2p::request_response::Behaviour<work::JobCodec>,
+    blobs: libp2p::request_response::Behaviour<blobs::BlobCodec>,
 }
 
 /// Settings of the network.
@@ -176,6 +178,15 @@ pub fn build_swarm(
                         .with_request_timeout(Duration::from_secs(60))
                         .with_max_concurrent_streams(256),
                 ),
+                blobs: libp2p::request_response::Behaviour::new(
+                    [(
+                        blobs::BLOB_PROTOCOL,
+                        libp2p::request_response::ProtocolSupport::Full,
+                    )],
+                    libp2p::request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(60))
+                        .with_max_concurrent_streams(16),
+                ),
             })
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -292,6 +303,45 @@ pub struct EventLoop {
     local_tx: mpsc::Sender<(Pending, Vec<u8>)>,
     local_rx: mpsc::Receiver<(Pending, Vec<u8>)>,
     rtts: HashMap<PeerId, Duration>,
+    blob_server: blobs::BlobServer,
+    fetching: Option<Fetching>,
+    blob_out: HashMap<libp2p::request_response::OutboundRequestId, (PeerId, Option<u32>)>,
+    tasks_tx: mpsc::Sender<TaskDone>,
+    tasks_rx: mpsc::Receiver<TaskDone>,
+}
+
+/// A model file this node lacks and fetches from its peers before serving.
+#[derive(Debug)]
+pub struct FetchPlan {
+    /// The file.
+    pub model: commons_protocol::ModelId,
+    /// Where the verified file goes.
+    pub dest: std::path::PathBuf,
+    /// The layers to serve once it is here (`None`: all).
+    pub layers: Option<String>,
+}
+
+struct Fetching {
+    plan: FetchPlan,
+    fetch: blobs::Fetch,
+    part: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    resume_checked: bool,
+    bar: indicatif::ProgressBar,
+    started: std::time::Instant,
+}
+
+/// Work finished off the event loop.
+enum TaskDone {
+    /// The answer to a peer's blob request.
+    BlobAnswer(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>),
+    /// Blocks of a partial download found good on disk.
+    Resumed(Vec<u32>),
+    /// The fetched model, loaded (or not).
+    Loaded(
+        anyhow::Result<crate::executor::serve::Served>,
+        std::path::PathBuf,
+    ),
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -300,6 +350,25 @@ impl std::fmt::Debug for EventLoop {
             .field("peer_id", &self.swarm.local_peer_id())
             .finish_non_exhaustive()
     }
+}
+
+/// Blocks of the partial file at `part` that match `manifest`.
+fn verified_blocks(
+    part: &std::path::Path,
+    model: &commons_protocol::ModelId,
+    manifest: &commons_protocol::blob::Manifest,
+) -> Vec<u32> {
+    let Ok(meta) = std::fs::metadata(part) else {
+        return Vec::new();
+    };
+    (0..manifest.block_count() as u32)
+        .filter(|&i| {
+            let (offset, len) = commons_protocol::blob::block_span(manifest.len, i);
+            offset + len <= meta.len()
+                && blobs::read_block(part, manifest.len, i)
+                    .is_ok_and(|data| manifest.verify_block(model, i, &data).is_ok())
+        })
+        .collect()
 }
 
 fn node_id_of(peer: &PeerId) -> Option<NodeId> {
@@ -324,6 +393,7 @@ impl EventLoop {
         }
         let (responses_tx, responses_rx) = mpsc::channel(256);
         let (local_tx, local_rx) = mpsc::channel(64);
+        let (tasks_tx, tasks_rx) = mpsc::channel(64);
         let coordinating = coordinating
             .map(|(models, store)| Coordinating::new(identity.clone(), models, store, now()));
         let topic = gossipsub::IdentTopic::new(ADVERT_TOPIC);
@@ -361,6 +431,11 @@ impl EventLoop {
             local_tx,
             local_rx,
             rtts: HashMap::new(),
+            blob_server: blobs::BlobServer::default(),
+            fetching: None,
+            blob_out: HashMap::new(),
+            tasks_tx,
+            tasks_rx,
         })
     }
 
@@ -385,6 +460,17 @@ impl EventLoop {
                         layers: s.layers,
                         total_layers: s.total_layers,
                     })
+                    // Files shared but not served: an empty layer range says "ask me for the file".
+                    .chain(
+                        self.blob_server
+                            .models()
+                            .filter(|m| self.served.as_ref().is_none_or(|s| s.model != *m))
+                            .map(|model| commons_protocol::messages::HeldModel {
+                                model,
+                                layers: commons_protocol::messages::LayerRange { start: 0, end: 0 },
+                                total_layers: 0,
+                            }),
+                    )
                     .collect(),
             )
             .unwrap_or_default(),
@@ -487,6 +573,7 @@ impl EventLoop {
             tokio::select! {
                 () = &mut shutdown => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some(done) = self.tasks_rx.recv() => self.on_task_done(done),
                 Some((pending, bytes)) = self.local_rx.recv() => {
                     let me = self.identity.node_id();
                     if let Some(c) = self.coordinating.as_mut() {
@@ -509,6 +596,7 @@ impl EventLoop {
                     for gone in self.peers.expire(now()) {
                         tracing::info!(peer_id = %gone, "peer's advert expired");
                     }
+                    self.drive_fetch();
                 }
                 _ = rebootstrap.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
                 _ = redial.tick() => self.redial_bootstrap(),
@@ -516,6 +604,244 @@ impl EventLoop {
             self.flush_coordinator();
         }
         self.leave().await;
+    }
+
+    /// Shares model files with peers, and fetches one this node lacks.
+    pub fn with_files(
+        mut self,
+        shares: Vec<(commons_protocol::ModelId, std::path::PathBuf)>,
+        fetch: Option<FetchPlan>,
+    ) -> anyhow::Result<Self> {
+        for (model, path) in shares {
+            self.blob_server.share(model, path);
+            // Hash the blocks now, so the first peer to ask is not kept waiting.
+            let server = self.blob_server.clone();
+            tokio::spawn(async move {
+                if server.prepare(&model).await {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "event": "sharing", "model": model.to_string() })
+                    );
+                }
+            });
+        }
+        if let Some(plan) = fetch {
+            let part = plan.dest.with_extension("part");
+            if let Some(dir) = plan.dest.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "fetching {msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_message(format!("{}…", &plan.model.to_string()[..12]));
+            println!(
+                "{}",
+                serde_json::json!({ "event": "fetching", "model": plan.model.to_string() })
+            );
+            self.fetching = Some(Fetching {
+                fetch: blobs::Fetch::new(plan.model),
+                plan,
+                part,
+                file: None,
+                resume_checked: false,
+                bar,
+                started: std::time::Instant::now(),
+            });
+        }
+        Ok(self)
+    }
+
+    /// Asks peers that hold the file being fetched for what is missing.
+    fn drive_fetch(&mut self) {
+        let Some(f) = self.fetching.as_mut() else {
+            return;
+        };
+        let model = f.fetch.model();
+        if f.fetch.manifest().is_some() && !f.resume_checked {
+            return;
+        }
+        let holders: Vec<PeerId> = self
+            .peers
+            .peers()
+            .into_iter()
+            .filter(|e| e.advert.models.iter().any(|m| m.model == model))
+            .filter_map(|e| PeerId::from_bytes(&e.advert.node.peer_id_bytes()).ok())
+            .filter(|p| self.swarm.is_connected(p))
+            .collect();
+        for ask in f.fetch.next(&holders, 4) {
+            let (peer, request, index) = match ask {
+                blobs::FetchAsk::Manifest(p) => (
+                    p,
+                    commons_protocol::blob::BlobRequest::Manifest { model },
+                    None,
+                ),
+                blobs::FetchAsk::Block(p, index) => (
+                    p,
+                    commons_protocol::blob::BlobRequest::Block { model, index },
+                    Some(index),
+                ),
+            };
+            let Ok(bytes) = commons_protocol::codec::encode(&request) else {
+                continue;
+            };
+            let id = self.swarm.behaviour_mut().blobs.send_request(&peer, bytes);
+            self.blob_out.insert(id, (peer, index));
+        }
+    }
+
+    fn on_blob_response(&mut self, peer: PeerId, index: Option<u32>, bytes: &[u8]) {
+        use commons_protocol::blob::BlobResponse;
+        let Some(f) = self.fetching.as_mut() else {
+            return;
+        };
+        match commons_protocol::codec::decode::<BlobResponse>(
+            bytes,
+            commons_protocol::codec::Limit::M64,
+        ) {
+            Ok(BlobResponse::Manifest(m)) if index.is_none() => {
+                match f.fetch.on_manifest(peer, m) {
+                    Ok(()) => {
+                        let (_, total) = f.fetch.progress();
+                        f.bar.set_length(total);
+                        // Keep what a previous run verified.
+                        let (part, tx) = (f.part.clone(), self.tasks_tx.clone());
+                        let (model, manifest) = (f.fetch.model(), f.fetch.manifest().cloned());
+                        tokio::task::spawn_blocking(move || {
+                            let good = manifest
+                                .map(|m| verified_blocks(&part, &model, &m))
+                                .unwrap_or_default();
+                            let _ = tx.blocking_send(TaskDone::Resumed(good));
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, %e, "manifest rejected; asking another peer");
+                    }
+                }
+            }
+            Ok(BlobResponse::Block { index: got, data }) if Some(got) == index => {
+                match f.fetch.on_block(peer, got, &data) {
+                    Ok(offset) => {
+                        let written = f.file.as_ref().map(|file| {
+                            use std::os::unix::fs::FileExt as _;
+                            file.write_all_at(&data, offset)
+                        });
+                        if let Some(Err(e)) = written {
+                            tracing::error!(%e, "cannot write the model file");
+                        }
+                        f.bar.set_position(f.fetch.progress().0);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, %e, "block rejected; asking another peer");
+                        println!(
+                            "{}",
+                            serde_json::json!({ "event": "rejected_block", "peer": peer.to_string(), "block": got })
+                        );
+                    }
+                }
+            }
+            _ => f.fetch.on_failure(peer, index),
+        }
+        self.finish_fetch();
+        self.drive_fetch();
+    }
+
+    /// Once every block is verified: the file takes its place and is loaded.
+    fn finish_fetch(&mut self) {
+        if !self
+            .fetching
+            .as_ref()
+            .is_some_and(|f| f.fetch.is_complete() && f.resume_checked)
+        {
+            return;
+        }
+        let Some(mut f) = self.fetching.take() else {
+            return;
+        };
+        let len = f.fetch.manifest().map_or(0, |m| m.len);
+        let placed = f
+            .file
+            .take()
+            .map_or(Ok(()), |file| {
+                file.set_len(len).and_then(|()| file.sync_all())
+            })
+            .and_then(|()| std::fs::rename(&f.part, &f.plan.dest));
+        f.bar.finish_and_clear();
+        if let Err(e) = placed {
+            tracing::error!(%e, "cannot put the fetched model in place");
+            return;
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "event": "fetched",
+                "model": f.plan.model.to_string(),
+                "path": f.plan.dest.display().to_string(),
+                "bytes": len,
+                "resumed_blocks": f.fetch.resumed,
+                "rejected_blocks": f.fetch.rejected,
+                "seconds": f.started.elapsed().as_secs_f64(),
+            })
+        );
+        let (dest, layers, tx) = (
+            f.plan.dest.clone(),
+            f.plan.layers.clone(),
+            self.tasks_tx.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let served = crate::join::load_served(&dest, layers.as_deref());
+            let _ = tx.blocking_send(TaskDone::Loaded(served, dest));
+        });
+    }
+
+    fn on_task_done(&mut self, done: TaskDone) {
+        match done {
+            TaskDone::BlobAnswer(channel, bytes) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .blobs
+                    .send_response(channel, bytes);
+            }
+            TaskDone::Resumed(good) => {
+                if let Some(f) = self.fetching.as_mut() {
+                    for i in good {
+                        f.fetch.resume_block(i);
+                    }
+                    f.resume_checked = true;
+                    f.bar.set_position(f.fetch.progress().0);
+                    match std::fs::OpenOptions::new()
+                        .create(true)
+                        .write(true)
+                        .truncate(false)
+                        .open(&f.part)
+                    {
+                        Ok(file) => f.file = Some(file),
+                        Err(e) => {
+                            tracing::error!(%e, path = %f.part.display(), "cannot write the model file")
+                        }
+                    }
+                }
+                self.finish_fetch();
+                self.drive_fetch();
+            }
+            TaskDone::Loaded(Ok(served), path) => {
+                tracing::info!(model = %served.model, layers = %served.layers, "serving the fetched model");
+                println!(
+                    "{}",
+                    serde_json::json!({ "event": "serving", "model": served.model.to_string(), "layers": served.layers.to_string() })
+                );
+                self.blob_server.share(served.model, path);
+                self.served = Some(served);
+                self.publish_soon();
+            }
+            TaskDone::Loaded(Err(e), path) => {
+                tracing::error!(%e, path = %path.display(), "cannot serve the fetched model");
+            }
+        }
     }
 
     /// Dials bootstrap peers we lost (one restarted, say), so the node rejoins
@@ -864,6 +1190,40 @@ impl EventLoop {
                     self.coordinating.as_mut(),
                 ) {
                     c.on_failure(pending, error.to_string(), now());
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Blobs(
+                libp2p::request_response::Event::Message { peer, message, .. },
+            )) => match message {
+                libp2p::request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let (server, tx) = (self.blob_server.clone(), self.tasks_tx.clone());
+                    tokio::spawn(async move {
+                        let bytes = server.answer(&request).await;
+                        let _ = tx.send(TaskDone::BlobAnswer(channel, bytes)).await;
+                    });
+                }
+                libp2p::request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some((_, index)) = self.blob_out.remove(&request_id) {
+                        self.on_blob_response(peer, index, &response);
+                    }
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Blobs(
+                libp2p::request_response::Event::OutboundFailure {
+                    request_id, error, ..
+                },
+            )) => {
+                if let Some((peer, index)) = self.blob_out.remove(&request_id) {
+                    tracing::debug!(%peer, %error, "blob request failed");
+                    if let Some(f) = self.fetching.as_mut() {
+                        f.fetch.on_failure(peer, index);
+                    }
+                    self.drive_fetch();
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Jobs(

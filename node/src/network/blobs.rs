@@ -1,0 +1,478 @@
+//! Model files between peers over `/commons/blob/1.0.0`: serving the files a
+//! node holds, and fetching one it lacks, block by block, each block checked
+//! against the file's blake3 id (see [`commons_protocol::blob`]).
+//!
+//! [`Fetch`] decides what to ask whom; it does no I/O, so its rules (spread
+//! the blocks over the peers that hold the file, drop a peer whose manifest or
+//! block does not check out and ask another, resume from the blocks already
+//! on disk) are tested on their own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use commons_protocol::ModelId;
+use commons_protocol::blob::{
+    BLOCK_LEN, BlobError, BlobRequest, BlobResponse, Manifest, ManifestBuilder, block_span,
+};
+use commons_protocol::codec::{self, Limit};
+use futures::{AsyncRead, AsyncWrite};
+use libp2p::{PeerId, StreamProtocol};
+
+use super::work::{read_frame, write_frame};
+
+/// Protocol id of the file exchange.
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/blob/1.0.0");
+
+/// Length-prefixed blob requests (small) and responses (a block or a manifest).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlobCodec;
+
+impl libp2p::request_response::Codec for BlobCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io, Limit::K4.bytes()).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io, Limit::M64.bytes()).await
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &req).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &res).await
+    }
+}
+
+/// Reads block `index` of the file at `path` (`len` bytes in all).
+pub fn read_block(path: &std::path::Path, len: u64, index: u32) -> io::Result<Vec<u8>> {
+    use std::io::{Read as _, Seek as _};
+    let (offset, size) = block_span(len, index);
+    let mut f = std::fs::File::open(path)?;
+    f.seek(io::SeekFrom::Start(offset))?;
+    let mut buf = vec![0u8; size as usize];
+    f.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// The manifest of the file at `path`.
+pub fn manifest_of(path: &std::path::Path) -> Result<Manifest, String> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut builder = ManifestBuilder::new();
+    let mut buf = vec![0u8; BLOCK_LEN as usize];
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = f.read(&mut buf[filled..]).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        builder.push(&buf[..filled]).map_err(|e| e.to_string())?;
+        if filled < buf.len() {
+            break;
+        }
+    }
+    builder.finish().map_err(|e| e.to_string())
+}
+
+/// Files this node shares, with their manifests computed once, on first ask.
+#[derive(Debug, Clone, Default)]
+pub struct BlobServer {
+    files: BTreeMap<ModelId, (PathBuf, Arc<tokio::sync::OnceCell<Manifest>>)>,
+}
+
+impl BlobServer {
+    /// Shares the file at `path` as `model`.
+    pub fn share(&mut self, model: ModelId, path: PathBuf) {
+        self.files
+            .insert(model, (path, Arc::new(tokio::sync::OnceCell::new())));
+    }
+
+    /// The files shared.
+    pub fn models(&self) -> impl Iterator<Item = ModelId> + '_ {
+        self.files.keys().copied()
+    }
+
+    /// Whether the node shares `model`.
+    #[must_use]
+    pub fn has(&self, model: &ModelId) -> bool {
+        self.files.contains_key(model)
+    }
+
+    /// The encoded answer to an encoded request (runs file reads off the runtime).
+    pub async fn answer(&self, request: &[u8]) -> Vec<u8> {
+        let response = match codec::decode::<BlobRequest>(request, Limit::K4) {
+            Err(_) => BlobResponse::NotHeld,
+            Ok(BlobRequest::Manifest { model }) => match self.manifest(&model).await {
+                Some(m) => BlobResponse::Manifest(m),
+                None => BlobResponse::NotHeld,
+            },
+            Ok(BlobRequest::Block { model, index }) => {
+                match (self.manifest(&model).await, self.files.get(&model)) {
+                    (Some(m), Some((path, _))) if (index as usize) < m.block_count() => {
+                        let path = path.clone();
+                        match tokio::task::spawn_blocking(move || read_block(&path, m.len, index))
+                            .await
+                        {
+                            Ok(Ok(data)) => BlobResponse::Block { index, data },
+                            _ => BlobResponse::NotHeld,
+                        }
+                    }
+                    _ => BlobResponse::NotHeld,
+                }
+            }
+            Ok(_) => BlobResponse::NotHeld,
+        };
+        codec::encode(&response).unwrap_or_default()
+    }
+
+    /// Computes the manifest of `model` now rather than on the first request.
+    pub async fn prepare(&self, model: &ModelId) -> bool {
+        self.manifest(model).await.is_some()
+    }
+
+    async fn manifest(&self, model: &ModelId) -> Option<Manifest> {
+        let (path, cell) = self.files.get(model)?;
+        let path = path.clone();
+        cell.get_or_try_init(|| async move {
+            tokio::task::spawn_blocking(move || manifest_of(&path))
+                .await
+                .map_err(|e| e.to_string())?
+        })
+        .await
+        .ok()
+        .cloned()
+    }
+}
+
+/// What a fetch wants sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchAsk {
+    /// Ask `peer` for the manifest.
+    Manifest(PeerId),
+    /// Ask `peer` for block `index`.
+    Block(PeerId, u32),
+}
+
+/// The state of fetching one file from the peers that hold it.
+#[derive(Debug)]
+pub struct Fetch {
+    model: ModelId,
+    manifest: Option<Manifest>,
+    done: Vec<bool>,
+    in_flight: BTreeMap<u32, PeerId>,
+    manifest_from: Option<PeerId>,
+    bad: BTreeSet<PeerId>,
+    failures: BTreeMap<PeerId, u32>,
+    /// Blocks that did not match the manifest.
+    pub rejected: u32,
+    /// Blocks found good on disk when the fetch resumed.
+    pub resumed: usize,
+}
+
+/// A peer is dropped from a fetch after this many failed exchanges in a row.
+const MAX_FAILURES: u32 = 3;
+
+impl Fetch {
+    /// A fetch of `model`.
+    #[must_use]
+    pub fn new(model: ModelId) -> Self {
+        Self {
+            model,
+            manifest: None,
+            done: Vec::new(),
+            in_flight: BTreeMap::new(),
+            manifest_from: None,
+            bad: BTreeSet::new(),
+            failures: BTreeMap::new(),
+            rejected: 0,
+            resumed: 0,
+        }
+    }
+
+    /// The file being fetched.
+    #[must_use]
+    pub fn model(&self) -> ModelId {
+        self.model
+    }
+
+    /// The checked manifest, once one arrived.
+    #[must_use]
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+
+    /// Peers dropped for bad data or repeated failures.
+    #[must_use]
+    pub fn bad_peers(&self) -> &BTreeSet<PeerId> {
+        &self.bad
+    }
+
+    /// Bytes verified so far, and in all (0 until the manifest is known).
+    #[must_use]
+    pub fn progress(&self) -> (u64, u64) {
+        let Some(m) = &self.manifest else {
+            return (0, 0);
+        };
+        let done = (0..m.block_count())
+            .filter(|&i| self.done[i])
+            .map(|i| block_span(m.len, i as u32).1)
+            .sum();
+        (done, m.len)
+    }
+
+    /// True once every block is verified.
+    #[must_use]
+    pub fn is_complete(&self) -> bool {
+        self.manifest.is_some() && self.done.iter().all(|d| *d)
+    }
+
+    /// What to ask next of `holders` (peers that advertise the file), keeping
+    /// at most `max_in_flight` blocks asked for at once.
+    pub fn next(&mut self, holders: &[PeerId], max_in_flight: usize) -> Vec<FetchAsk> {
+        let usable: Vec<PeerId> = holders
+            .iter()
+            .filter(|p| !self.bad.contains(p))
+            .copied()
+            .collect();
+        if usable.is_empty() {
+            return Vec::new();
+        }
+        let Some(m) = &self.manifest else {
+            if self.manifest_from.is_some() {
+                return Vec::new();
+            }
+            let peer = usable[0];
+            self.manifest_from = Some(peer);
+            return vec![FetchAsk::Manifest(peer)];
+        };
+        let mut asks = Vec::new();
+        for index in 0..m.block_count() as u32 {
+            if self.in_flight.len() >= max_in_flight {
+                break;
+            }
+            if self.done[index as usize] || self.in_flight.contains_key(&index) {
+                continue;
+            }
+            // The usable peer with the fewest blocks asked of it.
+            let Some(&peer) = usable
+                .iter()
+                .min_by_key(|p| self.in_flight.values().filter(|q| q == p).count())
+            else {
+                break;
+            };
+            self.in_flight.insert(index, peer);
+            asks.push(FetchAsk::Block(peer, index));
+        }
+        asks
+    }
+
+    /// A manifest from `peer`; one that does not match the id drops the peer.
+    pub fn on_manifest(&mut self, peer: PeerId, manifest: Manifest) -> Result<(), BlobError> {
+        self.manifest_from = None;
+        if self.manifest.is_some() {
+            return Ok(());
+        }
+        if let Err(e) = manifest.check(&self.model) {
+            self.bad.insert(peer);
+            return Err(e);
+        }
+        self.done = vec![false; manifest.block_count()];
+        self.manifest = Some(manifest);
+        Ok(())
+    }
+
+    /// Marks block `index` as already on disk and verified (a resumed fetch).
+    pub fn resume_block(&mut self, index: u32) {
+        if let Some(d) = self.done.get_mut(index as usize)
+            && !*d
+        {
+            *d = true;
+            self.resumed += 1;
+        }
+    }
+
+    /// A block from `peer`: checked, and its byte offset returned for writing.
+    /// A block that does not match drops the peer; the block is asked elsewhere.
+    pub fn on_block(&mut self, peer: PeerId, index: u32, data: &[u8]) -> Result<u64, BlobError> {
+        if self.in_flight.get(&index) == Some(&peer) {
+            self.in_flight.remove(&index);
+        }
+        let Some(m) = &mut self.manifest else {
+            return Err(BlobError::CorruptBlock { index });
+        };
+        if let Err(e) = m.verify_block(&self.model, index, data) {
+            self.rejected += 1;
+            self.bad.insert(peer);
+            return Err(e);
+        }
+        if index as usize + 1 == m.block_count() {
+            m.settle_len(data.len());
+        }
+        self.failures.remove(&peer);
+        self.done[index as usize] = true;
+        Ok(u64::from(index) * BLOCK_LEN)
+    }
+
+    /// An exchange with `peer` failed (unreachable, timed out, does not hold the file).
+    pub fn on_failure(&mut self, peer: PeerId, index: Option<u32>) {
+        match index {
+            Some(i) if self.in_flight.get(&i) == Some(&peer) => {
+                self.in_flight.remove(&i);
+            }
+            None if self.manifest_from == Some(peer) => self.manifest_from = None,
+            _ => {}
+        }
+        let n = self.failures.entry(peer).or_default();
+        *n += 1;
+        if *n >= MAX_FAILURES {
+            self.bad.insert(peer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use commons_protocol::Hash;
+
+    fn file(len: usize) -> (Vec<u8>, ModelId, Manifest) {
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i % 253) as u8 ^ (i >> 12) as u8)
+            .collect();
+        let id = ModelId(Hash(*blake3::hash(&bytes).as_bytes()));
+        let mut b = ManifestBuilder::new();
+        for c in bytes.chunks(BLOCK_LEN as usize) {
+            b.push(c).unwrap();
+        }
+        (bytes, id, b.finish().unwrap())
+    }
+
+    fn block(bytes: &[u8], i: u32) -> &[u8] {
+        let (o, l) = block_span(bytes.len() as u64, i);
+        &bytes[o as usize..(o + l) as usize]
+    }
+
+    /// Runs a fetch against peers, `liar` serving corrupt blocks and a forged manifest.
+    #[test]
+    fn a_lying_peer_is_dropped_and_its_blocks_come_from_another() {
+        let (bytes, id, manifest) = file(5 * BLOCK_LEN as usize + 123);
+        let (honest, liar) = (PeerId::random(), PeerId::random());
+        // The liar's manifest lists a wrong chaining value.
+        let mut forged = manifest.clone();
+        let mut cvs = forged.blocks.into_vec();
+        cvs[3][5] ^= 1;
+        forged.blocks = commons_protocol::BoundedVec::try_from_vec(cvs).unwrap();
+        let mut f = Fetch::new(id);
+        let mut out = vec![0u8; bytes.len()];
+        for _ in 0..100 {
+            if f.is_complete() {
+                break;
+            }
+            for ask in f.next(&[liar, honest], 2) {
+                match ask {
+                    FetchAsk::Manifest(p) if p == liar => {
+                        assert!(f.on_manifest(p, forged.clone()).is_err());
+                    }
+                    FetchAsk::Manifest(p) => f.on_manifest(p, manifest.clone()).unwrap(),
+                    FetchAsk::Block(p, i) => {
+                        let mut data = block(&bytes, i).to_vec();
+                        if p == liar {
+                            data[0] ^= 0xff;
+                        }
+                        if let Ok(offset) = f.on_block(p, i, &data) {
+                            out[offset as usize..offset as usize + data.len()]
+                                .copy_from_slice(&data);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(f.is_complete());
+        assert_eq!(out, bytes);
+        assert!(f.bad_peers().contains(&liar));
+        assert_eq!(f.progress(), (bytes.len() as u64, bytes.len() as u64));
+    }
+
+    #[test]
+    fn a_manifest_that_lies_about_the_length_still_yields_the_exact_file() {
+        let (bytes, id, mut manifest) = file(2 * BLOCK_LEN as usize + 10);
+        manifest.len += 100;
+        let peer = PeerId::random();
+        let mut f = Fetch::new(id);
+        f.on_manifest(peer, manifest).unwrap();
+        for i in 0..3 {
+            f.on_block(peer, i, block(&bytes, i)).unwrap();
+        }
+        assert!(f.is_complete());
+        assert_eq!(f.manifest().unwrap().len, bytes.len() as u64);
+    }
+
+    #[test]
+    fn corrupt_blocks_are_rejected_and_asked_again_and_resumed_blocks_are_skipped() {
+        let (bytes, id, manifest) = file(4 * BLOCK_LEN as usize);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut f = Fetch::new(id);
+        let [FetchAsk::Manifest(p)] = f.next(&[a, b], 4)[..] else {
+            panic!("manifest first")
+        };
+        f.on_manifest(p, manifest).unwrap();
+        // Blocks 0 and 1 were on disk already.
+        f.resume_block(0);
+        f.resume_block(1);
+        assert_eq!(f.resumed, 2);
+        let asks = f.next(&[a, b], 4);
+        assert_eq!(asks.len(), 2, "{asks:?}");
+        // Peer a sends garbage for its block: rejected, a is dropped.
+        let (pa, ia) = asks
+            .iter()
+            .find_map(|x| match x {
+                FetchAsk::Block(p, i) if *p == a => Some((*p, *i)),
+                _ => None,
+            })
+            .unwrap();
+        assert!(f.on_block(pa, ia, &vec![0u8; BLOCK_LEN as usize]).is_err());
+        assert_eq!(f.rejected, 1);
+        // The block goes to b next.
+        let again = f.next(&[a, b], 4);
+        assert!(again.contains(&FetchAsk::Block(b, ia)), "{again:?}");
+        // A peer that keeps failing is dropped too.
+        for _ in 0..MAX_FAILURES {
+            f.on_failure(b, Some(ia));
+        }
+        assert!(f.next(&[a, b], 4).is_empty(), "nobody left to ask");
+        assert!(!f.is_complete());
+        let _ = bytes;
+    }
+}
