@@ -245,3 +245,90 @@ pub fn rebalance(
     }
     Ok(kept)
 }
+
+/// The plan that `assignments` (what nodes serve now, e.g. from their adverts) make.
+#[must_use]
+pub fn current(model: &ModelShape, assignments: &[Assignment]) -> Plan {
+    let n = model.n_layers as usize;
+    let mut plan = Plan {
+        assignments: Vec::new(),
+        layer_throughput: vec![0.0; n],
+    };
+    for a in assignments {
+        let (start, end) = (a.layers.start as usize, (a.layers.end as usize).min(n));
+        if start >= end {
+            continue;
+        }
+        for t in &mut plan.layer_throughput[start..end] {
+            *t += a.throughput;
+        }
+        plan.assignments.push(a.clone());
+    }
+    plan
+}
+
+/// The span a node joining should load, given what `others` serve: the
+/// weakest window it can hold (Petals' choice for a new server). `None` when
+/// it cannot hold a single layer.
+#[must_use]
+pub fn choose_span(
+    model: &ModelShape,
+    others: &[Assignment],
+    me: &NodeCapacity,
+) -> Option<LayerRange> {
+    if model.n_layers == 0 || max_span(model, me) == 0 || me.layer_throughput <= 0.0 {
+        return None;
+    }
+    let others: Vec<Assignment> = others
+        .iter()
+        .filter(|a| a.node != me.node)
+        .cloned()
+        .collect();
+    let mut plan = current(model, &others);
+    place(&mut plan, model, me);
+    plan.of(&me.node).next().map(|a| a.layers)
+}
+
+/// Whether `me` should move to another span, and where: only while some layer
+/// has no server, only if every layer `me` serves now stays served without
+/// it, only if the move serves layers nobody serves, and only if no node with
+/// a lower id could move instead (every node sees the same adverts, so one
+/// node moves per round and replicas never all leave a span at once).
+#[must_use]
+pub fn should_move(
+    model: &ModelShape,
+    all: &[Assignment],
+    me: &NodeCapacity,
+) -> Option<LayerRange> {
+    let now = current(model, all);
+    let gaps = |p: &Plan| p.layer_throughput.iter().filter(|t| **t <= 0.0).count();
+    if gaps(&now) == 0 {
+        return None;
+    }
+    let without = |node: &NodeId| -> Vec<Assignment> {
+        all.iter().filter(|a| a.node != *node).cloned().collect()
+    };
+    let movable = |node: &NodeId| {
+        let rest = current(model, &without(node));
+        all.iter().filter(|a| a.node == *node).all(|a| {
+            rest.layer_throughput
+                [a.layers.start as usize..(a.layers.end as usize).min(rest.layer_throughput.len())]
+                .iter()
+                .all(|t| *t > 0.0)
+        })
+    };
+    let mut nodes: Vec<NodeId> = all.iter().map(|a| a.node).collect();
+    nodes.sort();
+    nodes.dedup();
+    if nodes.iter().find(|n| movable(n)) != Some(&me.node) {
+        return None;
+    }
+    let span = choose_span(model, &without(&me.node), me)?;
+    let mut after = without(&me.node);
+    after.push(Assignment {
+        node: me.node,
+        layers: span,
+        throughput: me.layer_throughput / f64::from(span.len().max(1)),
+    });
+    (gaps(&current(model, &after)) < gaps(&now)).then_some(span)
+}

@@ -1,8 +1,11 @@
 //! Placement properties.
 #![allow(clippy::unwrap_used)] // helpers of tests may fail loudly
 
-use commons_coordinator::placement::{ModelShape, NodeCapacity, PlanError, plan, rebalance};
+use commons_coordinator::placement::{
+    Assignment, ModelShape, NodeCapacity, PlanError, choose_span, plan, rebalance, should_move,
+};
 use commons_protocol::NodeId;
+use commons_protocol::messages::LayerRange;
 use proptest::prelude::*;
 
 fn node(i: u8, throughput: f64, layers_fit: u64) -> NodeCapacity {
@@ -151,6 +154,83 @@ proptest! {
             if let Ok(q) = rebalance(&MODEL, &p, &rest, 0.2) {
                 prop_assert!(q.covers_all());
                 prop_assert!(q.assignments.iter().all(|a| a.node != leaving));
+            }
+        }
+    }
+}
+
+fn serving(i: u8, a: u32, b: u32) -> Assignment {
+    Assignment {
+        node: NodeId([i; 32]),
+        layers: LayerRange { start: a, end: b },
+        throughput: 300.0 / f64::from(b - a),
+    }
+}
+
+fn span(r: Option<LayerRange>) -> Option<(u32, u32)> {
+    r.map(|r| (r.start, r.end))
+}
+
+#[test]
+fn joining_nodes_take_the_weakest_span_they_can_hold() {
+    // One by one, three ten-layer nodes build the pipeline.
+    let mut swarm = Vec::new();
+    for i in 1..=3u8 {
+        let s = choose_span(&MODEL, &swarm, &node(i, 300.0, 10)).unwrap();
+        swarm.push(serving(i, s.start, s.end));
+    }
+    let mut spans: Vec<_> = swarm
+        .iter()
+        .map(|a| (a.layers.start, a.layers.end))
+        .collect();
+    spans.sort_unstable();
+    assert_eq!(spans, vec![(0, 10), (10, 20), (20, 30)]);
+    // A fourth becomes a replica of one third; a node with no room gets nothing.
+    assert_eq!(
+        choose_span(&MODEL, &swarm, &node(4, 300.0, 10)).map(|r| r.len()),
+        Some(10)
+    );
+    assert_eq!(choose_span(&MODEL, &swarm, &node(5, 300.0, 0)), None);
+}
+
+#[test]
+fn when_a_span_is_lost_one_spare_replica_moves_into_the_gap() {
+    // 2 and 4 both serve 0..10; the node serving 10..20 is gone.
+    let left = [serving(2, 0, 10), serving(4, 0, 10), serving(3, 20, 30)];
+    assert_eq!(
+        span(should_move(&MODEL, &left, &node(2, 300.0, 10))),
+        Some((10, 20))
+    );
+    // Only the lowest id moves, so 0..10 keeps a server.
+    assert_eq!(should_move(&MODEL, &left, &node(4, 300.0, 10)), None);
+    // The only server of a span never leaves it, even for a gap.
+    assert_eq!(should_move(&MODEL, &left, &node(3, 300.0, 10)), None);
+    // Nothing moves while every layer is served.
+    let full = [serving(2, 0, 10), serving(4, 10, 20), serving(3, 20, 30)];
+    for i in [2, 3, 4] {
+        assert_eq!(should_move(&MODEL, &full, &node(i, 300.0, 10)), None);
+    }
+}
+
+proptest! {
+    /// Moving never opens a gap: after the move every layer served before is still served.
+    #[test]
+    fn a_move_never_uncovers_a_layer(spans in proptest::collection::vec((0u32..30, 1u32..15), 1..8)) {
+        let all: Vec<Assignment> = spans
+            .iter()
+            .enumerate()
+            .map(|(i, &(a, len))| serving(i as u8 + 1, a, (a + len).min(30)))
+            .collect();
+        for a in &all {
+            let me = NodeCapacity { node: a.node, layer_throughput: 300.0, memory_bytes: 1000 };
+            if let Some(to) = should_move(&MODEL, &all, &me) {
+                let before = commons_coordinator::placement::current(&MODEL, &all);
+                let mut after: Vec<Assignment> = all.iter().filter(|x| x.node != a.node).cloned().collect();
+                after.push(Assignment { node: a.node, layers: to, throughput: 30.0 });
+                let after = commons_coordinator::placement::current(&MODEL, &after);
+                for l in 0..30 {
+                    prop_assert!(before.layer_throughput[l] <= 0.0 || after.layer_throughput[l] > 0.0, "layer {l} uncovered");
+                }
             }
         }
     }
