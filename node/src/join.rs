@@ -62,9 +62,18 @@ pub struct JoinArgs {
     /// Serve the OpenAI-compatible API here (loopback only; needs `--coordinator`).
     #[arg(long, value_name = "ADDR", requires = "coordinator")]
     pub api: Option<SocketAddr>,
-    /// Layers of the model to serve, e.g. `0..10` (default: all, unless coordinating).
-    #[arg(long, value_name = "A..B", requires = "model")]
+    /// Layers of the model to serve, e.g. `0..10` (default: all, unless
+    /// coordinating), or `auto`: listen to the swarm's adverts for a few
+    /// seconds, take the weakest span this node can hold, and move into a span
+    /// left without a server when one is.
+    #[arg(long, value_name = "A..B|auto", requires = "model")]
     pub layers: Option<String>,
+    /// With `--layers auto`: the most layers this node holds.
+    #[arg(long, value_name = "N")]
+    pub max_layers: Option<u32>,
+    /// With `--layers auto`: seconds between checks for a span without a server.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub rebalance_secs: u64,
     /// Coalition charter files to serve (accepted; enforced once charters are checked).
     #[arg(long, value_name = "CHARTER")]
     pub coalition: Vec<PathBuf>,
@@ -203,9 +212,19 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(|m| resolve_model(m, &settings.data_dir))
         .transpose()?;
-    let serve_layers = !args.coordinator || args.layers.is_some();
+    let auto = args.layers.as_deref() == Some("auto");
+    let rebalance = Duration::from_secs(args.rebalance_secs.max(1));
+    let serve_layers = (!args.coordinator || args.layers.is_some()) && !auto;
+    let mut auto_place = None;
     let (served, shares, fetch) = match &source {
         Some(ModelSource::File(path)) => {
+            if auto {
+                auto_place = Some(crate::network::AutoPlace::for_file(
+                    path,
+                    args.max_layers,
+                    rebalance,
+                )?);
+            }
             let served = if serve_layers {
                 Some(load_served(path, args.layers.as_deref())?)
             } else {
@@ -230,6 +249,8 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
                 model: *id,
                 dest: dest.clone(),
                 layers: args.layers.clone(),
+                max_layers: args.max_layers,
+                rebalance,
             };
             (None, Vec::new(), Some(plan))
         }
@@ -262,7 +283,8 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         served,
         coordinating,
     )?
-    .with_files(shares, fetch)?;
+    .with_files(shares, fetch)?
+    .with_auto_placement(auto_place);
 
     let stopping = Arc::new(Notify::new());
     let server_stop = {

@@ -308,8 +308,53 @@ pub struct EventLoop {
     blob_out: HashMap<libp2p::request_response::OutboundRequestId, (PeerId, Option<u32>)>,
     tasks_tx: mpsc::Sender<TaskDone>,
     tasks_rx: mpsc::Receiver<TaskDone>,
+    auto: Option<AutoPlace>,
 }
 
+/// A node that chooses its own layers from what the swarm serves
+/// (`--layers auto`), and moves when a span is left without a server.
+#[derive(Debug)]
+pub struct AutoPlace {
+    path: std::path::PathBuf,
+    model: commons_protocol::ModelId,
+    shape: commons_coordinator::placement::ModelShape,
+    max_layers: u32,
+    started: std::time::Instant,
+    last_check: std::time::Instant,
+    loading: bool,
+    /// How long to listen to adverts before choosing.
+    pub settle: Duration,
+    /// How often to look for a lost span to move into.
+    pub interval: Duration,
+}
+
+impl AutoPlace {
+    /// Reads the model's shape from `path` (blocking).
+    pub fn for_file(
+        path: &std::path::Path,
+        max_layers: Option<u32>,
+        interval: Duration,
+    ) -> anyhow::Result<Self> {
+        let file = crate::executor::ModelFile::open(path)?;
+        let n_layers = file.config().n_layer as u32;
+        let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+        let now = std::time::Instant::now();
+        Ok(Self {
+            path: path.to_owned(),
+            model: crate::executor::model_id(path)?,
+            shape: commons_coordinator::placement::ModelShape {
+                n_layers,
+                layer_bytes: bytes / u64::from(n_layers.max(1)),
+            },
+            max_layers: max_layers.unwrap_or(n_layers).min(n_layers),
+            started: now,
+            last_check: now,
+            loading: false,
+            settle: Duration::from_secs(3),
+            interval,
+        })
+    }
+}
 /// A model file this node lacks and fetches from its peers before serving.
 #[derive(Debug)]
 pub struct FetchPlan {
@@ -317,8 +362,12 @@ pub struct FetchPlan {
     pub model: commons_protocol::ModelId,
     /// Where the verified file goes.
     pub dest: std::path::PathBuf,
-    /// The layers to serve once it is here (`None`: all).
+    /// The layers to serve once it is here (`None`: all; `auto`: chosen).
     pub layers: Option<String>,
+    /// With `auto`: the most layers to hold.
+    pub max_layers: Option<u32>,
+    /// With `auto`: how often to look for a lost span.
+    pub rebalance: Duration,
 }
 
 struct Fetching {
@@ -337,7 +386,9 @@ enum TaskDone {
     BlobAnswer(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>),
     /// Blocks of a partial download found good on disk.
     Resumed(Vec<u32>),
-    /// The fetched model, loaded (or not).
+    /// A fetched model ready to be placed automatically.
+    AutoReady(anyhow::Result<AutoPlace>),
+    /// A model range loaded (or not).
     Loaded(
         anyhow::Result<crate::executor::serve::Served>,
         std::path::PathBuf,
@@ -436,6 +487,7 @@ impl EventLoop {
             blob_out: HashMap::new(),
             tasks_tx,
             tasks_rx,
+            auto: None,
         })
     }
 
@@ -597,6 +649,7 @@ impl EventLoop {
                         tracing::info!(peer_id = %gone, "peer's advert expired");
                     }
                     self.drive_fetch();
+                    self.auto_place();
                 }
                 _ = rebootstrap.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
                 _ = redial.tick() => self.redial_bootstrap(),
@@ -653,6 +706,79 @@ impl EventLoop {
             });
         }
         Ok(self)
+    }
+
+    /// Chooses this node's layers by itself (see [`AutoPlace`]).
+    pub fn with_auto_placement(mut self, auto: Option<AutoPlace>) -> Self {
+        self.auto = auto;
+        self
+    }
+
+    /// Places or moves this node's span, when it is time.
+    fn auto_place(&mut self) {
+        use commons_coordinator::placement::{Assignment, NodeCapacity, choose_span, should_move};
+        let me = self.identity.node_id();
+        let Some(a) = self.auto.as_mut() else {
+            return;
+        };
+        if a.loading {
+            return;
+        }
+        let per_layer = |mflops: u64, len: u32| mflops as f64 / f64::from(len.max(1));
+        let mut all: Vec<Assignment> = self
+            .peers
+            .peers()
+            .into_iter()
+            .filter(|e| e.advert.node != me)
+            .flat_map(|e| {
+                e.advert
+                    .models
+                    .iter()
+                    .filter(|m| m.model == a.model && !m.layers.is_empty())
+                    .map(|m| Assignment {
+                        node: e.advert.node,
+                        layers: m.layers,
+                        throughput: per_layer(e.advert.matmul_mflops, m.layers.len()),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let capacity = NodeCapacity {
+            node: me,
+            layer_throughput: self.capacity.matmul_mflops.max(1) as f64,
+            memory_bytes: (self.capacity.ram_bytes / 2)
+                .min(u64::from(a.max_layers) * a.shape.layer_bytes.max(1)),
+        };
+        let span = match &self.served {
+            None if a.started.elapsed() >= a.settle => choose_span(&a.shape, &all, &capacity),
+            Some(s) if a.last_check.elapsed() >= a.interval => {
+                a.last_check = std::time::Instant::now();
+                all.push(Assignment {
+                    node: me,
+                    layers: s.layers,
+                    throughput: per_layer(self.capacity.matmul_mflops, s.layers.len()),
+                });
+                let to = should_move(&a.shape, &all, &capacity);
+                if let Some(to) = to {
+                    tracing::info!(from = %s.layers, %to, "a span lost its server; moving");
+                    println!(
+                        "{}",
+                        serde_json::json!({ "event": "moving", "from": s.layers.to_string(), "to": to.to_string() })
+                    );
+                }
+                to
+            }
+            _ => None,
+        };
+        let Some(span) = span else {
+            return;
+        };
+        a.loading = true;
+        let (path, tx) = (a.path.clone(), self.tasks_tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let served = crate::join::load_served(&path, Some(&span.to_string()));
+            let _ = tx.blocking_send(TaskDone::Loaded(served, path));
+        });
     }
 
     /// Asks peers that hold the file being fetched for what is missing.
@@ -791,9 +917,15 @@ impl EventLoop {
             f.plan.layers.clone(),
             self.tasks_tx.clone(),
         );
+        let (max_layers, interval) = (f.plan.max_layers, f.plan.rebalance);
         tokio::task::spawn_blocking(move || {
-            let served = crate::join::load_served(&dest, layers.as_deref());
-            let _ = tx.blocking_send(TaskDone::Loaded(served, dest));
+            if layers.as_deref() == Some("auto") {
+                let auto = AutoPlace::for_file(&dest, max_layers, interval);
+                let _ = tx.blocking_send(TaskDone::AutoReady(auto));
+            } else {
+                let served = crate::join::load_served(&dest, layers.as_deref());
+                let _ = tx.blocking_send(TaskDone::Loaded(served, dest));
+            }
         });
     }
 
@@ -828,7 +960,15 @@ impl EventLoop {
                 self.finish_fetch();
                 self.drive_fetch();
             }
+            TaskDone::AutoReady(Ok(auto)) => self.auto = Some(auto),
+            TaskDone::AutoReady(Err(e)) => {
+                tracing::error!(%e, "cannot place the fetched model");
+            }
             TaskDone::Loaded(Ok(served), path) => {
+                if let Some(a) = self.auto.as_mut() {
+                    a.loading = false;
+                    a.last_check = std::time::Instant::now();
+                }
                 tracing::info!(model = %served.model, layers = %served.layers, "serving the fetched model");
                 println!(
                     "{}",
@@ -839,6 +979,9 @@ impl EventLoop {
                 self.publish_soon();
             }
             TaskDone::Loaded(Err(e), path) => {
+                if let Some(a) = self.auto.as_mut() {
+                    a.loading = false;
+                }
                 tracing::error!(%e, path = %path.display(), "cannot serve the fetched model");
             }
         }
