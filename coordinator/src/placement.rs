@@ -284,9 +284,26 @@ pub fn choose_span(
         .filter(|a| a.node != me.node)
         .cloned()
         .collect();
-    let mut plan = current(model, &others);
+    choose_span_in(model, &current(model, &others), me)
+}
+
+/// [`choose_span`] against a plan kept up to date by the caller (what
+/// everyone else serves), in time proportional to the layers, not the nodes.
+#[must_use]
+pub fn choose_span_in(model: &ModelShape, others: &Plan, me: &NodeCapacity) -> Option<LayerRange> {
+    if model.n_layers == 0
+        || max_span(model, me) == 0
+        || me.layer_throughput <= 0.0
+        || others.layer_throughput.len() != model.n_layers as usize
+    {
+        return None;
+    }
+    let mut plan = Plan {
+        assignments: Vec::new(),
+        layer_throughput: others.layer_throughput.clone(),
+    };
     place(&mut plan, model, me);
-    plan.of(&me.node).next().map(|a| a.layers)
+    plan.assignments.first().map(|a| a.layers)
 }
 
 /// Whether `me` should move to another span, and where: only while some layer

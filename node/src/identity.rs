@@ -112,7 +112,11 @@ pub fn store(identity: &Identity, path: &Path, overwrite: bool) -> Result<(), Ke
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(write_err)?;
     }
-    let tmp = path.with_extension("key.tmp");
+    // A name of our own: two processes creating the same key file at once
+    // must not write into each other's temporary file.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("key.tmp.{}.{n}", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -125,7 +129,19 @@ pub fn store(identity: &Identity, path: &Path, overwrite: bool) -> Result<(), Ke
     file.write_all(identity.to_key_file().as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(write_err)?;
-    fs::rename(&tmp, path).map_err(write_err)
+    if overwrite {
+        return fs::rename(&tmp, path).map_err(write_err);
+    }
+    // Without overwrite, a link refuses to replace a key another process just wrote.
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(KeyStoreError::Exists {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(write_err(e)),
+    }
 }
 
 /// Loads the identity at `path`, creating one there first if there is none.
@@ -134,8 +150,12 @@ pub fn load_or_create(path: &Path) -> anyhow::Result<(Identity, bool)> {
         return Ok((load(path)?, false));
     }
     let identity = generate().map_err(|e| anyhow::anyhow!("no randomness for a new key: {e}"))?;
-    store(&identity, path, false)?;
-    Ok((identity, true))
+    match store(&identity, path, false) {
+        Ok(()) => Ok((identity, true)),
+        // Another process created it first: use theirs.
+        Err(KeyStoreError::Exists { .. }) => Ok((load(path)?, false)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The libp2p keypair of `identity`: the same secret, so the same PeerId.
@@ -148,6 +168,19 @@ pub fn libp2p_keypair(identity: &Identity) -> libp2p::identity::Keypair {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn concurrent_first_use_gives_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("node.key");
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| super::load_or_create(&path).unwrap().0.node_id().to_string()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    }
+
     use super::*;
 
     #[test]

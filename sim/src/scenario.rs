@@ -1,0 +1,267 @@
+//! Scenarios: what world to simulate, read from TOML.
+//!
+//! ```toml
+//! name = "weibull-churn"
+//! duration_s = 21600
+//! sample_every_s = 60
+//!
+//! [population]
+//! initial = 200              # nodes online at the start
+//! arrivals_per_hour = 120    # new nodes, Poisson
+//!
+//! [churn]
+//! session = { dist = "weibull", shape = 0.5, scale = 1800.0 }
+//! downtime = { dist = "exponential", mean = 3600.0 }  # then rejoin, same identity
+//! rejoin_probability = 0.5
+//! graceful_fraction = 0.3   # leaves announced; the rest crash
+//!
+//! [nodes]
+//! tokens_per_s = { dist = "lognormal", mu = 6.0, sigma = 0.5 }  # per layer
+//! memory_layers = { dist = "uniform", low = 4.0, high = 16.0 }
+//!
+//! [model]
+//! layers = 30
+//!
+//! [workload]
+//! jobs_per_minute = 30
+//! prompt_tokens = 40
+//! max_tokens = 64
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::dist::Dist;
+
+/// A whole scenario.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// A name for reports.
+    pub name: String,
+    /// Simulated seconds.
+    pub duration_s: f64,
+    /// Seconds between rows of the time series.
+    #[serde(default = "default_sample")]
+    pub sample_every_s: f64,
+    /// Who is there.
+    pub population: Population,
+    /// How they come and go.
+    pub churn: Churn,
+    /// What they bring.
+    #[serde(default)]
+    pub nodes: Nodes,
+    /// The model served.
+    #[serde(default)]
+    pub model: Model,
+    /// The jobs.
+    #[serde(default)]
+    pub workload: Workload,
+    /// Latency between nodes.
+    #[serde(default)]
+    pub network: Network,
+    /// Nodes that check for lost spans every this many seconds (0: never).
+    #[serde(default = "default_rebalance")]
+    pub rebalance_every_s: f64,
+}
+
+fn default_sample() -> f64 {
+    60.0
+}
+
+fn default_rebalance() -> f64 {
+    30.0
+}
+
+/// Arrivals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Population {
+    /// Nodes online at time 0 (their remaining sessions are drawn like new ones).
+    #[serde(default)]
+    pub initial: u32,
+    /// New nodes per hour (a Poisson process).
+    #[serde(default)]
+    pub arrivals_per_hour: f64,
+}
+
+/// Sessions and downtimes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Churn {
+    /// How long a node stays online.
+    pub session: Dist,
+    /// How long a node that will come back stays away.
+    #[serde(default)]
+    pub downtime: Option<Dist>,
+    /// Probability that a leaving node comes back later (with the same identity).
+    #[serde(default)]
+    pub rejoin_probability: f64,
+    /// Fraction of leaves that are announced (the rest are crashes, found by timeouts).
+    #[serde(default = "default_graceful")]
+    pub graceful_fraction: f64,
+}
+
+fn default_graceful() -> f64 {
+    0.5
+}
+
+/// Node heterogeneity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nodes {
+    /// Tokens per second one layer runs at on the node (prefill and decode alike).
+    pub tokens_per_s: Dist,
+    /// Layers the node can hold.
+    pub memory_layers: Dist,
+}
+
+impl Default for Nodes {
+    fn default() -> Self {
+        Self {
+            tokens_per_s: Dist::LogNormal {
+                mu: 6.0,
+                sigma: 0.5,
+            },
+            memory_layers: Dist::Uniform {
+                low: 4.0,
+                high: 16.0,
+            },
+        }
+    }
+}
+
+/// The model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    /// Transformer blocks.
+    pub layers: u32,
+    /// Longest sequence.
+    pub context: u32,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self {
+            layers: 30,
+            context: 2048,
+        }
+    }
+}
+
+/// Inference jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// New jobs per minute (Poisson).
+    pub jobs_per_minute: f64,
+    /// Prompt length in tokens.
+    pub prompt_tokens: u32,
+    /// Tokens generated per job.
+    pub max_tokens: u32,
+    /// Distinct submitters (jobs are spread over them evenly).
+    pub submitters: u32,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self {
+            jobs_per_minute: 10.0,
+            prompt_tokens: 40,
+            max_tokens: 64,
+            submitters: 8,
+        }
+    }
+}
+
+/// Latency from coordinates: nodes sit uniformly on a square of
+/// `world_km`², and a round trip costs `base_rtt_ms` plus `ms_per_1000km`
+/// per 1000 km of distance (there and back).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Side of the world, kilometres.
+    pub world_km: f64,
+    /// Round trip at distance 0, milliseconds.
+    pub base_rtt_ms: f64,
+    /// Added per 1000 km, milliseconds.
+    pub ms_per_1000km: f64,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self {
+            world_km: 8000.0,
+            base_rtt_ms: 2.0,
+            ms_per_1000km: 20.0,
+        }
+    }
+}
+
+/// A scenario that cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// Not TOML, or not this shape.
+    #[error("the scenario is not valid TOML for a scenario: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Scenario {
+    /// Parses and checks a scenario.
+    pub fn from_toml(text: &str) -> Result<Self, ScenarioError> {
+        let s: Self = toml::from_str(text)?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// blake3 of the scenario's canonical JSON form (stamped on every output).
+    #[must_use]
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        blake3::hash(&json).to_hex()[..16].to_owned()
+    }
+
+    fn validate(&self) -> Result<(), ScenarioError> {
+        let bad = |m: String| Err(ScenarioError::Invalid(m));
+        if !(self.duration_s.is_finite() && self.duration_s > 0.0) {
+            return bad("duration_s must be > 0".into());
+        }
+        if !(self.sample_every_s.is_finite() && self.sample_every_s > 0.0) {
+            return bad("sample_every_s must be > 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.churn.rejoin_probability)
+            || !(0.0..=1.0).contains(&self.churn.graceful_fraction)
+        {
+            return bad("rejoin_probability and graceful_fraction are probabilities".into());
+        }
+        if self.churn.rejoin_probability > 0.0 && self.churn.downtime.is_none() {
+            return bad("rejoin_probability > 0 needs a downtime distribution".into());
+        }
+        if self.population.arrivals_per_hour < 0.0 || self.workload.jobs_per_minute < 0.0 {
+            return bad("rates must be ≥ 0".into());
+        }
+        if self.model.layers == 0 || self.workload.submitters == 0 {
+            return bad("model.layers and workload.submitters must be ≥ 1".into());
+        }
+        if self.workload.prompt_tokens == 0
+            || self.workload.prompt_tokens + self.workload.max_tokens > self.model.context
+        {
+            return bad("prompt_tokens must be ≥ 1 and prompt + max tokens fit the context".into());
+        }
+        for (what, d) in [
+            ("churn.session", Some(&self.churn.session)),
+            ("churn.downtime", self.churn.downtime.as_ref()),
+            ("nodes.tokens_per_s", Some(&self.nodes.tokens_per_s)),
+            ("nodes.memory_layers", Some(&self.nodes.memory_layers)),
+        ] {
+            if let Some(d) = d {
+                d.validate()
+                    .map_err(|e| ScenarioError::Invalid(format!("{what}: {}", e.0)))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,736 @@
+//! The simulation: simulated nodes that come and go, and the real
+//! coordinator code (placement, routing, the job scheduler with its failover)
+//! driven against them on a virtual clock.
+//!
+//! Nothing here decides what the coordinator would: nodes choose their span
+//! with [`placement::choose_span_in`] and move with [`placement::should_move`],
+//! jobs go through [`Scheduler`], exactly as in a node. The simulation only
+//! supplies time, latency, compute durations and deaths.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use commons_coordinator::job::{
+    JobStatus, NewJob, Output, Scheduler, SchedulerConfig, StepFailure, StepResult, Ticket,
+};
+use commons_coordinator::placement::{self, Assignment, ModelShape, NodeCapacity, Plan};
+use commons_coordinator::routing::SpanOffer;
+use commons_protocol::messages::{LayerRange, SamplingParams};
+use commons_protocol::{Hash, JobId, ModelId, NodeId, Tensor, UnixMillis};
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
+
+use crate::dist::Dist;
+use crate::scenario::Scenario;
+
+/// Microseconds of simulated time.
+pub type Micros = u64;
+
+const SECOND: Micros = 1_000_000;
+const MODEL: ModelId = ModelId(Hash([7; 32]));
+
+fn secs(x: f64) -> Micros {
+    (x.max(0.0) * SECOND as f64) as Micros
+}
+
+/// One row of the time series.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Row {
+    /// Simulated seconds.
+    pub t_s: f64,
+    /// Nodes online.
+    pub online: u32,
+    /// Online nodes serving a span.
+    pub serving: u32,
+    /// Fraction of layers with at least one server.
+    pub coverage: f64,
+    /// Jobs generating or queued.
+    pub jobs_active: u32,
+    /// Jobs finished, all time.
+    pub jobs_done: u64,
+    /// Jobs failed (after acceptance), all time.
+    pub jobs_failed: u64,
+    /// Jobs refused at submission (no route), all time.
+    pub jobs_refused: u64,
+    /// Tokens generated, all time.
+    pub tokens: u64,
+    /// Tokens per second since the previous row.
+    pub tokens_per_s: f64,
+    /// Hops replaced after failures, all time.
+    pub failovers: u64,
+    /// Node-seconds of compute spent on units whose node died before answering.
+    pub wasted_compute_s: f64,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// The scenario's hash.
+    pub scenario_hash: String,
+    /// blake3 over every event, in order: equal for equal seeds and scenarios.
+    pub event_log_hash: String,
+    /// Events processed.
+    pub events: u64,
+    /// The time series.
+    pub rows: Vec<Row>,
+    /// Sessions that ended: (start, length), seconds (for validation).
+    pub sessions_s: Vec<(f64, f64)>,
+    /// The event log, one JSON object per line (when asked for).
+    pub event_log: Option<Vec<String>>,
+    /// Seconds from submission to the end, of every finished job.
+    pub job_latencies_s: Vec<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    NodeArrival,
+    Join(u32),
+    Leave(u32),
+    JobArrival,
+    UnitDone { ticket: u64, node: u32, epoch: u32 },
+    Tick,
+    Sample,
+    Rebalance,
+}
+
+#[derive(Debug, Clone)]
+struct SimNode {
+    id: NodeId,
+    online: bool,
+    /// Bumped at every leave, so a unit in flight on a dead session is dropped.
+    epoch: u32,
+    tokens_per_s: f64,
+    memory_layers: u32,
+    pos: (f64, f64),
+    span: Option<LayerRange>,
+    busy_until: Micros,
+    joined_at: Micros,
+}
+
+/// Independent random streams, one per subsystem, each derived from the seed
+/// and its name: adding draws to one never shifts another.
+struct Streams {
+    arrivals: ChaCha8Rng,
+    churn: ChaCha8Rng,
+    nodes: ChaCha8Rng,
+    jobs: ChaCha8Rng,
+}
+
+fn stream(seed: u64, name: &str) -> ChaCha8Rng {
+    let mut h = blake3::Hasher::new();
+    h.update(b"commons sim stream v1");
+    h.update(&seed.to_le_bytes());
+    h.update(name.as_bytes());
+    ChaCha8Rng::from_seed(*h.finalize().as_bytes())
+}
+
+/// A simulation in progress.
+pub struct Simulation {
+    scenario: Scenario,
+    seed: u64,
+    now: Micros,
+    end: Micros,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(Micros, u64, Event)>>,
+    rng: Streams,
+    nodes: Vec<SimNode>,
+    by_id: BTreeMap<NodeId, u32>,
+    /// What online nodes serve, kept up to date.
+    plan: Plan,
+    shape: ModelShape,
+    scheduler: Scheduler,
+    offers_dirty: bool,
+    in_flight: BTreeMap<u64, (u32, Micros, u64)>,
+    /// Of each unit in flight: whether it is the last hop, and its tokens.
+    unit_shape: BTreeMap<u64, (bool, u64)>,
+    submitted: BTreeMap<JobId, Micros>,
+    next_job: u64,
+    log: blake3::Hasher,
+    log_lines: Option<Vec<String>>,
+    events: u64,
+    rows: Vec<Row>,
+    sessions_s: Vec<(f64, f64)>,
+    latencies_s: Vec<f64>,
+    jobs_done: u64,
+    jobs_failed: u64,
+    jobs_refused: u64,
+    tokens: u64,
+    tokens_at_last_row: u64,
+    /// Failovers and tokens of each active job, as last seen.
+    seen: BTreeMap<JobId, (u32, usize)>,
+    failovers: u64,
+    wasted_us: u64,
+}
+
+impl std::fmt::Debug for Simulation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulation")
+            .field("seed", &self.seed)
+            .field("now", &self.now)
+            .field("nodes", &self.nodes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn node_id(index: u32) -> NodeId {
+    let mut b = [0u8; 32];
+    // Big-endian, so ids order as indices do.
+    b[..4].copy_from_slice(&index.to_be_bytes());
+    NodeId(b)
+}
+
+fn exp_gap(rng: &mut ChaCha8Rng, per_second: f64) -> Micros {
+    if per_second <= 0.0 {
+        return Micros::MAX;
+    }
+    secs(
+        Dist::Exponential {
+            mean: 1.0 / per_second,
+        }
+        .sample(rng),
+    )
+    .max(1)
+}
+
+impl Simulation {
+    /// A simulation of `scenario` from `seed`; `keep_log` keeps the event log's lines.
+    #[must_use]
+    pub fn new(scenario: Scenario, seed: u64, keep_log: bool) -> Self {
+        let shape = ModelShape {
+            n_layers: scenario.model.layers,
+            layer_bytes: 1,
+        };
+        let end = secs(scenario.duration_s);
+        let mut sim = Self {
+            seed,
+            now: 0,
+            end,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            rng: Streams {
+                arrivals: stream(seed, "arrivals"),
+                churn: stream(seed, "churn"),
+                nodes: stream(seed, "nodes"),
+                jobs: stream(seed, "jobs"),
+            },
+            nodes: Vec::new(),
+            by_id: BTreeMap::new(),
+            plan: placement::current(&shape, &[]),
+            shape,
+            scheduler: Scheduler::new(SchedulerConfig::default(), seed),
+            offers_dirty: true,
+            in_flight: BTreeMap::new(),
+            unit_shape: BTreeMap::new(),
+            submitted: BTreeMap::new(),
+            next_job: 0,
+            log: blake3::Hasher::new(),
+            log_lines: keep_log.then(Vec::new),
+            events: 0,
+            rows: Vec::new(),
+            sessions_s: Vec::new(),
+            latencies_s: Vec::new(),
+            jobs_done: 0,
+            jobs_failed: 0,
+            jobs_refused: 0,
+            tokens: 0,
+            tokens_at_last_row: 0,
+            seen: BTreeMap::new(),
+            failovers: 0,
+            wasted_us: 0,
+            scenario,
+        };
+        for _ in 0..sim.scenario.population.initial {
+            let i = sim.new_node();
+            sim.at(0, Event::Join(i));
+        }
+        let arrivals = sim.scenario.population.arrivals_per_hour / 3600.0;
+        let gap = exp_gap(&mut sim.rng.arrivals, arrivals);
+        sim.at(gap, Event::NodeArrival);
+        let jobs = sim.scenario.workload.jobs_per_minute / 60.0;
+        if jobs > 0.0 {
+            let gap = exp_gap(&mut sim.rng.jobs, jobs);
+            sim.at(gap, Event::JobArrival);
+            sim.at(SECOND, Event::Tick);
+        }
+        sim.at(0, Event::Sample);
+        if sim.scenario.rebalance_every_s > 0.0 {
+            sim.at(secs(sim.scenario.rebalance_every_s), Event::Rebalance);
+        }
+        sim
+    }
+
+    fn at(&mut self, t: Micros, e: Event) {
+        if t > self.end {
+            return;
+        }
+        self.seq += 1;
+        self.queue.push(Reverse((t, self.seq, e)));
+    }
+
+    fn record(&mut self, line: &str) {
+        self.log.update(&self.now.to_le_bytes());
+        self.log.update(line.as_bytes());
+        self.log.update(b"\n");
+        if let Some(lines) = &mut self.log_lines {
+            lines.push(format!(
+                "{{\"t_us\":{},{}}}",
+                self.now,
+                line.trim_start_matches('{').trim_end_matches('}')
+            ));
+        }
+    }
+
+    fn new_node(&mut self) -> u32 {
+        let i = self.nodes.len() as u32;
+        let world = self.scenario.network.world_km;
+        let r = &mut self.rng.nodes;
+        let node = SimNode {
+            id: node_id(i),
+            online: false,
+            epoch: 0,
+            tokens_per_s: self.scenario.nodes.tokens_per_s.sample(r).max(1e-3),
+            memory_layers: self.scenario.nodes.memory_layers.sample(r).round().max(0.0) as u32,
+            pos: (r.random_range(0.0..world), r.random_range(0.0..world)),
+            span: None,
+            busy_until: 0,
+            joined_at: 0,
+        };
+        self.by_id.insert(node.id, i);
+        self.nodes.push(node);
+        i
+    }
+
+    /// Round trip between the coordinator (the world's centre) and node `i`, microseconds.
+    fn rtt(&self, i: u32) -> Micros {
+        let n = &self.nodes[i as usize];
+        let c = self.scenario.network.world_km / 2.0;
+        let km = ((n.pos.0 - c).powi(2) + (n.pos.1 - c).powi(2)).sqrt();
+        let ms =
+            self.scenario.network.base_rtt_ms + km / 1000.0 * self.scenario.network.ms_per_1000km;
+        secs(ms / 1000.0)
+    }
+
+    fn capacity(&self, i: u32) -> NodeCapacity {
+        let n = &self.nodes[i as usize];
+        NodeCapacity {
+            node: n.id,
+            layer_throughput: n.tokens_per_s,
+            memory_bytes: u64::from(n.memory_layers),
+        }
+    }
+
+    fn set_span(&mut self, i: u32, span: Option<LayerRange>) {
+        let n = &self.nodes[i as usize];
+        let per_layer = |r: &LayerRange| n.tokens_per_s / f64::from(r.len().max(1));
+        if let Some(old) = n.span {
+            let t = per_layer(&old);
+            for x in &mut self.plan.layer_throughput[old.start as usize..old.end as usize] {
+                *x = (*x - t).max(0.0);
+            }
+        }
+        if let Some(new) = span {
+            let t = per_layer(&new);
+            for x in &mut self.plan.layer_throughput[new.start as usize..new.end as usize] {
+                *x += t;
+            }
+        }
+        self.nodes[i as usize].span = span;
+        self.offers_dirty = true;
+    }
+
+    fn refresh_offers(&mut self) {
+        if !self.offers_dirty {
+            return;
+        }
+        self.offers_dirty = false;
+        let offers: Vec<SpanOffer> = (0..self.nodes.len() as u32)
+            .filter(|&i| self.nodes[i as usize].online)
+            .filter_map(|i| {
+                let n = &self.nodes[i as usize];
+                let span = n.span?;
+                Some(SpanOffer {
+                    node: n.id,
+                    layers: span,
+                    ms_per_layer: 1000.0 / n.tokens_per_s,
+                    rtt_ms: self.rtt(i) as f64 / 1000.0,
+                    queue_ms: n.busy_until.saturating_sub(self.now) as f64 / 1000.0,
+                })
+            })
+            .collect();
+        self.scheduler.set_offers(
+            MODEL,
+            self.scenario.model.layers,
+            self.scenario.model.context,
+            offers,
+        );
+    }
+
+    fn unix(&self) -> UnixMillis {
+        UnixMillis(self.now / 1000)
+    }
+
+    /// Runs to the end and reports.
+    pub fn run(mut self) -> Report {
+        while let Some(Reverse((t, _, event))) = self.queue.pop() {
+            self.now = t;
+            self.events += 1;
+            self.handle(event);
+        }
+        self.now = self.end;
+        self.sample();
+        Report {
+            seed: self.seed,
+            scenario_hash: self.scenario.hash(),
+            event_log_hash: self.log.finalize().to_hex().to_string(),
+            events: self.events,
+            rows: self.rows,
+            sessions_s: self.sessions_s,
+            event_log: self.log_lines,
+            job_latencies_s: self.latencies_s,
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::NodeArrival => {
+                let i = self.new_node();
+                self.join(i);
+                let rate = self.scenario.population.arrivals_per_hour / 3600.0;
+                let gap = exp_gap(&mut self.rng.arrivals, rate);
+                self.at(self.now.saturating_add(gap), Event::NodeArrival);
+            }
+            Event::Join(i) => self.join(i),
+            Event::Leave(i) => self.leave(i),
+            Event::JobArrival => {
+                self.submit();
+                let rate = self.scenario.workload.jobs_per_minute / 60.0;
+                let gap = exp_gap(&mut self.rng.jobs, rate);
+                self.at(self.now.saturating_add(gap), Event::JobArrival);
+            }
+            Event::UnitDone {
+                ticket,
+                node,
+                epoch,
+            } => self.unit_done(ticket, node, epoch),
+            Event::Tick => {
+                self.refresh_offers();
+                let now = self.unix();
+                self.scheduler.tick(now);
+                self.drain();
+                self.at(self.now + SECOND, Event::Tick);
+            }
+            Event::Sample => {
+                self.sample();
+                let every = secs(self.scenario.sample_every_s);
+                self.at(self.now + every, Event::Sample);
+            }
+            Event::Rebalance => {
+                self.rebalance();
+                let every = secs(self.scenario.rebalance_every_s);
+                self.at(self.now + every, Event::Rebalance);
+            }
+        }
+    }
+
+    fn join(&mut self, i: u32) {
+        let me = self.capacity(i);
+        let span = placement::choose_span_in(&self.shape, &self.plan, &me);
+        let n = &mut self.nodes[i as usize];
+        n.online = true;
+        n.joined_at = self.now;
+        n.busy_until = self.now;
+        self.set_span(i, span);
+        let session = secs(self.scenario.churn.session.sample(&mut self.rng.churn)).max(1);
+        self.at(self.now.saturating_add(session), Event::Leave(i));
+        let line = format!(
+            "{{\"event\":\"join\",\"node\":{i},\"span\":\"{}\"}}",
+            span.map_or_else(String::new, |s| s.to_string())
+        );
+        self.record(&line);
+    }
+
+    fn leave(&mut self, i: u32) {
+        let graceful = self
+            .rng
+            .churn
+            .random_bool(self.scenario.churn.graceful_fraction);
+        let rejoin = self
+            .rng
+            .churn
+            .random_bool(self.scenario.churn.rejoin_probability);
+        let downtime = self
+            .scenario
+            .churn
+            .downtime
+            .as_ref()
+            .map(|d| secs(d.sample(&mut self.rng.churn)).max(1));
+        let n = &mut self.nodes[i as usize];
+        self.sessions_s.push((
+            n.joined_at as f64 / SECOND as f64,
+            self.now.saturating_sub(n.joined_at) as f64 / SECOND as f64,
+        ));
+        n.online = false;
+        n.epoch += 1;
+        self.set_span(i, None);
+        // Units in flight there are lost; an announced leave fails them now,
+        // a crash only at their deadline.
+        let lost: Vec<(u64, Micros, u64)> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (node, _, _))| *node == i)
+            .map(|(t, (_, started, compute))| (*t, *started, *compute))
+            .collect();
+        for (ticket, started, compute) in lost {
+            self.in_flight.remove(&ticket);
+            self.unit_shape.remove(&ticket);
+            self.wasted_us += self.now.saturating_sub(started).min(compute);
+            if graceful {
+                self.refresh_offers();
+                let now = self.unix();
+                self.scheduler.handle_result(
+                    now,
+                    Ticket(ticket),
+                    Err(StepFailure::Unreachable("the node left".into())),
+                );
+            }
+        }
+        self.drain();
+        if let (true, Some(d)) = (rejoin, downtime) {
+            self.at(self.now.saturating_add(d), Event::Join(i));
+        }
+        let kind = if graceful { "leave" } else { "crash" };
+        self.record(&format!("{{\"event\":\"{kind}\",\"node\":{i}}}"));
+    }
+
+    fn submit(&mut self) {
+        self.next_job += 1;
+        let w = &self.scenario.workload;
+        let submitter = node_id(u32::MAX - (self.next_job % u64::from(w.submitters)) as u32);
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.next_job.to_be_bytes());
+        let job = NewJob {
+            id: JobId(id),
+            submitter,
+            model: MODEL,
+            prompt: vec![1; w.prompt_tokens as usize],
+            max_tokens: w.max_tokens,
+            stop_tokens: Vec::new(),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                repetition_penalty: 1.0,
+                seed: 0,
+            },
+        };
+        self.refresh_offers();
+        let now = self.unix();
+        let outcome = self.scheduler.submit(now, job);
+        let n = self.next_job;
+        match outcome {
+            Ok(()) => {
+                self.submitted.insert(JobId(id), self.now);
+                self.record(&format!("{{\"event\":\"job\",\"job\":{n}}}"));
+            }
+            Err(e) => {
+                self.jobs_refused += 1;
+                self.record(&format!(
+                    "{{\"event\":\"refused\",\"job\":{n},\"code\":\"{}\"}}",
+                    e.code.name()
+                ));
+            }
+        }
+        self.drain();
+    }
+
+    fn unit_done(&mut self, ticket: u64, node: u32, epoch: u32) {
+        let Some((_, _, _)) = self.in_flight.remove(&ticket) else {
+            return;
+        };
+        let n = &self.nodes[node as usize];
+        if !n.online || n.epoch != epoch {
+            return;
+        }
+        let Some((last, len)) = self.unit_shape.remove(&ticket) else {
+            return;
+        };
+        let output = if last {
+            Tensor::from_u32(&[1], &[2])
+        } else {
+            Tensor::from_f32(&[1, len, 1], &vec![0.0; len as usize])
+        };
+        let Ok(output) = output else {
+            return;
+        };
+        let result = StepResult {
+            executor: n.id,
+            commitment: output.digest(),
+            outputs: vec![output],
+        };
+        self.refresh_offers();
+        let now = self.unix();
+        self.scheduler
+            .handle_result(now, Ticket(ticket), Ok(result));
+        self.drain();
+    }
+
+    /// Carries out what the scheduler asks.
+    fn drain(&mut self) {
+        while let Some(out) = self.scheduler.poll_output() {
+            match out {
+                Output::Send {
+                    ticket, node, unit, ..
+                } => {
+                    let Some(&i) = self.by_id.get(&node) else {
+                        continue;
+                    };
+                    let n = &self.nodes[i as usize];
+                    if !n.online {
+                        // A crashed node the coordinator does not know is dead: no answer.
+                        continue;
+                    }
+                    let tokens = unit.input.shape().get(1).copied().unwrap_or(1);
+                    let compute =
+                        secs(tokens as f64 * f64::from(unit.layers.len()) / n.tokens_per_s);
+                    let rtt = self.rtt(i);
+                    let start = (self.now + rtt / 2).max(n.busy_until);
+                    let done = start + compute + rtt / 2;
+                    let last = unit.layers.end == self.scenario.model.layers;
+                    let epoch = n.epoch;
+                    self.nodes[i as usize].busy_until = start + compute;
+                    self.in_flight.insert(ticket.0, (i, start, compute));
+                    self.unit_shape.insert(ticket.0, (last, tokens));
+                    self.at(
+                        done,
+                        Event::UnitDone {
+                            ticket: ticket.0,
+                            node: i,
+                            epoch,
+                        },
+                    );
+                }
+                Output::Sample { job, .. } => {
+                    // Greedy jobs never sample; a stray request ends the job plainly.
+                    let now = self.unix();
+                    self.scheduler.fail(
+                        now,
+                        &job,
+                        commons_protocol::messages::ErrorCode::INTERNAL,
+                        "the simulation samples greedily".into(),
+                    );
+                }
+                Output::Changed { job } => self.job_changed(job),
+            }
+        }
+    }
+
+    fn job_changed(&mut self, job: JobId) {
+        let Some(v) = self.scheduler.view(&job) else {
+            return;
+        };
+        let seen = self.seen.entry(job).or_default();
+        self.failovers += u64::from(v.failovers.saturating_sub(seen.0));
+        self.tokens += v.tokens.len().saturating_sub(seen.1) as u64;
+        *seen = (v.failovers.max(seen.0), v.tokens.len().max(seen.1));
+        if !v.status.is_terminal() {
+            return;
+        }
+        let Some(started) = self.submitted.remove(&job) else {
+            return;
+        };
+        self.seen.remove(&job);
+        let n = u64::from_be_bytes(job.0[..8].try_into().unwrap_or_default());
+        match &v.status {
+            JobStatus::Stopped | JobStatus::Length => {
+                self.jobs_done += 1;
+                self.latencies_s
+                    .push(self.now.saturating_sub(started) as f64 / SECOND as f64);
+                self.record(&format!(
+                    "{{\"event\":\"done\",\"job\":{n},\"tokens\":{},\"failovers\":{}}}",
+                    v.tokens.len(),
+                    v.failovers
+                ));
+            }
+            JobStatus::Failed { code, .. } => {
+                self.jobs_failed += 1;
+                self.record(&format!(
+                    "{{\"event\":\"failed\",\"job\":{n},\"code\":\"{}\"}}",
+                    code.name()
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    fn rebalance(&mut self) {
+        if self.plan.covers_all() {
+            return;
+        }
+        let all: Vec<Assignment> = self
+            .nodes
+            .iter()
+            .filter(|n| n.online)
+            .filter_map(|n| {
+                let span = n.span?;
+                Some(Assignment {
+                    node: n.id,
+                    layers: span,
+                    throughput: n.tokens_per_s / f64::from(span.len().max(1)),
+                })
+            })
+            .collect();
+        // Every node would ask; at most one moves per round, the lowest id that may.
+        for i in 0..self.nodes.len() as u32 {
+            if !self.nodes[i as usize].online || self.nodes[i as usize].span.is_none() {
+                continue;
+            }
+            let me = self.capacity(i);
+            if let Some(to) = placement::should_move(&self.shape, &all, &me) {
+                self.set_span(i, Some(to));
+                self.record(&format!(
+                    "{{\"event\":\"move\",\"node\":{i},\"to\":\"{to}\"}}"
+                ));
+                return;
+            }
+        }
+    }
+
+    fn sample(&mut self) {
+        let online = self.nodes.iter().filter(|n| n.online).count() as u32;
+        let serving = self
+            .nodes
+            .iter()
+            .filter(|n| n.online && n.span.is_some())
+            .count() as u32;
+        let layers = self.plan.layer_throughput.len().max(1);
+        let covered = self
+            .plan
+            .layer_throughput
+            .iter()
+            .filter(|t| **t > 1e-12)
+            .count();
+        let t_s = self.now as f64 / SECOND as f64;
+        let dt = self.rows.last().map_or(t_s, |r| t_s - r.t_s).max(1e-9);
+        let row = Row {
+            t_s,
+            online,
+            serving,
+            coverage: covered as f64 / layers as f64,
+            jobs_active: self.scheduler.active().len() as u32,
+            jobs_done: self.jobs_done,
+            jobs_failed: self.jobs_failed,
+            jobs_refused: self.jobs_refused,
+            tokens: self.tokens,
+            tokens_per_s: (self.tokens - self.tokens_at_last_row) as f64 / dt,
+            failovers: self.failovers,
+            wasted_compute_s: self.wasted_us as f64 / SECOND as f64,
+        };
+        self.tokens_at_last_row = self.tokens;
+        if self.rows.last().is_some_and(|r| r.t_s == row.t_s) {
+            self.rows.pop();
+        }
+        self.rows.push(row);
+    }
+}
