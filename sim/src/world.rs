@@ -269,11 +269,17 @@ impl Simulation {
         self.queue.push(Reverse((t, self.seq, e)));
     }
 
-    fn record(&mut self, line: &str) {
-        self.log.update(&self.now.to_le_bytes());
-        self.log.update(line.as_bytes());
-        self.log.update(b"\n");
+    /// Feeds an event to the run's hash (a fixed binary form: cheap) and, when
+    /// the log is kept, its JSON line (built only then).
+    fn record(&mut self, kind: u8, a: u64, b: u64, line: impl FnOnce() -> String) {
+        let mut buf = [0u8; 25];
+        buf[..8].copy_from_slice(&self.now.to_le_bytes());
+        buf[8] = kind;
+        buf[9..17].copy_from_slice(&a.to_le_bytes());
+        buf[17..].copy_from_slice(&b.to_le_bytes());
+        self.log.update(&buf);
         if let Some(lines) = &mut self.log_lines {
+            let line = line();
             lines.push(format!(
                 "{{\"t_us\":{},{}}}",
                 self.now,
@@ -444,11 +450,13 @@ impl Simulation {
         self.set_span(i, span);
         let session = secs(self.scenario.churn.session.sample(&mut self.rng.churn)).max(1);
         self.at(self.now.saturating_add(session), Event::Leave(i));
-        let line = format!(
-            "{{\"event\":\"join\",\"node\":{i},\"span\":\"{}\"}}",
-            span.map_or_else(String::new, |s| s.to_string())
-        );
-        self.record(&line);
+        let code = span.map_or(0, |r| u64::from(r.start) << 32 | u64::from(r.end));
+        self.record(1, u64::from(i), code, || {
+            format!(
+                "{{\"event\":\"join\",\"node\":{i},\"span\":\"{}\"}}",
+                span.map_or_else(String::new, |s| s.to_string())
+            )
+        });
     }
 
     fn leave(&mut self, i: u32) {
@@ -501,7 +509,9 @@ impl Simulation {
             self.at(self.now.saturating_add(d), Event::Join(i));
         }
         let kind = if graceful { "leave" } else { "crash" };
-        self.record(&format!("{{\"event\":\"{kind}\",\"node\":{i}}}"));
+        self.record(2 + u8::from(graceful), u64::from(i), 0, || {
+            format!("{{\"event\":\"{kind}\",\"node\":{i}}}")
+        });
     }
 
     fn submit(&mut self) {
@@ -532,14 +542,16 @@ impl Simulation {
         match outcome {
             Ok(()) => {
                 self.submitted.insert(JobId(id), self.now);
-                self.record(&format!("{{\"event\":\"job\",\"job\":{n}}}"));
+                self.record(4, n, 0, || format!("{{\"event\":\"job\",\"job\":{n}}}"));
             }
             Err(e) => {
                 self.jobs_refused += 1;
-                self.record(&format!(
-                    "{{\"event\":\"refused\",\"job\":{n},\"code\":\"{}\"}}",
-                    e.code.name()
-                ));
+                self.record(5, n, u64::from(e.code.0), || {
+                    format!(
+                        "{{\"event\":\"refused\",\"job\":{n},\"code\":\"{}\"}}",
+                        e.code.name()
+                    )
+                });
             }
         }
         self.drain();
@@ -647,18 +659,22 @@ impl Simulation {
                 self.jobs_done += 1;
                 self.latencies_s
                     .push(self.now.saturating_sub(started) as f64 / SECOND as f64);
-                self.record(&format!(
-                    "{{\"event\":\"done\",\"job\":{n},\"tokens\":{},\"failovers\":{}}}",
-                    v.tokens.len(),
-                    v.failovers
-                ));
+                let (tokens, failovers) = (v.tokens.len(), v.failovers);
+                self.record(6, n, tokens as u64 | u64::from(failovers) << 32, || {
+                    format!(
+                        "{{\"event\":\"done\",\"job\":{n},\"tokens\":{tokens},\"failovers\":{failovers}}}"
+                    )
+                });
             }
             JobStatus::Failed { code, .. } => {
                 self.jobs_failed += 1;
-                self.record(&format!(
-                    "{{\"event\":\"failed\",\"job\":{n},\"code\":\"{}\"}}",
-                    code.name()
-                ));
+                let code = *code;
+                self.record(7, n, u64::from(code.0), || {
+                    format!(
+                        "{{\"event\":\"failed\",\"job\":{n},\"code\":\"{}\"}}",
+                        code.name()
+                    )
+                });
             }
             _ => {}
         }
@@ -689,9 +705,12 @@ impl Simulation {
             let me = self.capacity(i);
             if let Some(to) = placement::should_move(&self.shape, &all, &me) {
                 self.set_span(i, Some(to));
-                self.record(&format!(
-                    "{{\"event\":\"move\",\"node\":{i},\"to\":\"{to}\"}}"
-                ));
+                self.record(
+                    8,
+                    u64::from(i),
+                    u64::from(to.start) << 32 | u64::from(to.end),
+                    || format!("{{\"event\":\"move\",\"node\":{i},\"to\":\"{to}\"}}"),
+                );
                 return;
             }
         }
