@@ -28,6 +28,7 @@ fn unit(issuer: &Identity, tokens: u64, hidden: u64) -> WorkUnit {
                 sampling: None,
                 close_session: false,
             },
+            coalition: None,
         }),
     }
 }

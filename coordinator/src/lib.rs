@@ -1,5 +1,6 @@
 //! Commons coordinator: job planning, placement, routing, recovery,
-//! verification and aggregation, as pure state machines.
+//! verification, aggregation, coalition authorisation and rate limits, as
+//! pure state machines.
 //!
 //! Like [`commons_protocol`], this crate performs no I/O: time and randomness
 //! are passed in, outputs are drained by the caller. The node drives it over
@@ -8,6 +9,8 @@
 
 pub mod job;
 pub mod placement;
+pub mod quota;
 pub mod routing;
+pub mod trust;
 
 pub use commons_protocol as protocol;

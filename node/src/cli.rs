@@ -48,12 +48,14 @@ enum Command {
     Demo(crate::demo::DemoArgs),
     /// Generate text with a model on this machine alone (the single-node baseline).
     Run(crate::run_local::RunArgs),
-    /// Create and sign coalition charters.
-    Coalition(NotBuilt),
+    /// Found coalitions, change their members, sign and show their charters.
+    #[command(subcommand)]
+    Coalition(crate::coalition::CoalitionCommand),
     /// Train models over the swarm.
     Train(NotBuilt),
-    /// Simulate a swarm under churn.
-    Sim(NotBuilt),
+    /// Simulate a swarm under churn, driving the real coordinator.
+    #[command(subcommand)]
+    Sim(crate::sim_cli::SimCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,9 +117,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Job(command) => crate::job_cli::run(&settings, command),
         Command::Run(args) => crate::run_local::run(args),
         Command::Demo(args) => crate::demo::run(args),
-        Command::Coalition(_) => not_built("coalition", "coalition charters"),
+        Command::Coalition(command) => crate::coalition::run(&settings, command),
         Command::Train(_) => not_built("train", "training"),
-        Command::Sim(_) => not_built("sim", "the simulator"),
+        Command::Sim(command) => crate::sim_cli::run_command(command),
     }
 }
 

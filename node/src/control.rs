@@ -12,6 +12,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -117,10 +119,40 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             "Connections established since start",
             c.connections_established,
         ),
+        (
+            "units_served",
+            "Work units answered with a signed result",
+            c.units_served,
+        ),
+        (
+            "coalitions_served",
+            "Coalitions this node serves (0: open work only)",
+            s.coalitions.len() as u64,
+        ),
     ] {
         let g: Gauge = Gauge::default();
         g.set(value as i64);
         registry.register(name, help, g);
+    }
+    for (name, help, by_code) in [
+        (
+            "units_refused",
+            "Work units refused, by error code",
+            &c.units_refused,
+        ),
+        (
+            "jobs_refused",
+            "Job requests refused by this coordinator, by error code",
+            &c.jobs_refused,
+        ),
+    ] {
+        let family = Family::<Vec<(String, String)>, Counter>::default();
+        for (code, n) in by_code {
+            family
+                .get_or_create(&vec![("code".to_owned(), code.clone())])
+                .inc_by(*n);
+        }
+        registry.register(name, help, family);
     }
     let mut body = String::new();
     if encode(&mut body, &registry).is_err() {

@@ -3,7 +3,9 @@
 //! requests into scheduler inputs, signs the scheduler's units and hands them
 //! to the swarm, checks the signed results that come back, samples tokens
 //! when a job is not greedy, and answers watchers (long polls) with signed
-//! reports. All decisions are the scheduler's; this module only moves bytes.
+//! reports. All decisions are the scheduler's; this module only moves bytes,
+//! and refuses, before the scheduler sees them, jobs from non-members of the
+//! job's coalition and submitters over their rate limit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -12,14 +14,18 @@ use std::time::{Duration, Instant};
 use commons_coordinator::job::{
     JobStatus, JobView, NewJob, Output, Scheduler, SchedulerConfig, StepFailure, StepResult, Ticket,
 };
+use commons_coordinator::quota::{Quotas, RateLimit};
 use commons_coordinator::routing::SpanOffer;
+use commons_coordinator::trust::Coalitions;
 use commons_protocol::envelope::{Envelope, MessageKind};
 use commons_protocol::messages::{
     ErrorCode, ErrorReply, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop,
     WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::replay::ReplayGuard;
-use commons_protocol::{BoundedVec, Identity, JobId, ModelId, NodeId, Nonce, UnitId, UnixMillis};
+use commons_protocol::{
+    BoundedVec, CoalitionId, Identity, JobId, ModelId, NodeId, Nonce, UnitId, UnixMillis,
+};
 
 use crate::executor::{ChatMessage, Sampler, SamplingConfig, Tokenizer};
 use crate::jobstore::{JobStore, StoredJob};
@@ -60,6 +66,8 @@ const REPORT_TTL_MS: u64 = 60_000;
 const MAX_WAIT: Duration = Duration::from_secs(20);
 /// Unfinished jobs one submitter may have.
 const MAX_JOBS_PER_SUBMITTER: usize = 64;
+/// Submitters whose rate is tracked at once.
+const MAX_TRACKED_SUBMITTERS: usize = 4096;
 
 struct Watcher<C> {
     job: JobId,
@@ -106,6 +114,9 @@ pub struct Coordinating<C> {
     replay: ReplayGuard,
     nonce_counter: u64,
     nonce_seed: [u8; 8],
+    coalitions: Coalitions,
+    quotas: Option<Quotas<NodeId>>,
+    refusals: BTreeMap<String, u64>,
 }
 
 impl<C> std::fmt::Debug for Coordinating<C> {
@@ -152,6 +163,9 @@ impl<C> Coordinating<C> {
             replay: ReplayGuard::new(10 * 60_000, 1 << 18),
             nonce_counter: 0,
             nonce_seed: seed.to_le_bytes(),
+            coalitions: Coalitions::open(),
+            quotas: None,
+            refusals: BTreeMap::new(),
         };
         this.resume_stored(now);
         this
@@ -175,9 +189,10 @@ impl<C> Coordinating<C> {
                 .resolve(job.submitter, &job.spec)
                 .and_then(|(new, sampler)| {
                     self.scheduler
-                        .resume(
+                        .resume_in(
                             now,
                             new,
+                            job.spec.coalition,
                             job.tokens.clone(),
                             now.plus_millis(RESUME_GRACE_MS),
                         )
@@ -287,13 +302,32 @@ impl<C> Coordinating<C> {
         Ok((job, sampler))
     }
 
+    /// Accepts jobs only for `coalitions` (open jobs when there are none) and
+    /// from their members, at most `per_member` a submitter (`None`: no limit).
+    pub fn set_trust(&mut self, coalitions: Coalitions, per_member: Option<RateLimit>) {
+        self.coalitions = coalitions;
+        self.quotas = per_member.map(|l| Quotas::new(l, MAX_TRACKED_SUBMITTERS));
+    }
+
+    /// Job requests refused so far, by error code name.
+    #[must_use]
+    pub fn refusals(&self) -> BTreeMap<String, u64> {
+        self.refusals.clone()
+    }
+
     /// Models it plans for.
     pub fn models(&self) -> impl Iterator<Item = &KnownModel> {
         self.models.values()
     }
 
-    /// Replaces the span offers of every known model.
-    pub fn set_offers(&mut self, offers: &[(ModelId, SpanOffer)]) {
+    /// Replaces the span offers of every known model, and which coalitions
+    /// each node serves (nodes not listed serve open work only).
+    pub fn set_offers(
+        &mut self,
+        offers: &[(ModelId, SpanOffer)],
+        coalitions: BTreeMap<NodeId, std::collections::BTreeSet<CoalitionId>>,
+    ) {
+        self.scheduler.set_coalitions(coalitions);
         for m in self.models.values() {
             let mine = offers
                 .iter()
@@ -327,32 +361,48 @@ impl<C> Coordinating<C> {
             .unwrap_or_default()
     }
 
+    /// A refusal of a job request, counted.
+    fn refuse_request(&mut self, code: ErrorCode, message: String, now: UnixMillis) -> Vec<u8> {
+        *self.refusals.entry(code.name().to_owned()).or_default() += 1;
+        self.refuse(code, message, now)
+    }
+
+    /// The coalition of `job`, known or recorded.
+    fn coalition_of(&self, job: &JobId) -> Option<CoalitionId> {
+        match self.meta.get(job) {
+            Some(m) => m.spec.coalition,
+            None => self
+                .store
+                .as_ref()
+                .and_then(|s| s.get(job).ok().flatten())
+                .and_then(|j| j.spec.coalition),
+        }
+    }
+
     /// Handles a signed job request.
     pub fn on_request(&mut self, bytes: &[u8], channel: C, now: UnixMillis) -> Answer<C> {
         let request: JobRequest = match Envelope::open_bytes(bytes, now) {
             Ok(r) => r,
             Err(e) => {
-                return Answer::Now(
-                    channel,
-                    self.refuse(ErrorCode::BAD_REQUEST, e.to_string(), now),
-                );
+                let refusal = self.refuse_request(ErrorCode::BAD_REQUEST, e.to_string(), now);
+                return Answer::Now(channel, refusal);
             }
         };
         if let Err(e) = self
             .replay
             .check(request.submitter, request.nonce, request.expires_at, now)
         {
-            return Answer::Now(
-                channel,
-                self.refuse(ErrorCode::REPLAYED, e.to_string(), now),
-            );
+            let refusal = self.refuse_request(ErrorCode::REPLAYED, e.to_string(), now);
+            return Answer::Now(channel, refusal);
         }
         match request.op {
             JobOp::Submit(spec) => {
                 let job = spec.job;
                 match self.submit(request.submitter, spec, now) {
                     Ok(()) => Answer::Now(channel, self.report_bytes(&job, 0, now)),
-                    Err((code, message)) => Answer::Now(channel, self.refuse(code, message, now)),
+                    Err((code, message)) => {
+                        Answer::Now(channel, self.refuse_request(code, message, now))
+                    }
                 }
             }
             JobOp::Watch {
@@ -360,6 +410,13 @@ impl<C> Coordinating<C> {
                 from_token,
                 wait_ms,
             } => {
+                // A coalition's jobs are its members' to follow.
+                if let Some(c) = self.coalition_of(&job)
+                    && let Err(e) = self.coalitions.authorize(Some(c), &request.submitter)
+                {
+                    let refusal = self.refuse_request(ErrorCode::UNAUTHORIZED, e.to_string(), now);
+                    return Answer::Now(channel, refusal);
+                }
                 let Some(view) = self.scheduler.view(&job) else {
                     return Answer::Now(channel, self.report_bytes(&job, from_token, now));
                 };
@@ -382,20 +439,22 @@ impl<C> Coordinating<C> {
                 if self.scheduler.cancel(now, &job, &request.submitter) {
                     Answer::Now(channel, self.report_bytes(&job, 0, now))
                 } else {
-                    Answer::Now(
-                        channel,
-                        self.refuse(
-                            ErrorCode::UNKNOWN_JOB,
-                            format!("no job {job} of yours here"),
-                            now,
-                        ),
-                    )
+                    let refusal = self.refuse_request(
+                        ErrorCode::UNKNOWN_JOB,
+                        format!("no job {job} of yours here"),
+                        now,
+                    );
+                    Answer::Now(channel, refusal)
                 }
             }
-            _ => Answer::Now(
-                channel,
-                self.refuse(ErrorCode::BAD_REQUEST, "unknown job operation".into(), now),
-            ),
+            _ => {
+                let refusal = self.refuse_request(
+                    ErrorCode::BAD_REQUEST,
+                    "unknown job operation".into(),
+                    now,
+                );
+                Answer::Now(channel, refusal)
+            }
         }
     }
 
@@ -406,6 +465,9 @@ impl<C> Coordinating<C> {
         now: UnixMillis,
     ) -> Result<(), (ErrorCode, String)> {
         let job_id = spec.job;
+        self.coalitions
+            .authorize(spec.coalition, &submitter)
+            .map_err(|e| (ErrorCode::UNAUTHORIZED, format!("job refused: {e}")))?;
         if let Some(existing) = self.meta.get(&spec.job) {
             return if existing.spec == spec {
                 Ok(())
@@ -432,9 +494,14 @@ impl<C> Coordinating<C> {
                 format!("you have {mine} unfinished jobs here; wait for some to end"),
             ));
         }
+        if let Some(quotas) = self.quotas.as_mut() {
+            quotas
+                .try_take(&submitter, now)
+                .map_err(|e| (ErrorCode::OVERLOADED, format!("jobs from {submitter}: {e}")))?;
+        }
         let (job, sampler) = self.resolve(submitter, &spec)?;
         self.scheduler
-            .submit(now, job)
+            .submit_in(now, job, spec.coalition)
             .map_err(|e| (e.code, e.message))?;
         tracing::info!(job = %spec.job, %submitter, model = %spec.model, "job accepted");
         self.meta.insert(spec.job, JobMeta { spec, sampler });

@@ -269,6 +269,7 @@ fn run_swarm(
             repetition_penalty: 1.0,
             seed: 0,
         },
+        coalition: None,
     };
     eprintln!("prompt: {}", args.prompt);
     let runtime = tokio::runtime::Builder::new_current_thread()

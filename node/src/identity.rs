@@ -174,7 +174,15 @@ mod tests {
         let path = dir.path().join("sub").join("node.key");
         let ids: Vec<String> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| super::load_or_create(&path).unwrap().0.node_id().to_string()))
+                .map(|_| {
+                    s.spawn(|| {
+                        super::load_or_create(&path)
+                            .unwrap()
+                            .0
+                            .node_id()
+                            .to_string()
+                    })
+                })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });

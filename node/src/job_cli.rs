@@ -81,6 +81,11 @@ pub struct SubmitArgs {
     /// id again follows the job already accepted instead of starting another.
     #[arg(long, value_name = "HEX")]
     pub job_id: Option<JobId>,
+    /// The coalition the job runs for: its charter file or its id (64 hex
+    /// digits). Only its members may submit it and only nodes serving it run
+    /// it. Default: open work.
+    #[arg(long, value_name = "FILE|ID")]
+    pub coalition: Option<String>,
     #[command(flatten)]
     pub target: CoordinatorArg,
 }
@@ -451,6 +456,11 @@ pub fn print_summary(r: &JobReport) {
 
 async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let model = resolve_model(&args.model)?;
+    let coalition = args
+        .coalition
+        .as_deref()
+        .map(crate::coalition::resolve_id)
+        .transpose()?;
     let mut client = client(settings, &args.target)?;
     let spec = JobSpec {
         job: match args.job_id {
@@ -471,6 +481,7 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<ExitCod
             repetition_penalty: args.repeat_penalty,
             seed: args.seed,
         },
+        coalition,
     };
     if !args.target.json {
         eprintln!("job {}", spec.job);

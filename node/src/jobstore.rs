@@ -125,6 +125,7 @@ mod tests {
                     repetition_penalty: 1.0,
                     seed: 5,
                 },
+                coalition: None,
             },
             tokens,
             state: state.into(),

@@ -11,6 +11,8 @@ use clap::{Args, Subcommand};
 use libp2p::Multiaddr;
 use tokio::sync::{Notify, mpsc};
 
+use commons_coordinator::quota::RateLimit;
+
 use crate::network::{EventLoop, NetworkConfig};
 use crate::settings::Settings;
 
@@ -74,9 +76,24 @@ pub struct JoinArgs {
     /// With `--layers auto`: seconds between checks for a span without a server.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub rebalance_secs: u64,
-    /// Coalition charter files to serve (accepted; enforced once charters are checked).
+    /// Serve this coalition (repeatable): a charter file from `commons
+    /// coalition create`, signed by its admins. The node then runs only units
+    /// of the coalitions it serves, issued by their members, and a coordinator
+    /// accepts only their members' jobs. Without it: open work only.
     #[arg(long, value_name = "CHARTER")]
     pub coalition: Vec<PathBuf>,
+    /// Work units this node runs per issuer and minute, sustained (0: no limit).
+    #[arg(long, default_value_t = 120_000, value_name = "N")]
+    pub issuer_units_per_min: u32,
+    /// Work units one issuer may send at once.
+    #[arg(long, default_value_t = 2_000, value_name = "N")]
+    pub issuer_units_burst: u32,
+    /// With `--coordinator`: jobs a member may submit per minute, sustained (0: no limit).
+    #[arg(long, default_value_t = 60, value_name = "N")]
+    pub member_jobs_per_min: u32,
+    /// With `--coordinator`: jobs a member may submit at once.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub member_jobs_burst: u32,
 }
 
 /// Where to reach a running node.
@@ -150,6 +167,19 @@ fn status(settings: &Settings, args: &ControlArgs) -> anyhow::Result<ExitCode> {
             p["last_seen_ms"]
         );
     }
+    let coalitions = s["coalitions"].as_array().cloned().unwrap_or_default();
+    if coalitions.is_empty() {
+        println!("coalitions: none (open work only)");
+    }
+    for c in coalitions {
+        println!(
+            "coalition: {} {} (version {}, {} members)",
+            c["name"].as_str().unwrap_or("?"),
+            c["id"].as_str().unwrap_or("?"),
+            c["version"],
+            c["members"]
+        );
+    }
     println!("counters: {}", s["counters"]);
     Ok(ExitCode::SUCCESS)
 }
@@ -184,6 +214,16 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
             settings.data_dir.display()
         )
     })?;
+    let trust = crate::network::Trust {
+        coalitions: crate::coalition::serve_charters(&args.coalition)?,
+        units_per_issuer: RateLimit::new(args.issuer_units_burst, args.issuer_units_per_min),
+        jobs_per_member: RateLimit::new(args.member_jobs_burst, args.member_jobs_per_min),
+    };
+    // The API's jobs run for the coalition, when the node serves exactly one.
+    let api_coalition = match trust.coalitions.ids().into_iter().collect::<Vec<_>>()[..] {
+        [one] => Some(one),
+        _ => None,
+    };
     let (identity, created) = crate::identity::load_or_create(&settings.key)?;
     if created {
         tracing::info!(path = %settings.key.display(), "created a new node key");
@@ -284,7 +324,8 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         coordinating,
     )?
     .with_files(shares, fetch)?
-    .with_auto_placement(auto_place);
+    .with_auto_placement(auto_place)
+    .with_trust(trust);
 
     let stopping = Arc::new(Notify::new());
     let server_stop = {
@@ -302,6 +343,7 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
                 commands_tx.clone(),
                 identity.clone(),
                 api_models,
+                api_coalition,
                 stop,
             )
             .await?;

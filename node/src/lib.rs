@@ -4,6 +4,7 @@
 
 pub mod capacity;
 pub mod cli;
+pub mod coalition;
 pub mod control;
 pub mod coordinate;
 pub mod demo;
@@ -16,6 +17,7 @@ pub mod network;
 pub mod openai;
 pub mod run_local;
 pub mod settings;
+pub mod sim_cli;
 
 /// Fixes the size of candle's and rayon's compute pools before any thread
 /// starts. Unless `RAYON_NUM_THREADS` is set, candle 0.11 works the size out

@@ -22,7 +22,7 @@ use commons_protocol::messages::{
     ChatTurn, ErrorCode, ErrorReply, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState,
     SamplingParams,
 };
-use commons_protocol::{BoundedVec, Identity, JobId, ModelId, Nonce, UnixMillis};
+use commons_protocol::{BoundedVec, CoalitionId, Identity, JobId, ModelId, Nonce, UnixMillis};
 use futures::StreamExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -46,6 +46,7 @@ struct Api {
     models: Arc<Vec<ApiModel>>,
     counter: Arc<AtomicU64>,
     nonce_seed: [u8; 8],
+    coalition: Option<CoalitionId>,
 }
 
 /// An error in OpenAI's format.
@@ -100,12 +101,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Binds the API; returns the bound address and the server future.
+/// Binds the API; returns the bound address and the server future. Its jobs
+/// are signed by `identity` and run for `coalition` (`None`: open work).
 pub async fn serve(
     addr: SocketAddr,
     commands: mpsc::Sender<Command>,
     identity: Arc<Identity>,
     models: Vec<ApiModel>,
+    coalition: Option<CoalitionId>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(
     SocketAddr,
@@ -124,6 +127,7 @@ pub async fn serve(
         models: Arc::new(models),
         counter: Arc::new(AtomicU64::new(0)),
         nonce_seed: seed,
+        coalition,
     };
     let app = Router::new()
         .route("/v1/models", get(list_models))
@@ -566,6 +570,7 @@ async fn chat_completions(State(api): State<Api>, body: Bytes) -> Result<Respons
         input: JobInput::Chat(turns),
         max_tokens: req.max_completion_tokens.or(req.max_tokens).unwrap_or(256),
         sampling: sampling(req.temperature, req.top_p, req.seed)?,
+        coalition: api.coalition,
     };
     run(
         api,
@@ -599,6 +604,7 @@ async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response, Ap
         // OpenAI's default for completions.
         max_tokens: req.max_tokens.unwrap_or(16),
         sampling: sampling(req.temperature, req.top_p, req.seed)?,
+        coalition: api.coalition,
     };
     run(
         api,

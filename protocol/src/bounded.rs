@@ -55,6 +55,11 @@ impl<T, const N: usize> BoundedVec<T, N> {
         Ok(())
     }
 
+    /// Keeps only the elements for which `keep` is true.
+    pub fn retain(&mut self, keep: impl FnMut(&T) -> bool) {
+        self.0.retain(keep);
+    }
+
     /// The elements.
     #[must_use]
     pub fn as_slice(&self) -> &[T] {

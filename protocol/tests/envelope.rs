@@ -35,6 +35,7 @@ fn unit(issuer: &Identity, tokens: usize) -> WorkUnit {
                 sampling: None,
                 close_session: false,
             },
+            coalition: None,
         }),
     }
 }

@@ -147,6 +147,7 @@ fn work_unit() -> impl Strategy<Value = WorkUnit> {
         any::<u32>(),
         proptest::option::of(sampling()),
         any::<bool>(),
+        proptest::option::of(hash().prop_map(CoalitionId)),
     )
         .prop_map(
             |(
@@ -160,6 +161,7 @@ fn work_unit() -> impl Strategy<Value = WorkUnit> {
                 max_session_tokens,
                 sampling,
                 close_session,
+                coalition,
             )| {
                 WorkBody::Inference(InferenceUnit {
                     job: JobId(job),
@@ -174,6 +176,7 @@ fn work_unit() -> impl Strategy<Value = WorkUnit> {
                         sampling,
                         close_session,
                     },
+                    coalition,
                 })
             },
         );
@@ -354,15 +357,17 @@ fn job_request() -> impl Strategy<Value = JobRequest> {
                 .prop_map(JobInput::Chat),
             ],
             any::<u32>(),
-            sampling()
+            sampling(),
+            proptest::option::of(hash().prop_map(CoalitionId)),
         )
-            .prop_map(|(job, model, input, max_tokens, sampling)| {
+            .prop_map(|(job, model, input, max_tokens, sampling, coalition)| {
                 JobOp::Submit(JobSpec {
                     job: JobId(job),
                     model: ModelId(model),
                     input,
                     max_tokens,
                     sampling,
+                    coalition,
                 })
             }),
         (any::<[u8; 16]>(), any::<u32>(), any::<u32>()).prop_map(|(job, from_token, wait_ms)| {

@@ -213,7 +213,7 @@ impl Dist {
         }
     }
 
-    /// E[X] (infinite for a Pareto with shape ≤ 1).
+    /// The mean, `E[X]` (infinite for a Pareto with shape ≤ 1).
     #[must_use]
     pub fn mean(&self) -> f64 {
         match self {

@@ -154,17 +154,12 @@ fn version_and_unbuilt_groups() {
     let out = output(commons(home.path()).arg("--version"));
     assert!(out.status.success());
     assert!(stdout(&out).starts_with("commons "), "{}", stdout(&out));
-    for group in ["coalition", "train", "sim"] {
-        let help = output(commons(home.path()).args([group, "--help"]));
-        assert!(help.status.success(), "{group} --help: {}", stderr(&help));
-        let out = output(commons(home.path()).args([group, "anything"]));
-        assert!(!out.status.success(), "{group} should not pretend to work");
-        assert!(
-            stderr(&out).contains("not built yet"),
-            "{group}: {}",
-            stderr(&out)
-        );
-    }
+    // The one group still to come says so plainly.
+    let help = output(commons(home.path()).args(["train", "--help"]));
+    assert!(help.status.success(), "train --help: {}", stderr(&help));
+    let out = output(commons(home.path()).args(["train", "anything"]));
+    assert!(!out.status.success(), "train should not pretend to work");
+    assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
 }
 
 #[test]

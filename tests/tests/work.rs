@@ -100,6 +100,7 @@ impl Client {
                     }),
                     close_session: false,
                 },
+                coalition: None,
             }),
         };
         Envelope::seal(&self.issuer, &unit).unwrap().to_bytes()

@@ -615,6 +615,7 @@ fn failover(commons: &Commons, swarm: &mut Swarm<'_>, opts: &Opts) -> anyhow::Re
                 repetition_penalty: 1.0,
                 seed: 299_792_458,
             },
+            coalition: None,
         };
         let (t, victim) =
             runtime.block_on(kill_mid_job(&mut client, swarm, spec, opts.kill_after))?;

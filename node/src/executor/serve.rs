@@ -1,16 +1,19 @@
-//! Serving inference work units: checks a signed unit against what this node
-//! holds, runs it on the engine, and answers with a signed result committed by
+//! Serving inference work units: checks a signed unit (signature, validity,
+//! replay, coalition and issuer's rate limit, then what this node holds),
+//! runs it on the engine, and answers with a signed result committed by
 //! blake3, or a signed error reply with a stable code.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use commons_coordinator::quota::{Quotas, RateLimit};
+use commons_coordinator::trust::Coalitions;
 use commons_protocol::envelope::Envelope;
 use commons_protocol::messages::{
     ErrorCode, ErrorReply, ExecMetrics, InferenceUnit, LayerRange, WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::replay::ReplayGuard;
-use commons_protocol::{Identity, ModelId, UnitId, UnixMillis};
+use commons_protocol::{Identity, ModelId, NodeId, UnitId, UnixMillis};
 
 use super::engine::{EngineError, EngineHandle, StepRequest};
 use super::session::SessionError;
@@ -34,6 +37,38 @@ pub struct Served {
 /// How long results and error replies stay valid.
 const REPLY_TTL_MS: u64 = 60_000;
 
+/// Issuers whose rate a node tracks at once.
+const MAX_TRACKED_ISSUERS: usize = 4096;
+
+/// What a node checks about a unit's issuer before it runs anything: nonces
+/// seen, the coalitions it serves, and each issuer's rate.
+#[derive(Debug)]
+pub struct Admission {
+    replay: ReplayGuard,
+    coalitions: Coalitions,
+    quotas: Option<Quotas<NodeId>>,
+}
+
+impl Admission {
+    /// Serves `coalitions` (open work when there are none), at most
+    /// `per_issuer` units from each issuer (`None`: no limit).
+    #[must_use]
+    pub fn new(coalitions: Coalitions, per_issuer: Option<RateLimit>) -> Self {
+        Self {
+            // Units may be valid for up to ten minutes; their nonces are kept that long.
+            replay: ReplayGuard::new(10 * 60_000, 1 << 20),
+            coalitions,
+            quotas: per_issuer.map(|limit| Quotas::new(limit, MAX_TRACKED_ISSUERS)),
+        }
+    }
+
+    /// The coalitions served.
+    #[must_use]
+    pub fn coalitions(&self) -> &Coalitions {
+        &self.coalitions
+    }
+}
+
 /// A unit refused before it ran.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -49,6 +84,12 @@ pub fn refusal(code: ErrorCode, message: &str) -> Refusal {
 }
 
 impl Refusal {
+    /// Its stable code.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
     fn new(code: ErrorCode, message: impl Into<String>, unit: Option<UnitId>) -> Self {
         Self {
             code,
@@ -58,11 +99,12 @@ impl Refusal {
     }
 }
 
-/// Opens a work unit and checks it can run here: signature, validity, replay,
-/// model, layer range, input shape.
+/// Opens a work unit and checks it can run here, before any compute:
+/// signature, validity, replay, coalition (one served, the issuer a member),
+/// the issuer's rate, model, layer range, input shape.
 pub fn admit(
     served: &Served,
-    replay: &mut ReplayGuard,
+    admission: &mut Admission,
     bytes: &[u8],
     now: UnixMillis,
 ) -> Result<(UnitId, InferenceUnit), Refusal> {
@@ -78,7 +120,8 @@ pub fn admit(
     let id = unit
         .id()
         .map_err(|e| Refusal::new(ErrorCode::BAD_REQUEST, e.to_string(), None))?;
-    replay
+    admission
+        .replay
         .check(unit.issuer, unit.nonce, unit.expires_at, now)
         .map_err(|e| {
             let code = if matches!(e, commons_protocol::replay::ReplayError::Replayed { .. }) {
@@ -95,6 +138,19 @@ pub fn admit(
             Some(id),
         ));
     };
+    admission
+        .coalitions
+        .authorize(inf.coalition, &unit.issuer)
+        .map_err(|e| Refusal::new(ErrorCode::UNAUTHORIZED, e.to_string(), Some(id)))?;
+    if let Some(quotas) = admission.quotas.as_mut() {
+        quotas.try_take(&unit.issuer, now).map_err(|e| {
+            Refusal::new(
+                ErrorCode::OVERLOADED,
+                format!("units from {}: {e}", unit.issuer),
+                Some(id),
+            )
+        })?;
+    }
     if inf.model != served.model || inf.layers != served.layers {
         return Err(Refusal::new(
             ErrorCode::MODEL_NOT_HELD,
@@ -143,6 +199,25 @@ fn to_wire(t: &Tensor) -> Result<commons_protocol::Tensor, String> {
     commons_protocol::Tensor::from_f32(&shape, &values).map_err(|e| e.to_string())
 }
 
+/// The signed answer to a unit.
+#[derive(Debug)]
+pub struct UnitAnswer {
+    /// A `WorkResult` or `ErrorReply` envelope.
+    pub bytes: Vec<u8>,
+    /// The code, when the answer is a refusal.
+    pub refused: Option<ErrorCode>,
+}
+
+impl UnitAnswer {
+    /// The signed reply to a unit refused.
+    pub fn refusal(identity: &Identity, refusal: &Refusal, now: UnixMillis) -> Self {
+        Self {
+            bytes: refusal_bytes(identity, refusal, now),
+            refused: Some(refusal.code),
+        }
+    }
+}
+
 /// Runs an admitted unit and returns the signed response envelope.
 pub async fn run(
     served: &Served,
@@ -150,7 +225,7 @@ pub async fn run(
     id: UnitId,
     unit: InferenceUnit,
     now: impl Fn() -> UnixMillis,
-) -> Vec<u8> {
+) -> UnitAnswer {
     let outcome = async {
         let input = to_input(served, &unit.input)
             .map_err(|m| Refusal::new(ErrorCode::BAD_REQUEST, m, Some(id)))?;
@@ -214,14 +289,17 @@ pub async fn run(
     .await;
     match outcome {
         Ok(result) => match Envelope::seal(identity, &result) {
-            Ok(e) => e.to_bytes(),
-            Err(e) => refusal_bytes(
+            Ok(e) => UnitAnswer {
+                bytes: e.to_bytes(),
+                refused: None,
+            },
+            Err(e) => UnitAnswer::refusal(
                 identity,
                 &Refusal::new(ErrorCode::TOO_LARGE, e.to_string(), Some(id)),
                 now(),
             ),
         },
-        Err(refusal) => refusal_bytes(identity, &refusal, now()),
+        Err(refusal) => UnitAnswer::refusal(identity, &refusal, now()),
     }
 }
 

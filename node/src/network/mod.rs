@@ -11,9 +11,11 @@
 
 pub mod blobs;
 mod peers;
+mod status;
 pub mod work;
 
 pub use peers::{AdvertError, PeerEntry, PeerTable, Update};
+pub use status::{CoalitionStatus, Counters, PeerStatus, Status};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,14 +32,16 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, gossipsub, identify, kad, mdns,
     noise, ping, tcp, yamux,
 };
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use std::collections::HashMap;
 
 use crate::capacity::Capacity;
 use crate::coordinate::{Answer, Coordinating, KnownModel, Outgoing, Pending};
+use crate::executor::serve;
 use crate::jobstore::JobStore;
+use commons_coordinator::quota::RateLimit;
+use commons_coordinator::trust::Coalitions;
 
 /// Kademlia protocol id of the Commons DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/kad/1.0.0");
@@ -73,6 +77,17 @@ pub struct NetworkConfig {
     pub mdns: bool,
     /// How long an advert is valid; it is republished every third of it.
     pub advert_ttl: Duration,
+}
+
+/// Whom a node works for, and how much each may ask of it.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// Coalitions served (none: open work only), for units and jobs alike.
+    pub coalitions: Coalitions,
+    /// Work units this node runs per issuer (`None`: no limit).
+    pub units_per_issuer: Option<RateLimit>,
+    /// Jobs a coordinating node accepts per submitter (`None`: no limit).
+    pub jobs_per_member: Option<RateLimit>,
 }
 
 fn now() -> UnixMillis {
@@ -208,65 +223,6 @@ pub enum Command {
     },
 }
 
-/// The node's state, as the control API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    /// This node's PeerId.
-    pub peer_id: String,
-    /// Full listen addresses, with `/p2p/<PeerId>`.
-    pub listen_addrs: Vec<String>,
-    /// Peers connected now.
-    pub connected_peers: usize,
-    /// Peers known by their adverts.
-    pub peers: Vec<PeerStatus>,
-    /// Work units running (none until jobs are served).
-    pub work_in_progress: usize,
-    /// Counters.
-    pub counters: Counters,
-    /// This node's own advert.
-    pub capacity: Capacity,
-}
-
-/// A peer in the status.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerStatus {
-    /// Its PeerId.
-    pub peer_id: String,
-    /// Logical cores.
-    pub cpu_cores: u32,
-    /// Processor model.
-    pub cpu_model: String,
-    /// Memory.
-    pub ram_bytes: u64,
-    /// Matmul MFLOP/s.
-    pub matmul_mflops: u64,
-    /// Accelerators.
-    pub gpus: usize,
-    /// Software version.
-    pub software: String,
-    /// Layer ranges it serves, as `MODEL LAYERS`.
-    pub models: Vec<String>,
-    /// Milliseconds since its latest advert arrived.
-    pub last_seen_ms: u64,
-    /// Milliseconds until that advert expires.
-    pub expires_in_ms: u64,
-}
-
-/// Counters of the network.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Counters {
-    /// Adverts this node published.
-    pub adverts_published: u64,
-    /// Adverts and leave notices accepted.
-    pub adverts_accepted: u64,
-    /// Messages rejected (forged, expired, stale…).
-    pub adverts_rejected: u64,
-    /// Connections established since start.
-    pub connections_established: u64,
-    /// Size of the latest advert envelope this node published.
-    pub advert_bytes: u64,
-}
-
 type Channel = libp2p::request_response::ResponseChannel<Vec<u8>>;
 
 /// Where the answer to a job request goes: a peer, or a caller in this process
@@ -294,14 +250,14 @@ pub struct EventLoop {
     last_publish: Option<std::time::Instant>,
     publish_pending: bool,
     served: Option<crate::executor::serve::Served>,
-    replay: commons_protocol::replay::ReplayGuard,
-    responses_tx: mpsc::Sender<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
-    responses_rx: mpsc::Receiver<(libp2p::request_response::ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    admission: serve::Admission,
+    responses_tx: mpsc::Sender<(Channel, serve::UnitAnswer)>,
+    responses_rx: mpsc::Receiver<(Channel, serve::UnitAnswer)>,
     in_progress: Arc<AtomicU64>,
     coordinating: Option<Coordinating<Reply>>,
     units_out: HashMap<libp2p::request_response::OutboundRequestId, (Pending, NodeId)>,
-    local_tx: mpsc::Sender<(Pending, Vec<u8>)>,
-    local_rx: mpsc::Receiver<(Pending, Vec<u8>)>,
+    local_tx: mpsc::Sender<(Pending, serve::UnitAnswer)>,
+    local_rx: mpsc::Receiver<(Pending, serve::UnitAnswer)>,
     rtts: HashMap<PeerId, Duration>,
     blob_server: blobs::BlobServer,
     fetching: Option<Fetching>,
@@ -473,7 +429,7 @@ impl EventLoop {
             publish_pending: false,
             served,
             // Units may be valid for up to ten minutes; their nonces are kept that long.
-            replay: commons_protocol::replay::ReplayGuard::new(10 * 60_000, 1 << 20),
+            admission: serve::Admission::new(Coalitions::open(), None),
             responses_tx,
             responses_rx,
             in_progress: Arc::new(AtomicU64::new(0)),
@@ -527,7 +483,10 @@ impl EventLoop {
             )
             .unwrap_or_default(),
             determinism: crate::capacity::determinism_class(),
-            coalitions: BoundedVec::new(),
+            coalitions: BoundedVec::try_from_vec(
+                self.admission.coalitions().ids().into_iter().collect(),
+            )
+            .unwrap_or_default(),
             software: format!("commons/{}", env!("CARGO_PKG_VERSION")),
             issued_at: now,
             expires_at: now.plus_millis(self.config.advert_ttl.as_millis() as u64),
@@ -604,11 +563,35 @@ impl EventLoop {
                         .collect(),
                     last_seen_ms: now.0.saturating_sub(e.received_at.0),
                     expires_in_ms: e.advert.expires_at.0.saturating_sub(now.0),
+                    coalitions: e
+                        .advert
+                        .coalitions
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
                 })
                 .collect(),
             work_in_progress: self.in_progress.load(Ordering::Relaxed) as usize,
-            counters: self.counters.clone(),
+            counters: Counters {
+                jobs_refused: self
+                    .coordinating
+                    .as_ref()
+                    .map(Coordinating::refusals)
+                    .unwrap_or_default(),
+                ..self.counters.clone()
+            },
             capacity: self.capacity.clone(),
+            coalitions: self
+                .admission
+                .coalitions()
+                .charters()
+                .map(|c| CoalitionStatus {
+                    id: c.id.to_string(),
+                    name: c.name.clone(),
+                    version: c.version,
+                    members: c.members.len(),
+                })
+                .collect(),
         }
     }
 
@@ -626,15 +609,17 @@ impl EventLoop {
                 () = &mut shutdown => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(done) = self.tasks_rx.recv() => self.on_task_done(done),
-                Some((pending, bytes)) = self.local_rx.recv() => {
+                Some((pending, answer)) = self.local_rx.recv() => {
                     let me = self.identity.node_id();
+                    self.counters.count_unit(answer.refused);
                     if let Some(c) = self.coordinating.as_mut() {
-                        c.on_response(pending, me, &bytes, now());
+                        c.on_response(pending, me, &answer.bytes, now());
                     }
                 }
                 _ = coordinate.tick(), if self.coordinating.is_some() => self.coordinate_tick(),
-                Some((channel, bytes)) = self.responses_rx.recv() => {
-                    let _ = self.swarm.behaviour_mut().work.send_response(channel, bytes);
+                Some((channel, answer)) = self.responses_rx.recv() => {
+                    self.counters.count_unit(answer.refused);
+                    let _ = self.swarm.behaviour_mut().work.send_response(channel, answer.bytes);
                 }
                 Some(command) = self.commands.recv() => match command {
                     Command::Status(reply) => { let _ = reply.send(self.status()); }
@@ -711,6 +696,21 @@ impl EventLoop {
     /// Chooses this node's layers by itself (see [`AutoPlace`]).
     pub fn with_auto_placement(mut self, auto: Option<AutoPlace>) -> Self {
         self.auto = auto;
+        self
+    }
+
+    /// Serves only `trust.coalitions` (as a node and as a coordinator), and
+    /// limits each issuer's units and each member's jobs. Without it a node
+    /// serves open work, unlimited.
+    #[must_use]
+    pub fn with_trust(mut self, trust: Trust) -> Self {
+        for c in trust.coalitions.charters() {
+            tracing::info!(coalition = %c.id, name = %c.name, version = c.version, "serving coalition");
+        }
+        if let Some(c) = self.coordinating.as_mut() {
+            c.set_trust(trust.coalitions.clone(), trust.jobs_per_member);
+        }
+        self.admission = serve::Admission::new(trust.coalitions, trust.units_per_issuer);
         self
     }
 
@@ -1064,12 +1064,26 @@ impl EventLoop {
         offers
     }
 
+    /// Tells the coordinator what the swarm offers now, and which coalitions
+    /// each node serves (as its advert says; this node's from its charters).
+    fn update_offers(&self, c: &mut Coordinating<Reply>) {
+        let offers = self.span_offers(c);
+        let mut coalitions: std::collections::BTreeMap<NodeId, _> = self
+            .peers
+            .peers()
+            .into_iter()
+            .filter(|e| !e.advert.coalitions.is_empty())
+            .map(|e| (e.advert.node, e.advert.coalitions.iter().copied().collect()))
+            .collect();
+        coalitions.insert(self.identity.node_id(), self.admission.coalitions().ids());
+        c.set_offers(&offers, coalitions);
+    }
+
     fn coordinate_tick(&mut self) {
         let Some(mut c) = self.coordinating.take() else {
             return;
         };
-        let offers = self.span_offers(&c);
-        c.set_offers(&offers);
+        self.update_offers(&mut c);
         let t = now();
         c.tick(t);
         for (reply, bytes) in c.expire_watchers(t) {
@@ -1107,11 +1121,10 @@ impl EventLoop {
                 }
                 return;
             };
-            use crate::executor::serve;
             let identity = self.identity.clone();
-            match serve::admit(&served, &mut self.replay, &bytes, now()) {
+            match serve::admit(&served, &mut self.admission, &bytes, now()) {
                 Err(refusal) => {
-                    let reply = serve::refusal_bytes(&identity, &refusal, now());
+                    let reply = serve::UnitAnswer::refusal(&identity, &refusal, now());
                     tokio::spawn(async move {
                         let _ = tx.send((pending, reply)).await;
                     });
@@ -1170,8 +1183,7 @@ impl EventLoop {
             return;
         };
         // Plan with the adverts that arrived since the last tick.
-        let offers = self.span_offers(&c);
-        c.set_offers(&offers);
+        self.update_offers(&mut c);
         let answer = c.on_request(&request, channel, now());
         self.coordinating = Some(c);
         if let Answer::Now(channel, bytes) = answer {
@@ -1213,26 +1225,25 @@ impl EventLoop {
         request: Vec<u8>,
         channel: libp2p::request_response::ResponseChannel<Vec<u8>>,
     ) {
-        use crate::executor::serve;
-        let Some(served) = self.served.clone() else {
-            let refusal = serve::refusal(
+        let admitted = match self.served.clone() {
+            None => Err(serve::refusal(
                 commons_protocol::messages::ErrorCode::MODEL_NOT_HELD,
                 "this node serves no model",
-            );
-            let _ = self.swarm.behaviour_mut().work.send_response(
-                channel,
-                serve::refusal_bytes(&self.identity, &refusal, now()),
-            );
-            return;
+            )),
+            Some(served) => serve::admit(&served, &mut self.admission, &request, now())
+                .map(|unit| (served, unit)),
         };
-        match serve::admit(&served, &mut self.replay, &request, now()) {
+        match admitted {
             Err(refusal) => {
-                let _ = self.swarm.behaviour_mut().work.send_response(
-                    channel,
-                    serve::refusal_bytes(&self.identity, &refusal, now()),
-                );
+                let answer = serve::UnitAnswer::refusal(&self.identity, &refusal, now());
+                self.counters.count_unit(answer.refused);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .work
+                    .send_response(channel, answer.bytes);
             }
-            Ok((id, unit)) => {
+            Ok((served, (id, unit))) => {
                 let (identity, tx, in_progress) = (
                     self.identity.clone(),
                     self.responses_tx.clone(),
@@ -1240,9 +1251,9 @@ impl EventLoop {
                 );
                 in_progress.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    let bytes = serve::run(&served, &identity, id, unit, now).await;
+                    let answer = serve::run(&served, &identity, id, unit, now).await;
                     in_progress.fetch_sub(1, Ordering::Relaxed);
-                    let _ = tx.send((channel, bytes)).await;
+                    let _ = tx.send((channel, answer)).await;
                 });
             }
         }

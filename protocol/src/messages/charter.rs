@@ -72,9 +72,111 @@ pub enum CharterError {
     /// Too many members, admins or signatures.
     #[error("the charter is too large")]
     TooLarge,
+    /// The name is empty or too long.
+    #[error("a coalition's name must be 1 to {MAX_NAME_BYTES} bytes, not {len}")]
+    BadName {
+        /// Its length in bytes.
+        len: usize,
+    },
 }
 
+/// Longest coalition name, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+
 impl CoalitionCharter {
+    /// The first version of a coalition, unsigned: `admins` (sorted, each
+    /// once) may change it, `threshold` of them must sign each version, and
+    /// `members` (each once, in the order given) may submit its work.
+    pub fn found(
+        name: &str,
+        admins: &[NodeId],
+        threshold: u16,
+        members: &[NodeId],
+        issued_at: UnixMillis,
+    ) -> Result<Self, CharterError> {
+        if name.is_empty() || name.len() > MAX_NAME_BYTES {
+            return Err(CharterError::BadName { len: name.len() });
+        }
+        let admins: Vec<NodeId> = admins
+            .iter()
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if threshold == 0 || usize::from(threshold) > admins.len() {
+            return Err(CharterError::BadThreshold {
+                threshold,
+                admins: admins.len(),
+            });
+        }
+        let mut unique = BTreeSet::new();
+        let members: Vec<NodeId> = members
+            .iter()
+            .copied()
+            .filter(|m| unique.insert(*m))
+            .collect();
+        Ok(Self {
+            id: Self::genesis_id(name, &admins),
+            name: name.to_owned(),
+            version: 1,
+            members: BoundedVec::try_from_vec(members).map_err(|_| CharterError::TooLarge)?,
+            admins: BoundedVec::try_from_vec(admins).map_err(|_| CharterError::TooLarge)?,
+            threshold,
+            issued_at,
+            admin_signatures: BoundedVec::new(),
+        })
+    }
+
+    /// The next version, to be changed and then signed again: the same
+    /// coalition, admins and threshold, the version one higher, no signatures.
+    #[must_use]
+    pub fn next_version(&self, issued_at: UnixMillis) -> Self {
+        Self {
+            version: self.version.saturating_add(1),
+            issued_at,
+            admin_signatures: BoundedVec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Adds `node` to the members; false if it already is one.
+    pub fn add_member(&mut self, node: NodeId) -> Result<bool, CharterError> {
+        if self.is_member(&node) {
+            return Ok(false);
+        }
+        self.members
+            .try_push(node)
+            .map_err(|_| CharterError::TooLarge)?;
+        Ok(true)
+    }
+
+    /// Removes `node` from the members; false if it was not one.
+    pub fn remove_member(&mut self, node: &NodeId) -> bool {
+        let before = self.members.len();
+        self.members.retain(|m| m != node);
+        self.members.len() < before
+    }
+
+    /// Whether `node` is an admin.
+    #[must_use]
+    pub fn is_admin(&self, node: &NodeId) -> bool {
+        self.admins.contains(node)
+    }
+
+    /// The admins whose signature over this version verifies.
+    #[must_use]
+    pub fn valid_signers(&self) -> BTreeSet<NodeId> {
+        let Ok(bytes) = self.signing_bytes() else {
+            return BTreeSet::new();
+        };
+        self.admin_signatures
+            .iter()
+            .filter(|s| self.is_admin(&s.admin))
+            .filter(|s| keys::verify(&s.admin, &bytes, &s.signature).is_ok())
+            .map(|s| s.admin)
+            .collect()
+    }
+
     /// The id of a coalition founded under `name` by `admins`.
     #[must_use]
     pub fn genesis_id(name: &str, admins: &[NodeId]) -> CoalitionId {
@@ -236,5 +338,57 @@ mod tests {
                 admins: 1
             })
         );
+    }
+
+    #[test]
+    fn versions_are_founded_amended_and_signed_again() {
+        let (a, b) = (
+            Identity::from_secret([1; 32]),
+            Identity::from_secret([2; 32]),
+        );
+        let (m, n) = (NodeId([8; 32]), NodeId([9; 32]));
+        assert_eq!(
+            CoalitionCharter::found("", &[a.node_id()], 1, &[], UnixMillis(1)),
+            Err(CharterError::BadName { len: 0 })
+        );
+        assert_eq!(
+            CoalitionCharter::found("x", &[a.node_id(), a.node_id()], 2, &[], UnixMillis(1)),
+            Err(CharterError::BadThreshold {
+                threshold: 2,
+                admins: 1
+            })
+        );
+        let mut v1 = CoalitionCharter::found(
+            "riverside",
+            &[b.node_id(), a.node_id()],
+            2,
+            &[m, m],
+            UnixMillis(5),
+        )
+        .unwrap();
+        // Admins in a canonical order, so the id does not depend on the order given.
+        let mut sorted = [a.node_id(), b.node_id()];
+        sorted.sort();
+        assert_eq!(v1.id, CoalitionCharter::genesis_id("riverside", &sorted));
+        assert_eq!(v1.admins.as_slice(), &sorted);
+        assert_eq!(v1.members.as_slice(), &[m]);
+        v1.sign_as(&a).unwrap();
+        assert_eq!(v1.valid_signers().len(), 1);
+        v1.sign_as(&b).unwrap();
+        v1.verify().unwrap();
+
+        let mut v2 = v1.next_version(UnixMillis(9));
+        assert_eq!((v2.id, v2.version), (v1.id, 2));
+        assert!(v2.valid_signers().is_empty());
+        assert!(v2.add_member(n).unwrap());
+        assert!(!v2.add_member(n).unwrap());
+        assert!(v2.remove_member(&m));
+        assert!(!v2.remove_member(&m));
+        assert!(v2.is_member(&n) && !v2.is_member(&m));
+        // v1's signatures do not carry over.
+        v2.admin_signatures = v1.admin_signatures.clone();
+        assert!(v2.valid_signers().is_empty());
+        assert!(v2.verify().is_err());
+        assert!(v2.is_admin(&a.node_id()) && !v2.is_admin(&m));
     }
 }

@@ -6,7 +6,7 @@ use super::work::{LayerRange, SamplingParams};
 use crate::bounded::BoundedVec;
 use crate::codec::Limit;
 use crate::envelope::MessageKind;
-use crate::ids::{Hash, JobId, ModelId, NodeId, Nonce};
+use crate::ids::{CoalitionId, Hash, JobId, ModelId, NodeId, Nonce};
 use crate::time::UnixMillis;
 
 /// A member's request to a coordinator, signed by the member.
@@ -60,6 +60,9 @@ pub struct JobSpec {
     pub max_tokens: u32,
     /// How to choose tokens (temperature 0: greedy).
     pub sampling: SamplingParams,
+    /// The coalition the job runs for: only its members may submit it and only
+    /// nodes serving it run its units. `None`: open work.
+    pub coalition: Option<CoalitionId>,
 }
 
 /// A job's prompt.

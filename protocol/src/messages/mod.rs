@@ -13,7 +13,7 @@ mod work;
 pub use advert::{
     CapacityAdvert, CpuInfo, DeterminismClass, GpuBackend, GpuInfo, HeldModel, Leave,
 };
-pub use charter::{AdminSignature, CharterError, CoalitionCharter};
+pub use charter::{AdminSignature, CharterError, CoalitionCharter, MAX_NAME_BYTES};
 pub use error::{ErrorCode, ErrorReply};
 pub use job::{ChatTurn, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop};
 pub use work::{

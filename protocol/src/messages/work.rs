@@ -4,7 +4,7 @@ use super::Message;
 use crate::bounded::BoundedVec;
 use crate::codec::{self, Limit};
 use crate::envelope::MessageKind;
-use crate::ids::{Hash, JobId, ModelId, NodeId, Nonce, SessionId, Signature, UnitId};
+use crate::ids::{CoalitionId, Hash, JobId, ModelId, NodeId, Nonce, SessionId, Signature, UnitId};
 use crate::keys::{self, Identity, VerifyError};
 use crate::tensor::{Tensor, TensorError};
 use crate::time::UnixMillis;
@@ -84,6 +84,10 @@ pub struct InferenceUnit {
     pub input: Tensor,
     /// How to run it.
     pub options: InferenceOptions,
+    /// The coalition the work is for (`None`: open work). A node serves a
+    /// coalition's units only when it serves that coalition and the issuer is
+    /// one of its members.
+    pub coalition: Option<CoalitionId>,
 }
 
 /// Options of an inference step.

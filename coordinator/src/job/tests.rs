@@ -1,0 +1,505 @@
+//! The scheduler against a stand-in swarm: chains, failover, replay, fairness, coalitions.
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+const MODEL: ModelId = ModelId(Hash([9; 32]));
+const VOCAB: u32 = 50;
+const STOP: u32 = 0;
+
+/// A stand-in executor whose outputs depend on the whole session history,
+/// so a hop that lost or skipped a step gives different tokens.
+struct FakeNode {
+    layers: LayerRange,
+    sessions: HashMap<SessionId, (u64, u32)>, // (state, next position)
+    alive: bool,
+    /// Die when asked for this many more units.
+    dies_after: Option<u32>,
+}
+
+struct Swarm {
+    nodes: BTreeMap<NodeId, FakeNode>,
+    now: u64,
+    sent: u32,
+}
+
+fn node(n: u8) -> NodeId {
+    NodeId([n; 32])
+}
+
+impl Swarm {
+    fn new(spans: &[(u8, u32, u32)]) -> Self {
+        let nodes = spans
+            .iter()
+            .map(|&(n, a, b)| {
+                (
+                    node(n),
+                    FakeNode {
+                        layers: LayerRange { start: a, end: b },
+                        sessions: HashMap::new(),
+                        alive: true,
+                        dies_after: None,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            nodes,
+            now: 1_000,
+            sent: 0,
+        }
+    }
+
+    fn offers(&self) -> Vec<SpanOffer> {
+        self.nodes
+            .iter()
+            .map(|(id, n)| SpanOffer {
+                node: *id,
+                layers: n.layers,
+                ms_per_layer: 1.0 + f64::from(id.0[0]) / 100.0,
+                rtt_ms: 1.0,
+                queue_ms: 0.0,
+            })
+            .collect()
+    }
+
+    fn scheduler(&self, config: SchedulerConfig) -> Scheduler {
+        let mut s = Scheduler::new(config, 7);
+        s.set_offers(MODEL, 30, 256, self.offers());
+        s
+    }
+
+    fn execute(&mut self, to: NodeId, unit: &InferenceUnit) -> Result<StepResult, StepFailure> {
+        self.sent += 1;
+        let n = self.nodes.get_mut(&to).expect("a known node");
+        if let Some(k) = n.dies_after.as_mut() {
+            if *k == 0 {
+                n.alive = false;
+            }
+            *k = k.saturating_sub(1);
+        }
+        if !n.alive {
+            return Err(StepFailure::Unreachable("connection closed".into()));
+        }
+        assert_eq!(unit.layers, n.layers, "whole spans only");
+        let values: Vec<u64> = match unit.input.to_u32() {
+            Some(t) => t.into_iter().map(u64::from).collect(),
+            None => unit
+                .input
+                .to_f32()
+                .expect("f32 or u32")
+                .into_iter()
+                .map(|v| v as u64)
+                .collect(),
+        };
+        let (state, pos) = n.sessions.entry(unit.session).or_insert((0, 0));
+        if *pos != unit.options.start_pos {
+            return Err(StepFailure::Refused {
+                code: ErrorCode::UNKNOWN_SESSION,
+                message: format!("at {pos}, asked {}", unit.options.start_pos),
+            });
+        }
+        let mut outs = Vec::new();
+        for v in values {
+            *state = (*state * 31 + v + u64::from(n.layers.start) * 7 + u64::from(n.layers.end))
+                % 65_521;
+            outs.push(*state as f32);
+            *pos += 1;
+        }
+        let output = if n.layers.end == 30 {
+            Tensor::from_u32(&[1], &[(*state % u64::from(VOCAB)) as u32]).expect("tensor")
+        } else {
+            Tensor::from_f32(&[1, outs.len() as u64, 1], &outs).expect("tensor")
+        };
+        let commitment = output.digest();
+        Ok(StepResult {
+            executor: to,
+            outputs: vec![output],
+            commitment,
+        })
+    }
+
+    /// Runs until every job ends or `limit` outputs were handled.
+    fn drive(&mut self, s: &mut Scheduler, limit: usize) {
+        for _ in 0..limit {
+            self.now += 1;
+            let now = UnixMillis(self.now);
+            match s.poll_output() {
+                Some(Output::Send {
+                    ticket, node, unit, ..
+                }) => {
+                    let r = self.execute(node, &unit);
+                    s.handle_result(now, ticket, r);
+                }
+                Some(Output::Sample { .. }) => panic!("greedy jobs never sample"),
+                Some(Output::Changed { .. }) => {}
+                None => return,
+            }
+        }
+        panic!("the jobs did not end within {limit} steps");
+    }
+}
+
+fn job(id: u8, submitter: u8, prompt: &[u32], max_tokens: u32) -> NewJob {
+    NewJob {
+        id: JobId([id; 16]),
+        submitter: node(submitter),
+        model: MODEL,
+        prompt: prompt.to_vec(),
+        max_tokens,
+        stop_tokens: vec![STOP],
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        },
+    }
+}
+
+const SPANS: [(u8, u32, u32); 5] = [
+    (1, 0, 10),
+    (2, 10, 20),
+    (3, 10, 20),
+    (4, 20, 30),
+    (5, 0, 10),
+];
+
+fn reference(prompt: &[u32], max_tokens: u32) -> Vec<u32> {
+    let mut swarm = Swarm::new(&SPANS);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, prompt, max_tokens))
+        .unwrap();
+    swarm.drive(&mut s, 10_000);
+    let v = s.view(&JobId([1; 16])).unwrap();
+    assert!(matches!(v.status, JobStatus::Length | JobStatus::Stopped));
+    assert_eq!(v.failovers, 0);
+    v.tokens
+}
+
+#[test]
+fn a_job_runs_through_a_three_hop_chain() {
+    let tokens = reference(&[5, 6, 7, 8], 24);
+    assert!(!tokens.is_empty());
+    let mut swarm = Swarm::new(&SPANS);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, &[5, 6, 7, 8], 24))
+        .unwrap();
+    swarm.drive(&mut s, 10_000);
+    let v = s.view(&JobId([1; 16])).unwrap();
+    assert_eq!(v.tokens, tokens);
+    let chain: Vec<(u8, u32)> = v
+        .hops
+        .iter()
+        .map(|h| (h.node.0[0], h.layers.start))
+        .collect();
+    assert_eq!(chain, vec![(1, 0), (2, 10), (4, 20)]);
+    // One result per hop per step.
+    assert_eq!(v.receipts as usize, 3 * v.tokens.len());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Whichever hop dies, whenever: the text equals the uninterrupted run's.
+    #[test]
+    fn a_dying_hop_is_replaced_and_the_text_is_unchanged(
+        victim in prop::sample::select(vec![1u8, 2, 4]),
+        after in 0u32..40,
+        prompt in proptest::collection::vec(1u32..VOCAB, 1..12),
+    ) {
+        let expected = reference(&prompt, 32);
+        let mut spans = SPANS.to_vec();
+        spans.push((6, 20, 30));
+        let mut swarm = Swarm::new(&spans);
+        swarm.nodes.get_mut(&node(victim)).unwrap().dies_after = Some(after);
+        let mut s = swarm.scheduler(SchedulerConfig::default());
+        s.submit(UnixMillis(0), job(1, 1, &prompt, 32)).unwrap();
+        swarm.drive(&mut s, 100_000);
+        let v = s.view(&JobId([1; 16])).unwrap();
+        prop_assert!(matches!(v.status, JobStatus::Length | JobStatus::Stopped), "{:?}", v.status);
+        prop_assert_eq!(&v.tokens, &expected);
+        let died = !swarm.nodes[&node(victim)].alive;
+        prop_assert_eq!(v.failovers, u32::from(died));
+        if died {
+            prop_assert!(v.hops.iter().any(|h| h.node == node(victim) && !h.current));
+        }
+    }
+}
+
+#[test]
+fn a_restored_job_replays_its_tokens_and_goes_on_identically() {
+    let expected = reference(&[3, 1, 4, 1, 5], 30);
+    assert!(expected.len() > 6, "{expected:?}");
+    let mut swarm = Swarm::new(&SPANS);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.resume(
+        UnixMillis(0),
+        job(1, 1, &[3, 1, 4, 1, 5], 30),
+        expected[..6].to_vec(),
+        UnixMillis(0),
+    )
+    .unwrap();
+    swarm.drive(&mut s, 10_000);
+    assert_eq!(s.view(&JobId([1; 16])).unwrap().tokens, expected);
+    // Restoring every token ends the job at once, with no unit sent.
+    let mut swarm = Swarm::new(&SPANS);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.resume(
+        UnixMillis(0),
+        job(1, 1, &[3, 1, 4, 1, 5], 30),
+        expected.clone(),
+        UnixMillis(0),
+    )
+    .unwrap();
+    swarm.drive(&mut s, 10);
+    assert_eq!(swarm.sent, 0);
+    assert!(s.view(&JobId([1; 16])).unwrap().status.is_terminal());
+}
+
+#[test]
+fn a_resumed_job_waits_for_its_route_then_fails_as_lost() {
+    let expected = reference(&[3, 1, 4, 1, 5], 30);
+    let mut swarm = Swarm::new(&SPANS);
+    // A restarted coordinator knows no node yet.
+    let mut s = Scheduler::new(SchedulerConfig::default(), 7);
+    let id = JobId([1; 16]);
+    s.resume(
+        UnixMillis(0),
+        job(1, 1, &[3, 1, 4, 1, 5], 30),
+        expected[..3].to_vec(),
+        UnixMillis(5_000),
+    )
+    .unwrap();
+    s.tick(UnixMillis(1_000));
+    assert_eq!(s.view(&id).unwrap().status, JobStatus::Queued);
+    assert_eq!(s.view(&id).unwrap().tokens, expected[..3]);
+    // The nodes' adverts arrive: it resumes and ends as if never stopped.
+    s.set_offers(MODEL, 30, 256, swarm.offers());
+    s.tick(UnixMillis(2_000));
+    swarm.drive(&mut s, 10_000);
+    assert_eq!(s.view(&id).unwrap().tokens, expected);
+    // No node ever comes: failed, with the reason.
+    let mut s = Scheduler::new(SchedulerConfig::default(), 7);
+    s.resume(
+        UnixMillis(0),
+        job(2, 1, &[3, 1, 4, 1, 5], 30),
+        expected[..3].to_vec(),
+        UnixMillis(5_000),
+    )
+    .unwrap();
+    s.tick(UnixMillis(5_001));
+    let JobStatus::Failed { code, message } = s.view(&JobId([2; 16])).unwrap().status else {
+        panic!("still waiting")
+    };
+    assert_eq!(code, ErrorCode::LOST);
+    assert!(message.contains("after 3 tokens"), "{message}");
+}
+
+#[test]
+fn jobs_nobody_can_serve_fail_at_submission() {
+    let swarm = Swarm::new(&[(1, 0, 10), (2, 11, 30)]);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    let e = s.submit(UnixMillis(0), job(1, 1, &[1], 4)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NO_ROUTE);
+    assert!(e.message.contains("layer 10"), "{e}");
+    let mut other = job(2, 1, &[1], 4);
+    other.model = ModelId(Hash([1; 32]));
+    assert_eq!(
+        s.submit(UnixMillis(0), other).unwrap_err().code,
+        ErrorCode::NO_ROUTE
+    );
+    assert_eq!(
+        s.submit(UnixMillis(0), job(3, 1, &[], 4)).unwrap_err().code,
+        ErrorCode::BAD_REQUEST
+    );
+    assert_eq!(
+        s.submit(UnixMillis(0), job(4, 1, &[1; 256], 4))
+            .unwrap_err()
+            .code,
+        ErrorCode::TOO_LARGE
+    );
+}
+
+#[test]
+fn a_hop_with_no_replacement_fails_the_job_with_its_reason() {
+    let mut swarm = Swarm::new(&[(1, 0, 10), (2, 10, 20), (4, 20, 30)]);
+    swarm.nodes.get_mut(&node(2)).unwrap().dies_after = Some(0);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, &[1, 2], 30)).unwrap();
+    swarm.drive(&mut s, 10_000);
+    let v = s.view(&JobId([1; 16])).unwrap();
+    let JobStatus::Failed { code, message } = v.status else {
+        panic!("{:?}", v.status)
+    };
+    assert_eq!(code, ErrorCode::NO_ROUTE);
+    assert!(message.contains("layers 10..20"), "{message}");
+    assert!(message.contains("connection closed"), "{message}");
+}
+
+#[test]
+fn a_silent_hop_times_out_and_is_replaced() {
+    let swarm = Swarm::new(&SPANS);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, &[1, 2], 30)).unwrap();
+    let first = loop {
+        match s.poll_output() {
+            Some(Output::Send { node, .. }) => break node,
+            Some(_) => {}
+            None => panic!("nothing sent"),
+        }
+    };
+    assert_eq!(first, node(1));
+    s.tick(UnixMillis(5_000));
+    assert!(s.poll_output().is_none(), "not late yet");
+    s.tick(UnixMillis(60_000));
+    let next = std::iter::from_fn(|| s.poll_output())
+        .find_map(|o| match o {
+            Output::Send { node, .. } => Some(node),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(next, node(5));
+    assert_eq!(s.view(&JobId([1; 16])).unwrap().failovers, 1);
+}
+
+#[test]
+fn bad_requests_fail_the_job_without_failover() {
+    let mut swarm = Swarm::new(&SPANS);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, &[1, 2], 30)).unwrap();
+    let Some(Output::Send { ticket, .. }) =
+        std::iter::from_fn(|| s.poll_output()).find(|o| matches!(o, Output::Send { .. }))
+    else {
+        panic!("nothing sent")
+    };
+    s.handle_result(
+        UnixMillis(2),
+        ticket,
+        Err(StepFailure::Refused {
+            code: ErrorCode::BAD_REQUEST,
+            message: "hidden states must have shape (1, n, 576)".into(),
+        }),
+    );
+    swarm.drive(&mut s, 100);
+    let v = s.view(&JobId([1; 16])).unwrap();
+    assert!(matches!(
+        v.status,
+        JobStatus::Failed {
+            code: ErrorCode::BAD_REQUEST,
+            ..
+        }
+    ));
+    assert_eq!(swarm.sent, 0);
+}
+
+#[test]
+fn submitters_share_slots_fairly_and_cancel_frees_theirs() {
+    let swarm = Swarm::new(&SPANS);
+    let config = SchedulerConfig {
+        max_active_jobs: 2,
+        ..SchedulerConfig::default()
+    };
+    let mut s = swarm.scheduler(config);
+    for i in 1..=3 {
+        s.submit(UnixMillis(0), job(i, 1, &[1, 2], 8)).unwrap();
+    }
+    s.submit(UnixMillis(0), job(9, 2, &[1, 2], 8)).unwrap();
+    let status = |s: &Scheduler, i: u8| s.view(&JobId([i; 16])).unwrap().status;
+    assert_eq!(status(&s, 1), JobStatus::Running);
+    assert_eq!(status(&s, 2), JobStatus::Running);
+    assert_eq!(status(&s, 9), JobStatus::Queued);
+    // A slot frees: the second submitter goes before the first one's third job.
+    assert!(
+        !s.cancel(UnixMillis(1), &JobId([1; 16]), &node(2)),
+        "not theirs"
+    );
+    assert!(s.cancel(UnixMillis(1), &JobId([1; 16]), &node(1)));
+    assert_eq!(status(&s, 1), JobStatus::Cancelled);
+    assert_eq!(status(&s, 9), JobStatus::Running);
+    assert_eq!(status(&s, 3), JobStatus::Queued);
+    // All of them end.
+    let mut swarm = swarm;
+    swarm.drive(&mut s, 100_000);
+    for i in [2, 3, 9] {
+        assert!(matches!(
+            status(&s, i),
+            JobStatus::Length | JobStatus::Stopped
+        ));
+    }
+}
+
+#[test]
+fn coalition_jobs_run_only_on_nodes_that_serve_their_coalition() {
+    let (a, b) = (CoalitionId(Hash([0xa; 32])), CoalitionId(Hash([0xb; 32])));
+    // Nodes 1, 2, 4 serve coalition A; 3, 5, 6 serve open work.
+    let mut spans = SPANS.to_vec();
+    spans.push((6, 20, 30));
+    let mut swarm = Swarm::new(&spans);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.set_coalitions(
+        [1, 2, 4]
+            .into_iter()
+            .map(|n| (node(n), BTreeSet::from([a])))
+            .collect(),
+    );
+    s.submit_in(UnixMillis(0), job(1, 1, &[1, 2, 3], 6), Some(a))
+        .unwrap();
+    s.submit(UnixMillis(0), job(2, 1, &[1, 2, 3], 6)).unwrap();
+    let mut seen: Vec<(JobId, NodeId, Option<CoalitionId>)> = Vec::new();
+    for _ in 0..10_000 {
+        swarm.now += 1;
+        match s.poll_output() {
+            Some(Output::Send {
+                ticket,
+                job,
+                node,
+                unit,
+                ..
+            }) => {
+                seen.push((job, node, unit.coalition));
+                let r = swarm.execute(node, &unit);
+                s.handle_result(UnixMillis(swarm.now), ticket, r);
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    for (job, nodes, coalition) in [
+        (JobId([1; 16]), [1u8, 2, 4], Some(a)),
+        (JobId([2; 16]), [3, 5, 6], None),
+    ] {
+        let v = s.view(&job).unwrap();
+        assert!(v.status.is_terminal() && !matches!(v.status, JobStatus::Failed { .. }));
+        assert_eq!(v.coalition, coalition);
+        let used: BTreeSet<u8> = seen
+            .iter()
+            .filter(|(j, ..)| *j == job)
+            .map(|(_, n, c)| {
+                assert_eq!(*c, coalition, "every unit carries the job's coalition");
+                n.0[0]
+            })
+            .collect();
+        assert_eq!(used, BTreeSet::from(nodes));
+    }
+    // Nobody serves coalition B: refused at once, naming it.
+    let e = s
+        .submit_in(UnixMillis(0), job(3, 1, &[1], 4), Some(b))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::NO_ROUTE);
+    assert!(e.message.contains(&b.to_string()), "{e}");
+    // A failover stays inside the coalition: with node 2 dead and only open
+    // nodes left on 10..20, the coalition's job fails instead of leaking out.
+    swarm.nodes.get_mut(&node(2)).unwrap().dies_after = Some(0);
+    s.submit_in(UnixMillis(0), job(4, 1, &[1, 2, 3], 6), Some(a))
+        .unwrap();
+    swarm.drive(&mut s, 10_000);
+    let v = s.view(&JobId([4; 16])).unwrap();
+    let JobStatus::Failed { code, .. } = v.status else {
+        panic!("{:?}", v.status)
+    };
+    assert_eq!(code, ErrorCode::NO_ROUTE);
+    assert!(v.hops.iter().all(|h| [1, 2, 4].contains(&h.node.0[0])));
+}

@@ -1,0 +1,106 @@
+//! The node's state as the control API shows it: `GET /v1/status` serialises
+//! [`Status`], `GET /metrics` turns its counters into Prometheus text.
+
+use std::collections::BTreeMap;
+
+use commons_protocol::messages::ErrorCode;
+use serde::Serialize;
+
+use crate::capacity::Capacity;
+
+/// The node's state, as the control API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// This node's PeerId.
+    pub peer_id: String,
+    /// Full listen addresses, with `/p2p/<PeerId>`.
+    pub listen_addrs: Vec<String>,
+    /// Peers connected now.
+    pub connected_peers: usize,
+    /// Peers known by their adverts.
+    pub peers: Vec<PeerStatus>,
+    /// Work units running (none until jobs are served).
+    pub work_in_progress: usize,
+    /// Counters.
+    pub counters: Counters,
+    /// This node's own advert.
+    pub capacity: Capacity,
+    /// The coalitions it serves (none: open work only).
+    pub coalitions: Vec<CoalitionStatus>,
+}
+
+/// A coalition a node serves.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoalitionStatus {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The charter's version.
+    pub version: u64,
+    /// Members.
+    pub members: usize,
+}
+
+/// A peer in the status.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Its PeerId.
+    pub peer_id: String,
+    /// Logical cores.
+    pub cpu_cores: u32,
+    /// Processor model.
+    pub cpu_model: String,
+    /// Memory.
+    pub ram_bytes: u64,
+    /// Matmul MFLOP/s.
+    pub matmul_mflops: u64,
+    /// Accelerators.
+    pub gpus: usize,
+    /// Software version.
+    pub software: String,
+    /// Layer ranges it serves, as `MODEL LAYERS`.
+    pub models: Vec<String>,
+    /// Coalitions it says it serves, by id (none: open work only).
+    pub coalitions: Vec<String>,
+    /// Milliseconds since its latest advert arrived.
+    pub last_seen_ms: u64,
+    /// Milliseconds until that advert expires.
+    pub expires_in_ms: u64,
+}
+
+/// Counters of the network.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Counters {
+    /// Adverts this node published.
+    pub adverts_published: u64,
+    /// Adverts and leave notices accepted.
+    pub adverts_accepted: u64,
+    /// Messages rejected (forged, expired, stale…).
+    pub adverts_rejected: u64,
+    /// Connections established since start.
+    pub connections_established: u64,
+    /// Size of the latest advert envelope this node published.
+    pub advert_bytes: u64,
+    /// Work units answered with a signed result.
+    pub units_served: u64,
+    /// Work units refused, by error code name (`unauthorized`, `overloaded`…).
+    pub units_refused: BTreeMap<String, u64>,
+    /// Job requests a coordinator refused, by error code name.
+    pub jobs_refused: BTreeMap<String, u64>,
+}
+
+impl Counters {
+    /// Counts the answer to a unit: a result, or a refusal with `code`.
+    pub fn count_unit(&mut self, refused: Option<ErrorCode>) {
+        match refused {
+            None => self.units_served += 1,
+            Some(code) => {
+                *self
+                    .units_refused
+                    .entry(code.name().to_owned())
+                    .or_default() += 1
+            }
+        }
+    }
+}
