@@ -31,6 +31,10 @@ pub struct RunArgs {
     /// Keep the event log (events.jsonl).
     #[arg(long)]
     pub events: bool,
+    /// Replay joins and leaves from a CSV trace (`node,join_s,leave_s`) instead
+    /// of drawing them from the scenario's distributions.
+    #[arg(long, value_name = "CSV")]
+    pub trace: Option<PathBuf>,
 }
 
 /// Arguments of `commons sim sweep`.
@@ -64,7 +68,23 @@ pub fn run_command(command: SimCommand) -> anyhow::Result<ExitCode> {
                 args.seed
             );
             let started = std::time::Instant::now();
-            let r = run(scenario.clone(), args.seed, args.events);
+            let r = match &args.trace {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read the trace {}", path.display()))?;
+                    let rows = commons_sim::scenario::parse_trace(&text)
+                        .with_context(|| format!("in {}", path.display()))?;
+                    eprintln!("replaying {} sessions from {}", rows.len(), path.display());
+                    commons_sim::Simulation::with_trace(
+                        scenario.clone(),
+                        args.seed,
+                        args.events,
+                        &rows,
+                    )
+                    .run()
+                }
+                None => run(scenario.clone(), args.seed, args.events),
+            };
             let wall = started.elapsed().as_secs_f64();
             let summary = report::summary(&scenario, &r);
             println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -1,5 +1,6 @@
-//! Writing a run's outputs: `timeseries.csv`, `summary.json` and, when kept,
-//! `events.jsonl`, each stamped with the seed and the scenario's hash.
+//! Writing a run's outputs: `timeseries.csv`, `summary.json`, SVG plots
+//! (`nodes.svg`, `coverage.svg`, `throughput.svg`, `jobs.svg`) and, when
+//! kept, `events.jsonl`, each stamped with the seed and the scenario's hash.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -60,6 +61,100 @@ pub fn summary(scenario: &Scenario, r: &Report) -> serde_json::Value {
     })
 }
 
+/// Draws `series` (name, points) over simulated hours into an SVG file.
+fn plot(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<(), String> {
+    use plotters::prelude::*;
+    let x_max = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.0))
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let y_max = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .fold(0.0, f64::max)
+        .max(1e-9)
+        * 1.05;
+    let root = SVGBackend::new(path, (800, 400)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("simulated hours")
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let colors = [BLUE, RED, GREEN, BLACK, MAGENTA];
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), &color))
+            .map_err(|e| e.to_string())?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    if series.len() > 1 {
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Writes the SVG plots of a run into `dir`.
+pub fn plots(dir: &Path, scenario: &Scenario, r: &Report) -> Result<(), String> {
+    let h = |x: &crate::world::Row| x.t_s / 3600.0;
+    let stamp = format!("{} (seed {}, {})", scenario.name, r.seed, r.scenario_hash);
+    let series = |f: fn(&crate::world::Row) -> f64| -> Vec<(f64, f64)> {
+        r.rows.iter().map(|x| (h(x), f(x))).collect()
+    };
+    plot(
+        &dir.join("nodes.svg"),
+        &format!("nodes online: {stamp}"),
+        "nodes",
+        &[
+            ("online", series(|x| f64::from(x.online))),
+            ("serving", series(|x| f64::from(x.serving))),
+        ],
+    )?;
+    plot(
+        &dir.join("coverage.svg"),
+        &format!("layers with a server: {stamp}"),
+        "fraction",
+        &[("coverage", series(|x| x.coverage))],
+    )?;
+    plot(
+        &dir.join("throughput.svg"),
+        &format!("tokens per second: {stamp}"),
+        "tokens/s",
+        &[("tokens/s", series(|x| x.tokens_per_s))],
+    )?;
+    plot(
+        &dir.join("jobs.svg"),
+        &format!("jobs (cumulative): {stamp}"),
+        "jobs",
+        &[
+            ("done", series(|x| x.jobs_done as f64)),
+            ("failed", series(|x| x.jobs_failed as f64)),
+            ("refused", series(|x| x.jobs_refused as f64)),
+        ],
+    )
+}
+
 /// Writes the outputs into `dir` (created if needed).
 pub fn write(dir: &Path, scenario: &Scenario, r: &Report) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -94,6 +189,7 @@ pub fn write(dir: &Path, scenario: &Scenario, r: &Report) -> std::io::Result<()>
     csv.flush()?;
     let s = serde_json::to_string_pretty(&summary(scenario, r)).unwrap_or_default();
     std::fs::write(dir.join("summary.json"), s + "\n")?;
+    plots(dir, scenario, r).map_err(std::io::Error::other)?;
     if let Some(lines) = &r.event_log {
         let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("events.jsonl"))?);
         for l in lines {

@@ -62,6 +62,9 @@ pub struct Scenario {
     /// Nodes that check for lost spans every this many seconds (0: never).
     #[serde(default = "default_rebalance")]
     pub rebalance_every_s: f64,
+    /// Correlated regional outages.
+    #[serde(default)]
+    pub outages: Vec<Outage>,
 }
 
 fn default_sample() -> f64 {
@@ -79,9 +82,91 @@ pub struct Population {
     /// Nodes online at time 0 (their remaining sessions are drawn like new ones).
     #[serde(default)]
     pub initial: u32,
-    /// New nodes per hour (a Poisson process).
+    /// New nodes per hour (a Poisson process; the mean rate when diurnal).
     #[serde(default)]
     pub arrivals_per_hour: f64,
+    /// Daily swing of the arrival rate, 0 to 1: the rate is
+    /// `arrivals_per_hour × (1 + a·cos(2π (h − peak)/24))` at hour `h` of the day.
+    #[serde(default)]
+    pub diurnal_amplitude: f64,
+    /// Hour of the day when arrivals peak.
+    #[serde(default = "default_peak")]
+    pub diurnal_peak_hour: f64,
+}
+
+fn default_peak() -> f64 {
+    20.0
+}
+
+/// A correlated outage: at `at_s`, every node inside a square covering
+/// `fraction` of the world (placed at random) crashes, and comes back
+/// `duration_s` later with the same identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outage {
+    /// When, simulated seconds.
+    pub at_s: f64,
+    /// How long the region stays dark.
+    pub duration_s: f64,
+    /// Share of the world's area.
+    pub fraction: f64,
+}
+
+/// One line of a churn trace: node `node` is online from `join_s` to `leave_s`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TraceRow {
+    /// The node (the same number for the same identity).
+    pub node: u64,
+    /// Join time, seconds.
+    pub join_s: f64,
+    /// Leave time, seconds.
+    pub leave_s: f64,
+}
+
+/// Reads a churn trace: CSV lines `node,join_s,leave_s` (a header line and
+/// `#` comments are skipped).
+pub fn parse_trace(text: &str) -> Result<Vec<TraceRow>, ScenarioError> {
+    let mut rows = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let parsed = match fields.as_slice() {
+            [a, b, c] => (a.parse::<u64>(), b.parse::<f64>(), c.parse::<f64>()),
+            _ => {
+                return Err(ScenarioError::Invalid(format!(
+                    "trace line {}: expected node,join_s,leave_s",
+                    n + 1
+                )));
+            }
+        };
+        match parsed {
+            (Ok(node), Ok(join_s), Ok(leave_s)) => {
+                if !(join_s >= 0.0 && leave_s > join_s) {
+                    return Err(ScenarioError::Invalid(format!(
+                        "trace line {}: need 0 ≤ join_s < leave_s",
+                        n + 1
+                    )));
+                }
+                rows.push(TraceRow {
+                    node,
+                    join_s,
+                    leave_s,
+                });
+            }
+            // A header.
+            _ if n == 0 || rows.is_empty() => {}
+            _ => {
+                return Err(ScenarioError::Invalid(format!(
+                    "trace line {}: not numbers: {line}",
+                    n + 1
+                )));
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// Sessions and downtimes.
@@ -239,6 +324,14 @@ impl Scenario {
         }
         if self.churn.rejoin_probability > 0.0 && self.churn.downtime.is_none() {
             return bad("rejoin_probability > 0 needs a downtime distribution".into());
+        }
+        if !(0.0..=1.0).contains(&self.population.diurnal_amplitude) {
+            return bad("population.diurnal_amplitude must be between 0 and 1".into());
+        }
+        for o in &self.outages {
+            if !(o.at_s >= 0.0 && o.duration_s > 0.0 && o.fraction > 0.0 && o.fraction <= 1.0) {
+                return bad("outages: need at_s ≥ 0, duration_s > 0, 0 < fraction ≤ 1".into());
+            }
         }
         if self.population.arrivals_per_hour < 0.0 || self.workload.jobs_per_minute < 0.0 {
             return bad("rates must be ≥ 0".into());

@@ -87,9 +87,17 @@ pub struct Report {
 enum Event {
     NodeArrival,
     Join(u32),
-    Leave(u32),
+    /// Node, and the session (epoch) that ends: a stale leave is ignored.
+    Leave(u32, u32),
+    Outage(u32),
+    /// A departure from a trace.
+    TraceLeave(u32),
     JobArrival,
-    UnitDone { ticket: u64, node: u32, epoch: u32 },
+    UnitDone {
+        ticket: u64,
+        node: u32,
+        epoch: u32,
+    },
     Tick,
     Sample,
     Rebalance,
@@ -162,6 +170,8 @@ pub struct Simulation {
     seen: BTreeMap<JobId, (u32, usize)>,
     failovers: u64,
     wasted_us: u64,
+    /// Arrivals and departures come from a trace, not from the distributions.
+    traced: bool,
 }
 
 impl std::fmt::Debug for Simulation {
@@ -239,15 +249,20 @@ impl Simulation {
             seen: BTreeMap::new(),
             failovers: 0,
             wasted_us: 0,
+            traced: false,
             scenario,
         };
         for _ in 0..sim.scenario.population.initial {
             let i = sim.new_node();
             sim.at(0, Event::Join(i));
         }
-        let arrivals = sim.scenario.population.arrivals_per_hour / 3600.0;
-        let gap = exp_gap(&mut sim.rng.arrivals, arrivals);
+        let peak = sim.peak_arrival_rate();
+        let gap = exp_gap(&mut sim.rng.arrivals, peak);
         sim.at(gap, Event::NodeArrival);
+        for k in 0..sim.scenario.outages.len() {
+            let at = secs(sim.scenario.outages[k].at_s);
+            sim.at(at, Event::Outage(k as u32));
+        }
         let jobs = sim.scenario.workload.jobs_per_minute / 60.0;
         if jobs > 0.0 {
             let gap = exp_gap(&mut sim.rng.jobs, jobs);
@@ -257,6 +272,36 @@ impl Simulation {
         sim.at(0, Event::Sample);
         if sim.scenario.rebalance_every_s > 0.0 {
             sim.at(secs(sim.scenario.rebalance_every_s), Event::Rebalance);
+        }
+        sim
+    }
+
+    /// A simulation whose nodes join and leave as `trace` says (rows of
+    /// `node,join_s,leave_s`), instead of by the scenario's distributions.
+    #[must_use]
+    pub fn with_trace(
+        scenario: Scenario,
+        seed: u64,
+        keep_log: bool,
+        trace: &[crate::scenario::TraceRow],
+    ) -> Self {
+        let mut s = scenario;
+        s.population.initial = 0;
+        s.population.arrivals_per_hour = 0.0;
+        let mut sim = Self::new(s, seed, keep_log);
+        sim.traced = true;
+        let mut index: BTreeMap<u64, u32> = BTreeMap::new();
+        for row in trace {
+            let i = match index.get(&row.node) {
+                Some(&i) => i,
+                None => {
+                    let i = sim.new_node();
+                    index.insert(row.node, i);
+                    i
+                }
+            };
+            sim.at(secs(row.join_s), Event::Join(i));
+            sim.at(secs(row.leave_s), Event::TraceLeave(i));
         }
         sim
     }
@@ -401,14 +446,34 @@ impl Simulation {
     fn handle(&mut self, event: Event) {
         match event {
             Event::NodeArrival => {
-                let i = self.new_node();
-                self.join(i);
-                let rate = self.scenario.population.arrivals_per_hour / 3600.0;
-                let gap = exp_gap(&mut self.rng.arrivals, rate);
+                // A non-homogeneous Poisson process by thinning: candidates at
+                // the peak rate, each kept with probability rate(t)/peak.
+                let peak = self.peak_arrival_rate();
+                let keep = self.arrival_rate() / peak.max(f64::MIN_POSITIVE);
+                if self.rng.arrivals.random_bool(keep.clamp(0.0, 1.0)) {
+                    let i = self.new_node();
+                    self.join(i);
+                }
+                let gap = exp_gap(&mut self.rng.arrivals, peak);
                 self.at(self.now.saturating_add(gap), Event::NodeArrival);
             }
             Event::Join(i) => self.join(i),
-            Event::Leave(i) => self.leave(i),
+            Event::Leave(i, epoch) => {
+                let n = &self.nodes[i as usize];
+                if n.online && n.epoch == epoch {
+                    self.leave(i);
+                }
+            }
+            Event::Outage(k) => self.outage(k),
+            Event::TraceLeave(i) => {
+                if self.nodes[i as usize].online {
+                    let graceful = self
+                        .rng
+                        .churn
+                        .random_bool(self.scenario.churn.graceful_fraction);
+                    self.depart(i, graceful, None);
+                }
+            }
             Event::JobArrival => {
                 self.submit();
                 let rate = self.scenario.workload.jobs_per_minute / 60.0;
@@ -448,8 +513,11 @@ impl Simulation {
         n.joined_at = self.now;
         n.busy_until = self.now;
         self.set_span(i, span);
-        let session = secs(self.scenario.churn.session.sample(&mut self.rng.churn)).max(1);
-        self.at(self.now.saturating_add(session), Event::Leave(i));
+        if !self.traced {
+            let session = secs(self.scenario.churn.session.sample(&mut self.rng.churn)).max(1);
+            let epoch = self.nodes[i as usize].epoch;
+            self.at(self.now.saturating_add(session), Event::Leave(i, epoch));
+        }
         let code = span.map_or(0, |r| u64::from(r.start) << 32 | u64::from(r.end));
         self.record(1, u64::from(i), code, || {
             format!(
@@ -474,6 +542,54 @@ impl Simulation {
             .downtime
             .as_ref()
             .map(|d| secs(d.sample(&mut self.rng.churn)).max(1));
+        let back = (rejoin && !self.traced).then_some(downtime).flatten();
+        self.depart(i, graceful, back);
+    }
+
+    /// Arrival rate now, per second.
+    fn arrival_rate(&self) -> f64 {
+        let p = &self.scenario.population;
+        let hour = (self.now as f64 / SECOND as f64 / 3600.0) % 24.0;
+        let phase = 2.0 * std::f64::consts::PI * (hour - p.diurnal_peak_hour) / 24.0;
+        p.arrivals_per_hour / 3600.0 * (1.0 + p.diurnal_amplitude * phase.cos())
+    }
+
+    fn peak_arrival_rate(&self) -> f64 {
+        if self.traced {
+            return 0.0;
+        }
+        let p = &self.scenario.population;
+        p.arrivals_per_hour / 3600.0 * (1.0 + p.diurnal_amplitude)
+    }
+
+    /// Every online node in a random square of the world crashes, and comes back later.
+    fn outage(&mut self, k: u32) {
+        let o = self.scenario.outages[k as usize].clone();
+        let world = self.scenario.network.world_km;
+        let side = world * o.fraction.sqrt();
+        let x0 = self.rng.churn.random_range(0.0..=(world - side).max(0.0));
+        let y0 = self.rng.churn.random_range(0.0..=(world - side).max(0.0));
+        let hit: Vec<u32> = (0..self.nodes.len() as u32)
+            .filter(|&i| {
+                let n = &self.nodes[i as usize];
+                n.online
+                    && (x0..=x0 + side).contains(&n.pos.0)
+                    && (y0..=y0 + side).contains(&n.pos.1)
+            })
+            .collect();
+        self.record(9, u64::from(k), hit.len() as u64, || {
+            format!(
+                "{{\"event\":\"outage\",\"outage\":{k},\"nodes\":{}}}",
+                hit.len()
+            )
+        });
+        for i in hit {
+            self.depart(i, false, Some(secs(o.duration_s).max(1)));
+        }
+    }
+
+    /// Node `i` goes offline (announced or not), and comes back after `back` if given.
+    fn depart(&mut self, i: u32, graceful: bool, back: Option<Micros>) {
         let n = &mut self.nodes[i as usize];
         self.sessions_s.push((
             n.joined_at as f64 / SECOND as f64,
@@ -505,7 +621,7 @@ impl Simulation {
             }
         }
         self.drain();
-        if let (true, Some(d)) = (rejoin, downtime) {
+        if let Some(d) = back {
             self.at(self.now.saturating_add(d), Event::Join(i));
         }
         let kind = if graceful { "leave" } else { "crash" };

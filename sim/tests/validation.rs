@@ -200,3 +200,100 @@ fn bad_scenarios_are_clear_errors() {
         assert!(e.contains(needle), "{text}: {e}");
     }
 }
+
+#[test]
+fn diurnal_arrivals_peak_at_the_peak_hour() {
+    let text = CHURN_ONLY
+        .replace(
+            "arrivals_per_hour = 6000",
+            "arrivals_per_hour = 3000\ndiurnal_amplitude = 0.8\ndiurnal_peak_hour = 18",
+        )
+        .replace(
+            r#"session = { dist = "lognormal", mu = 6.8, sigma = 0.8 }"#,
+            r#"session = { dist = "exponential", mean = 600.0 }"#,
+        )
+        .replace("duration_s = 86400", "duration_s = 172800");
+    let r = run(scenario(&text), 2, false);
+    // With short sessions the online count follows the arrival rate: highest
+    // near 18:00, lowest near 06:00 (second day, past the warm-up).
+    let at = |hour: f64| {
+        let t = (24.0 + hour) * 3600.0;
+        let near: Vec<f64> = r
+            .rows
+            .iter()
+            .filter(|x| (x.t_s - t).abs() <= 1800.0)
+            .map(|x| f64::from(x.online))
+            .collect();
+        near.iter().sum::<f64>() / near.len() as f64
+    };
+    let (peak, trough) = (at(18.0), at(6.0));
+    // Expected λ·E[S]·(1 ± 0.8): 900 and 100.
+    assert!((peak - 900.0).abs() < 90.0, "peak {peak}");
+    assert!((trough - 100.0).abs() < 30.0, "trough {trough}");
+}
+
+#[test]
+fn a_regional_outage_takes_its_share_of_nodes_down_and_they_come_back() {
+    let text = format!(
+        "{}\n[[outages]]\nat_s = 43200\nduration_s = 1800\nfraction = 0.25\n",
+        CHURN_ONLY.replace(
+            r#"session = { dist = "lognormal", mu = 6.8, sigma = 0.8 }"#,
+            r#"session = { dist = "exponential", mean = 36000.0 }"#
+        )
+    );
+    let r = run(scenario(&text), 4, true);
+    let online_at = |t: f64| {
+        r.rows
+            .iter()
+            .find(|x| x.t_s >= t)
+            .map(|x| f64::from(x.online))
+            .unwrap()
+    };
+    let (before, during, after) = (
+        online_at(43_140.0),
+        online_at(43_260.0),
+        online_at(45_120.0),
+    );
+    let lost = (before - during) / before;
+    // Nodes sit uniformly on the world: a quarter of its area holds about a quarter of them.
+    assert!(
+        (lost - 0.25).abs() < 0.06,
+        "lost {lost:.3}: {before} -> {during}"
+    );
+    assert!(
+        after > during + 0.15 * before,
+        "they came back: {during} -> {after}"
+    );
+    assert!(
+        r.event_log
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("\"event\":\"outage\""))
+    );
+}
+
+#[test]
+fn a_trace_is_replayed_exactly() {
+    let trace = commons_sim::scenario::parse_trace(
+        "node,join_s,leave_s\n1,0,100\n2,10,50\n1,200,300\n3,20,400\n",
+    )
+    .unwrap();
+    let mut s = scenario(CHURN_ONLY);
+    s.duration_s = 500.0;
+    s.sample_every_s = 1.0;
+    let r = commons_sim::Simulation::with_trace(s, 1, false, &trace).run();
+    let online_at = |t: f64| {
+        r.rows
+            .iter()
+            .find(|x| x.t_s >= t)
+            .map(|x| x.online)
+            .unwrap()
+    };
+    assert_eq!(
+        [5.0, 15.0, 30.0, 60.0, 150.0, 250.0, 350.0, 450.0].map(online_at),
+        [1, 2, 3, 2, 1, 2, 1, 0]
+    );
+    assert_eq!(r.sessions_s.len(), 4);
+    assert!(commons_sim::scenario::parse_trace("1,5,2\n").is_err());
+    assert!(commons_sim::scenario::parse_trace("1,2\n").is_err());
+}

@@ -68,6 +68,27 @@ fn sim_run_writes_its_outputs_and_repeats_itself_by_seed() {
     assert!(sweep.status.success(), "{}", stderr(&sweep));
     assert!(stdout(&sweep).contains("jobs_done"), "{}", stdout(&sweep));
     assert!(stdout(&sweep).contains('±'));
+    for plot in ["nodes.svg", "coverage.svg", "throughput.svg", "jobs.svg"] {
+        let svg = std::fs::read_to_string(out_dir.join(plot)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("seed 5"), "{plot}");
+    }
+    // Churn from a trace instead of the distributions.
+    let trace = home.path().join("trace.csv");
+    std::fs::write(&trace, "node,join_s,leave_s\n1,0,600\n2,0,300\n3,100,900\n").unwrap();
+    let traced = output(commons(home.path()).args([
+        "sim",
+        "run",
+        s.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    assert!(traced.status.success(), "{}", stderr(&traced));
+    assert!(
+        stderr(&traced).contains("replaying 3 sessions"),
+        "{}",
+        stderr(&traced)
+    );
+    assert_eq!(summary(&traced)["sessions_ended"], 3);
     let bad = output(commons(home.path()).args(["sim", "run", "/nonexistent.toml"]));
     assert!(!bad.status.success());
     assert!(
