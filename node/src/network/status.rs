@@ -25,6 +25,8 @@ pub struct Status {
     pub counters: Counters,
     /// This node's own advert.
     pub capacity: Capacity,
+    /// This node's bandwidth estimate from model blocks it fetched, bytes per second (0: unknown).
+    pub bandwidth_bytes_per_sec: u64,
     /// The coalitions it serves (none: open work only).
     pub coalitions: Vec<CoalitionStatus>,
 }
@@ -55,6 +57,8 @@ pub struct PeerStatus {
     pub ram_bytes: u64,
     /// Matmul MFLOP/s.
     pub matmul_mflops: u64,
+    /// Its bandwidth estimate, bytes per second (0: unknown).
+    pub bandwidth_bytes_per_sec: u64,
     /// Accelerators.
     pub gpus: usize,
     /// Software version.
