@@ -3,7 +3,10 @@
 
 use commons_protocol::UnixMillis;
 use commons_protocol::envelope::Envelope;
-use commons_protocol::messages::{CapacityAdvert, CoalitionCharter, ErrorReply, Leave, WorkResult, WorkUnit};
+use commons_protocol::messages::{
+    CapacityAdvert, CoalitionCharter, ErrorReply, JobReport, JobRequest, Leave, WorkResult,
+    WorkUnit,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,5 +18,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = envelope.open::<CoalitionCharter>(now);
         let _ = envelope.open::<ErrorReply>(now);
         let _ = envelope.open::<Leave>(now);
+        let _ = envelope.open::<JobRequest>(now);
+        let _ = envelope.open::<JobReport>(now);
     }
 });

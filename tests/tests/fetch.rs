@@ -90,7 +90,10 @@ fn a_node_fetches_its_model_from_peers_past_a_corrupt_copy_and_resumes() {
     assert_eq!(serving["layers"], "10..20");
     // The blocks it fetched gave it a bandwidth estimate, which it reports.
     let status = newcomer.status(home.path()).unwrap();
-    assert!(status["bandwidth_bytes_per_sec"].as_u64().unwrap() > 0, "{status}");
+    assert!(
+        status["bandwidth_bytes_per_sec"].as_u64().unwrap() > 0,
+        "{status}"
+    );
     // The file in place is the model, bit for bit.
     let placed = models.join(format!("{id}.gguf"));
     assert_eq!(
