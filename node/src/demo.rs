@@ -75,11 +75,11 @@ impl Proc {
         let stdout = child.stdout.take().context("no stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            // Read to the end even once nobody listens: a closed pipe would
+            // make the node's last lines fail.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    return;
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let _ = tx.send(v);
                 }
             }
         });

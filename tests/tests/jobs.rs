@@ -461,6 +461,8 @@ fn the_demo_answers_through_a_local_swarm_and_shuts_it_down() {
     ]));
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
+    // The node processes leave cleanly too: none of them panics on its way out.
+    assert!(!err.contains("panicked"), "{err}");
     for layers in ["0..10", "10..20", "20..30"] {
         assert!(
             err.contains(&format!("layers {layers:>7}  node 12D3KooW")),
