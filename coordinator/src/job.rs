@@ -293,6 +293,26 @@ struct Job {
     route_deadline: Option<UnixMillis>,
 }
 
+impl Job {
+    /// Fresh hops for `route`, each with a new session and nothing run yet.
+    fn open_hops(&mut self, seed: u64, id: &JobId, route: Vec<routing::Hop>) -> Vec<Hop> {
+        route
+            .into_iter()
+            .map(|h| {
+                self.sessions_opened += 1;
+                Hop {
+                    node: h.node,
+                    layers: h.layers,
+                    session: session_id(seed, id, self.sessions_opened),
+                    inputs: Vec::new(),
+                    done: 0,
+                    results: 0,
+                }
+            })
+            .collect()
+    }
+}
+
 /// What the scheduler knows of a model.
 #[derive(Debug, Clone, PartialEq)]
 struct ModelInfo {
@@ -796,20 +816,7 @@ impl Scheduler {
             .unwrap_or_default();
         match routing::route_within(hop.layers, &offers, &job.banned, Spans::Whole) {
             Ok(route) => {
-                let mut replacement: Vec<Hop> = route
-                    .into_iter()
-                    .map(|h| {
-                        job.sessions_opened += 1;
-                        Hop {
-                            node: h.node,
-                            layers: h.layers,
-                            session: session_id(self.seed, &id, job.sessions_opened),
-                            inputs: Vec::new(),
-                            done: 0,
-                            results: 0,
-                        }
-                    })
-                    .collect();
+                let mut replacement = job.open_hops(self.seed, &id, route);
                 // The first replacement replays what the failed hop was given.
                 replacement[0].inputs = hop.inputs.clone();
                 let failed = job.chain.splice(hop_index..=hop_index, replacement).next();
@@ -935,20 +942,7 @@ impl Scheduler {
         let Some(job) = self.jobs.get_mut(&id) else {
             return false;
         };
-        job.chain = route
-            .into_iter()
-            .map(|h| {
-                job.sessions_opened += 1;
-                Hop {
-                    node: h.node,
-                    layers: h.layers,
-                    session: session_id(self.seed, &id, job.sessions_opened),
-                    inputs: Vec::new(),
-                    done: 0,
-                    results: 0,
-                }
-            })
-            .collect();
+        job.chain = job.open_hops(self.seed, &id, route);
         // Step 0 is the prompt; then one step per token already generated
         // (restored after a restart), the newest still to be run.
         let first = &mut job.chain[0];
