@@ -17,57 +17,26 @@ use commons_protocol::blob::{
     BLOCK_LEN, BlobError, BlobRequest, BlobResponse, Manifest, ManifestBuilder, block_span,
 };
 use commons_protocol::codec::{self, Limit};
-use futures::{AsyncRead, AsyncWrite};
 use libp2p::{PeerId, StreamProtocol};
-
-use super::work::{read_frame, write_frame};
 
 /// Protocol id of the file exchange.
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/blob/1.0.0");
 
-/// Length-prefixed blob requests (small) and responses (a block or a manifest).
+/// Blob requests are small; responses carry a block or a manifest.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct BlobCodec;
+pub struct BlobLimits;
 
-impl libp2p::request_response::Codec for BlobCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        read_frame(io, Limit::K4.bytes()).await
+impl super::work::FrameLimits for BlobLimits {
+    fn request() -> usize {
+        Limit::K4.bytes()
     }
-
-    async fn read_response<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        read_frame(io, Limit::M64.bytes()).await
-    }
-
-    async fn write_request<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()> {
-        write_frame(io, &req).await
-    }
-
-    async fn write_response<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()> {
-        write_frame(io, &res).await
+    fn response() -> usize {
+        Limit::M64.bytes()
     }
 }
+
+/// The codec of `/commons/blob/1.0.0`.
+pub type BlobCodec = super::work::FrameCodec<BlobLimits>;
 
 /// Reads block `index` of the file at `path` (`len` bytes in all).
 pub fn read_block(path: &std::path::Path, len: u64, index: u32) -> io::Result<Vec<u8>> {

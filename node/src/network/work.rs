@@ -15,14 +15,7 @@ pub const WORK_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/work/1.0
 /// envelope answered by a signed `JobReport` or `ErrorReply` envelope.
 pub const JOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/job/1.0.0");
 
-/// Length-prefixed envelope frames with per-direction limits.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WorkCodec;
-
-pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
-    io: &mut T,
-    limit: usize,
-) -> io::Result<Vec<u8>> {
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -45,10 +38,7 @@ pub(crate) async fn read_frame<T: AsyncRead + Unpin + Send>(
     Ok(buf)
 }
 
-pub(crate) async fn write_frame<T: AsyncWrite + Unpin + Send>(
-    io: &mut T,
-    bytes: &[u8],
-) -> io::Result<()> {
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
     let len = u32::try_from(bytes.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
     io.write_all(&len.to_be_bytes()).await?;
@@ -56,51 +46,20 @@ pub(crate) async fn write_frame<T: AsyncWrite + Unpin + Send>(
     io.close().await
 }
 
-impl libp2p::request_response::Codec for WorkCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        read_frame(io, MessageKind::WorkUnit.envelope_limit()).await
-    }
-
-    async fn read_response<T: AsyncRead + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<Vec<u8>> {
-        read_frame(io, MessageKind::WorkResult.envelope_limit()).await
-    }
-
-    async fn write_request<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()> {
-        write_frame(io, &req).await
-    }
-
-    async fn write_response<T: AsyncWrite + Unpin + Send>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()> {
-        write_frame(io, &res).await
-    }
+/// Byte limits of a request-response protocol, one per direction.
+pub trait FrameLimits: Default + Clone + Send + 'static {
+    /// Most bytes a request frame may announce.
+    fn request() -> usize;
+    /// Most bytes a response frame may announce.
+    fn response() -> usize;
 }
 
-/// Length-prefixed job request and report frames.
+/// Length-prefixed frames, refused past the limits `L` sets per direction:
+/// the codec of every Commons request-response protocol.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct JobCodec;
+pub struct FrameCodec<L>(std::marker::PhantomData<L>);
 
-impl libp2p::request_response::Codec for JobCodec {
+impl<L: FrameLimits> libp2p::request_response::Codec for FrameCodec<L> {
     type Protocol = StreamProtocol;
     type Request = Vec<u8>;
     type Response = Vec<u8>;
@@ -110,7 +69,7 @@ impl libp2p::request_response::Codec for JobCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Vec<u8>> {
-        read_frame(io, MessageKind::JobRequest.envelope_limit()).await
+        read_frame(io, L::request()).await
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -118,7 +77,7 @@ impl libp2p::request_response::Codec for JobCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Vec<u8>> {
-        read_frame(io, MessageKind::JobReport.envelope_limit()).await
+        read_frame(io, L::response()).await
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
@@ -139,6 +98,37 @@ impl libp2p::request_response::Codec for JobCodec {
         write_frame(io, &res).await
     }
 }
+
+/// Work units out, results (or error replies) back.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkLimits;
+
+impl FrameLimits for WorkLimits {
+    fn request() -> usize {
+        MessageKind::WorkUnit.envelope_limit()
+    }
+    fn response() -> usize {
+        MessageKind::WorkResult.envelope_limit()
+    }
+}
+
+/// Job requests out, reports (or error replies) back.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobLimits;
+
+impl FrameLimits for JobLimits {
+    fn request() -> usize {
+        MessageKind::JobRequest.envelope_limit()
+    }
+    fn response() -> usize {
+        MessageKind::JobReport.envelope_limit()
+    }
+}
+
+/// The codec of `/commons/work/1.0.0`.
+pub type WorkCodec = FrameCodec<WorkLimits>;
+/// The codec of `/commons/job/1.0.0`.
+pub type JobCodec = FrameCodec<JobLimits>;
 
 #[cfg(test)]
 mod tests {
