@@ -447,6 +447,24 @@ impl Scheduler {
             .collect()
     }
 
+    /// Unfinished jobs of `submitter`.
+    #[must_use]
+    pub fn unfinished_of(&self, submitter: &NodeId) -> usize {
+        self.jobs
+            .values()
+            .filter(|j| !j.status.is_terminal() && &j.spec.submitter == submitter)
+            .count()
+    }
+
+    /// Tokens generated so far and whether the job has ended, without
+    /// copying its view.
+    #[must_use]
+    pub fn progress(&self, id: &JobId) -> Option<(usize, bool)> {
+        self.jobs
+            .get(id)
+            .map(|j| (j.tokens.len(), j.status.is_terminal()))
+    }
+
     /// Accepts an open job, or refuses it at once when it cannot run: unknown
     /// model, no chain of nodes serving it, empty or over-long prompt.
     pub fn submit(&mut self, now: UnixMillis, job: NewJob) -> Result<(), SubmitError> {

@@ -417,13 +417,10 @@ impl<C> Coordinating<C> {
                     let refusal = self.refuse_request(ErrorCode::UNAUTHORIZED, e.to_string(), now);
                     return Answer::Now(channel, refusal);
                 }
-                let Some(view) = self.scheduler.view(&job) else {
+                let Some((tokens, ended)) = self.scheduler.progress(&job) else {
                     return Answer::Now(channel, self.report_bytes(&job, from_token, now));
                 };
-                if view.tokens.len() > from_token as usize
-                    || view.status.is_terminal()
-                    || wait_ms == 0
-                {
+                if tokens > from_token as usize || ended || wait_ms == 0 {
                     return Answer::Now(channel, self.report_bytes(&job, from_token, now));
                 }
                 self.watchers.push(Watcher {
@@ -478,16 +475,7 @@ impl<C> Coordinating<C> {
                 ))
             };
         }
-        let mine = self
-            .scheduler
-            .active()
-            .iter()
-            .filter(|id| {
-                self.scheduler
-                    .view(id)
-                    .is_some_and(|v| v.submitter == submitter)
-            })
-            .count();
+        let mine = self.scheduler.unfinished_of(&submitter);
         if mine >= MAX_JOBS_PER_SUBMITTER {
             return Err((
                 ErrorCode::OVERLOADED,
@@ -654,9 +642,10 @@ impl<C> Coordinating<C> {
         for w in std::mem::take(&mut self.watchers) {
             let ready = instant >= w.deadline
                 || (changed.contains(&w.job)
-                    && self.scheduler.view(&w.job).is_none_or(|v| {
-                        v.tokens.len() > w.from_token as usize || v.status.is_terminal()
-                    }));
+                    && self
+                        .scheduler
+                        .progress(&w.job)
+                        .is_none_or(|(tokens, ended)| tokens > w.from_token as usize || ended));
             if ready {
                 let bytes = self.report_bytes(&w.job, w.from_token, now);
                 out.push((w.channel, bytes));
