@@ -41,6 +41,9 @@ use commons_protocol::{CoalitionId, Hash, JobId, ModelId, NodeId, SessionId, Ten
 
 use crate::routing::{self, SpanOffer, Spans};
 use crate::trust;
+use crate::verify::{Ledger, Profile, VerifyConfig, VerifyStats};
+
+mod check;
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +58,8 @@ pub struct SchedulerConfig {
     pub max_active_jobs: usize,
     /// Finished jobs kept for their reports.
     pub keep_finished: usize,
+    /// Spot checks of results.
+    pub verify: VerifyConfig,
 }
 
 impl Default for SchedulerConfig {
@@ -65,6 +70,7 @@ impl Default for SchedulerConfig {
             max_failovers: 8,
             max_active_jobs: 64,
             keep_finished: 4096,
+            verify: VerifyConfig::default(),
         }
     }
 }
@@ -231,7 +237,8 @@ pub struct JobView {
     pub status: JobStatus,
     /// Prompt tokens.
     pub prompt: Vec<u32>,
-    /// Generated tokens.
+    /// Generated tokens released to the submitter: a token waits until every
+    /// check sampled at its step or before has passed.
     pub tokens: Vec<u32>,
     /// Every hop that served it, current and replaced, in layer order.
     pub hops: Vec<HopView>,
@@ -241,6 +248,13 @@ pub struct JobView {
     pub receipts: u32,
     /// blake3 chain over the received commitments, in order.
     pub transcript: Hash,
+    /// Steps whose results another node re-executed and agreed with.
+    pub verified: u32,
+    /// Units sent to checkers and referees for this job.
+    pub check_units: u32,
+    /// Times the job went back to re-execute results of a node that lost a
+    /// dispute; non-zero only if such results had reached the submitter.
+    pub revisions: u32,
     /// Start to first token, milliseconds.
     pub prefill_ms: u64,
     /// First token to last, milliseconds.
@@ -257,6 +271,38 @@ struct Hop {
     /// Steps it has run.
     done: usize,
     results: u32,
+    /// Its output at every step, kept for checks.
+    outputs: Vec<Tensor>,
+    /// Steps `[0, verified)` agreed with a re-execution.
+    verified: usize,
+    /// Steps sampled for a check and not yet settled; tokens from the first
+    /// of them on are held back.
+    flagged: BTreeSet<usize>,
+    /// The node re-executing this hop's steps, if any.
+    check: Option<check::Shadow>,
+    /// A disagreement at a step, waiting for a referee.
+    dispute: Option<check::Dispute>,
+    /// Nodes that may not check this hop.
+    check_banned: BTreeSet<NodeId>,
+}
+
+impl Hop {
+    fn new(node: NodeId, layers: LayerRange, session: SessionId) -> Self {
+        Self {
+            node,
+            layers,
+            session,
+            inputs: Vec::new(),
+            done: 0,
+            results: 0,
+            outputs: Vec::new(),
+            verified: 0,
+            flagged: BTreeSet::new(),
+            check: None,
+            dispute: None,
+            check_banned: BTreeSet::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -276,6 +322,13 @@ struct Job {
     chain: Vec<Hop>,
     retired: Vec<Hop>,
     tokens: Vec<u32>,
+    /// Tokens the submitter may see (see [`JobView::tokens`]).
+    released: usize,
+    /// Generation ended thus; the job finishes once its checks settle.
+    ending: Option<JobStatus>,
+    verified: u32,
+    check_units: u32,
+    revisions: u32,
     in_flight: Option<InFlight>,
     awaiting_sample: bool,
     banned: BTreeSet<NodeId>,
@@ -299,17 +352,15 @@ impl Job {
         route
             .into_iter()
             .map(|h| {
-                self.sessions_opened += 1;
-                Hop {
-                    node: h.node,
-                    layers: h.layers,
-                    session: session_id(seed, id, self.sessions_opened),
-                    inputs: Vec::new(),
-                    done: 0,
-                    results: 0,
-                }
+                let session = self.next_session(seed, id);
+                Hop::new(h.node, h.layers, session)
             })
             .collect()
+    }
+
+    fn next_session(&mut self, seed: u64, id: &JobId) -> SessionId {
+        self.sessions_opened += 1;
+        session_id(seed, id, self.sessions_opened)
     }
 }
 
@@ -336,6 +387,7 @@ pub struct Scheduler {
     next_ticket: u64,
     next_seq: u64,
     outputs: VecDeque<Output>,
+    ledger: Ledger,
 }
 
 const TRANSCRIPT_DOMAIN: &str = "commons job transcript v1";
@@ -352,7 +404,7 @@ impl Scheduler {
     #[must_use]
     pub fn new(config: SchedulerConfig, seed: u64) -> Self {
         Self {
-            config,
+            config: config.clone(),
             seed,
             models: BTreeMap::new(),
             coalitions: BTreeMap::new(),
@@ -363,6 +415,7 @@ impl Scheduler {
             next_ticket: 1,
             next_seq: 0,
             outputs: VecDeque::new(),
+            ledger: Ledger::new(config.verify.clone()),
         }
     }
 
@@ -388,6 +441,25 @@ impl Scheduler {
     /// before). Nodes not listed serve open work only.
     pub fn set_coalitions(&mut self, served: BTreeMap<NodeId, BTreeSet<CoalitionId>>) {
         self.coalitions = served;
+    }
+
+    /// Sets who runs each node and its determinism class (replacing earlier
+    /// profiles): checks go to another operator, and compare bit for bit
+    /// within a class.
+    pub fn set_profiles(&mut self, profiles: BTreeMap<NodeId, Profile>) {
+        self.ledger.set_profiles(profiles);
+    }
+
+    /// Verification records, exclusions and counts.
+    #[must_use]
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// What verification did.
+    #[must_use]
+    pub fn verify_stats(&self) -> VerifyStats {
+        self.ledger.stats
     }
 
     /// The next thing to do, if any.
@@ -427,11 +499,14 @@ impl Scheduler {
             coalition: job.coalition,
             status: job.status.clone(),
             prompt: job.spec.prompt.clone(),
-            tokens: job.tokens.clone(),
+            tokens: job.tokens[..job.released].to_vec(),
             hops,
             failovers: job.failovers,
             receipts: job.receipts,
             transcript: job.transcript,
+            verified: job.verified,
+            check_units: job.check_units,
+            revisions: job.revisions,
             prefill_ms,
             decode_ms,
         })
@@ -456,13 +531,13 @@ impl Scheduler {
             .count()
     }
 
-    /// Tokens generated so far and whether the job has ended, without
+    /// Tokens released so far and whether the job has ended, without
     /// copying its view.
     #[must_use]
     pub fn progress(&self, id: &JobId) -> Option<(usize, bool)> {
         self.jobs
             .get(id)
-            .map(|j| (j.tokens.len(), j.status.is_terminal()))
+            .map(|j| (j.released, j.status.is_terminal()))
     }
 
     /// Accepts an open job, or refuses it at once when it cannot run: unknown
@@ -555,7 +630,7 @@ impl Scheduler {
             start: 0,
             end: info.n_layers,
         };
-        let offers = offers_for(info, &self.coalitions, coalition);
+        let offers = offers_for(info, &self.coalitions, &self.ledger, coalition);
         if let Err(e) = routing::route_within(whole, &offers, &BTreeSet::new(), Spans::Whole) {
             return refuse(
                 ErrorCode::NO_ROUTE,
@@ -582,6 +657,7 @@ impl Scheduler {
         let id = job.id;
         let restored = tokens.len();
         self.next_seq += 1;
+        let released = tokens.len();
         self.jobs.insert(
             id,
             Job {
@@ -591,6 +667,11 @@ impl Scheduler {
                 chain: Vec::new(),
                 retired: Vec::new(),
                 tokens,
+                released,
+                ending: None,
+                verified: 0,
+                check_units: 0,
+                revisions: 0,
                 in_flight: None,
                 awaiting_sample: false,
                 banned: BTreeSet::new(),
@@ -638,7 +719,13 @@ impl Scheduler {
         let late: Vec<(Ticket, UnixMillis)> = self
             .jobs
             .values()
-            .filter_map(|j| j.in_flight.as_ref())
+            .flat_map(|j| {
+                let checks = j
+                    .chain
+                    .iter()
+                    .filter_map(|h| h.check.as_ref()?.in_flight.as_ref());
+                j.in_flight.iter().chain(checks)
+            })
             .filter(|f| f.deadline < now)
             .map(|f| (f.ticket, f.deadline))
             .collect();
@@ -669,6 +756,8 @@ impl Scheduler {
             return;
         };
         let Some(flight) = job.in_flight.take_if(|f| f.ticket == ticket) else {
+            self.on_check_result(now, id, ticket, outcome);
+            self.pump(now, id);
             return;
         };
         let outcome = outcome.and_then(|r| {
@@ -743,6 +832,16 @@ impl Scheduler {
         let hop = &mut job.chain[flight.hop];
         hop.done += 1;
         hop.results += 1;
+        if self.ledger.config().enabled {
+            hop.outputs.push(output.clone());
+            if self
+                .ledger
+                .sample(&hop.node, check::draw(self.seed, &id, &hop.session, step))
+            {
+                hop.flagged.insert(step);
+                self.ledger.stats.sampled += 1;
+            }
+        }
         if !last {
             let next = &mut job.chain[flight.hop + 1];
             // A replacement hop replaying old steps produces inputs the next
@@ -779,6 +878,9 @@ impl Scheduler {
             return;
         };
         job.tokens.push(token);
+        if job.released + 1 == job.tokens.len() && job.chain.iter().all(|h| h.flagged.is_empty()) {
+            job.released += 1;
+        }
         if job.first_token_at.is_none() {
             job.first_token_at = Some(now);
         }
@@ -789,11 +891,11 @@ impl Scheduler {
             .get(&job.spec.model)
             .map_or(0, |m| m.context_length as usize);
         if job.spec.stop_tokens.contains(&token) {
-            self.finish(now, id, JobStatus::Stopped);
+            self.end_generation(now, id, JobStatus::Stopped);
         } else if job.tokens.len() >= job.spec.max_tokens as usize
             || job.spec.prompt.len() + job.tokens.len() >= context
         {
-            self.finish(now, id, JobStatus::Length);
+            self.end_generation(now, id, JobStatus::Length);
         } else {
             job.chain[0].inputs.push(token_tensor(&[token]));
         }
@@ -830,7 +932,7 @@ impl Scheduler {
         let offers = self
             .models
             .get(&job.spec.model)
-            .map(|m| offers_for(m, &self.coalitions, job.coalition))
+            .map(|m| offers_for(m, &self.coalitions, &self.ledger, job.coalition))
             .unwrap_or_default();
         match routing::route_within(hop.layers, &offers, &job.banned, Spans::Whole) {
             Ok(route) => {
@@ -838,7 +940,10 @@ impl Scheduler {
                 // The first replacement replays what the failed hop was given.
                 replacement[0].inputs = hop.inputs.clone();
                 let failed = job.chain.splice(hop_index..=hop_index, replacement).next();
-                job.retired.extend(failed);
+                if let Some(mut failed) = failed {
+                    check::retire(&mut failed, &mut self.tickets, &mut self.ledger.stats);
+                    job.retired.push(failed);
+                }
                 self.outputs.push_back(Output::Changed { job: id });
             }
             Err(e) => {
@@ -863,8 +968,10 @@ impl Scheduler {
         }
         job.status = status;
         job.awaiting_sample = false;
-        // A finished job keeps its report, not the recorded inputs of its hops.
+        job.ending = None;
+        // A finished job keeps its report, not the recorded inputs and outputs of its hops.
         for hop in job.chain.iter_mut().chain(job.retired.iter_mut()) {
+            check::retire(hop, &mut self.tickets, &mut self.ledger.stats);
             hop.inputs = Vec::new();
         }
         self.queue.retain(|q| q != &id);
@@ -923,7 +1030,7 @@ impl Scheduler {
                 start: 0,
                 end: info.n_layers,
             };
-            let offers = offers_for(info, &self.coalitions, job.coalition);
+            let offers = offers_for(info, &self.coalitions, &self.ledger, job.coalition);
             routing::route_within(whole, &offers, &job.banned, Spans::Whole)
                 .ok()
                 .filter(|r| !r.is_empty())
@@ -991,8 +1098,16 @@ impl Scheduler {
         true
     }
 
-    /// Sends the job's next unit: the first hop that has an input it has not run.
+    /// Sends the job's next units: on its chain, the first hop that has an
+    /// input it has not run; and on each checker, the next step to re-execute.
     fn pump(&mut self, now: UnixMillis, id: JobId) {
+        self.pump_chain(now, id);
+        self.pump_checks(now, id);
+        // A check may have sent the job back onto a new chain.
+        self.pump_chain(now, id);
+    }
+
+    fn pump_chain(&mut self, now: UnixMillis, id: JobId) {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
@@ -1002,37 +1117,11 @@ impl Scheduler {
         let Some(h) = job.chain.iter().position(|h| h.done < h.inputs.len()) else {
             return;
         };
-        let n_hops = job.chain.len();
-        let hop = &job.chain[h];
-        let step = hop.done;
-        let input = hop.inputs[step].clone();
-        let tokens_in = input.shape().get(1).copied().unwrap_or(1);
-        let start_pos = if step == 0 {
-            0
-        } else {
-            (job.spec.prompt.len() + step - 1) as u32
-        };
+        let step = job.chain[h].done;
+        let (node, session) = (job.chain[h].node, job.chain[h].session);
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
-        let deadline = now.plus_millis(
-            self.config.unit_timeout_ms + self.config.unit_timeout_per_token_ms * tokens_in,
-        );
-        let unit = InferenceUnit {
-            job: id,
-            model: job.spec.model,
-            layers: hop.layers,
-            session: hop.session,
-            step: step as u64,
-            input,
-            options: InferenceOptions {
-                start_pos,
-                max_session_tokens: (job.spec.prompt.len() as u32)
-                    .saturating_add(job.spec.max_tokens),
-                sampling: (h + 1 == n_hops).then(|| job.spec.sampling.clone()),
-                close_session: false,
-            },
-            coalition: job.coalition,
-        };
+        let (unit, deadline) = unit_for(&self.config, now, id, job, h, step, session);
         job.in_flight = Some(InFlight {
             ticket,
             hop: h,
@@ -1043,7 +1132,7 @@ impl Scheduler {
         self.outputs.push_back(Output::Send {
             ticket,
             job: id,
-            node: hop.node,
+            node,
             unit,
             deadline,
         });
@@ -1056,16 +1145,57 @@ impl Scheduler {
     }
 }
 
-/// The offers of `info` from nodes that take work for `coalition`.
+/// The unit that runs `step` of hop `h` of `job` in `session`, and its deadline.
+fn unit_for(
+    config: &SchedulerConfig,
+    now: UnixMillis,
+    id: JobId,
+    job: &Job,
+    h: usize,
+    step: usize,
+    session: SessionId,
+) -> (InferenceUnit, UnixMillis) {
+    let hop = &job.chain[h];
+    let input = hop.inputs[step].clone();
+    let tokens_in = input.shape().get(1).copied().unwrap_or(1);
+    let start_pos = if step == 0 {
+        0
+    } else {
+        (job.spec.prompt.len() + step - 1) as u32
+    };
+    let deadline =
+        now.plus_millis(config.unit_timeout_ms + config.unit_timeout_per_token_ms * tokens_in);
+    let unit = InferenceUnit {
+        job: id,
+        model: job.spec.model,
+        layers: hop.layers,
+        session,
+        step: step as u64,
+        input,
+        options: InferenceOptions {
+            start_pos,
+            max_session_tokens: (job.spec.prompt.len() as u32).saturating_add(job.spec.max_tokens),
+            sampling: (h + 1 == job.chain.len()).then(|| job.spec.sampling.clone()),
+            close_session: false,
+        },
+        coalition: job.coalition,
+    };
+    (unit, deadline)
+}
+
+/// The offers of `info` from nodes that take work for `coalition` and are
+/// not excluded from it.
 fn offers_for(
     info: &ModelInfo,
     served: &BTreeMap<NodeId, BTreeSet<CoalitionId>>,
+    ledger: &Ledger,
     coalition: Option<CoalitionId>,
 ) -> Vec<SpanOffer> {
     let none = BTreeSet::new();
     info.offers
         .iter()
         .filter(|o| trust::serves(served.get(&o.node).unwrap_or(&none), coalition))
+        .filter(|o| !ledger.is_excluded(&o.node, coalition))
         .cloned()
         .collect()
 }

@@ -12,5 +12,6 @@ pub mod placement;
 pub mod quota;
 pub mod routing;
 pub mod trust;
+pub mod verify;
 
 pub use commons_protocol as protocol;

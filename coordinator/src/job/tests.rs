@@ -1,6 +1,8 @@
 //! The scheduler against a stand-in swarm: chains, failover, replay, fairness, coalitions.
 
 use super::*;
+use crate::verify::VerifyConfig;
+use commons_protocol::messages::DeterminismClass;
 use proptest::prelude::*;
 use std::collections::HashMap;
 
@@ -16,6 +18,10 @@ struct FakeNode {
     alive: bool,
     /// Die when asked for this many more units.
     dies_after: Option<u32>,
+    /// Alter outputs (never the session's state): after `.0` honest units,
+    /// each with probability `.1`, drawn from a stream seeded by `.2`.
+    corrupt: Option<(u32, f64, u64)>,
+    units: u32,
 }
 
 struct Swarm {
@@ -40,6 +46,8 @@ impl Swarm {
                         sessions: HashMap::new(),
                         alive: true,
                         dies_after: None,
+                        corrupt: None,
+                        units: 0,
                     },
                 )
             })
@@ -67,6 +75,19 @@ impl Swarm {
     fn scheduler(&self, config: SchedulerConfig) -> Scheduler {
         let mut s = Scheduler::new(config, 7);
         s.set_offers(MODEL, 30, 256, self.offers());
+        // One determinism class: results compare bit for bit.
+        s.set_profiles(
+            self.nodes
+                .keys()
+                .map(|&n| {
+                    let class = DeterminismClass {
+                        kernel: "fake".into(),
+                        build: "test".into(),
+                    };
+                    (n, Profile { operator: n, class })
+                })
+                .collect(),
+        );
         s
     }
 
@@ -107,9 +128,25 @@ impl Swarm {
             outs.push(*state as f32);
             *pos += 1;
         }
+        n.units += 1;
+        let lie = n.corrupt.is_some_and(|(honest, f, seed)| {
+            let draw = Hash::of_parts(
+                "fake corruption",
+                &[&seed.to_le_bytes(), &n.units.to_le_bytes()],
+            );
+            let u = f64::from(u32::from_le_bytes([
+                draw.0[0], draw.0[1], draw.0[2], draw.0[3],
+            ])) / f64::from(u32::MAX);
+            n.units > honest && u < f
+        });
         let output = if n.layers.end == 30 {
-            Tensor::from_u32(&[1], &[(*state % u64::from(VOCAB)) as u32]).expect("tensor")
+            let token = (*state % u64::from(VOCAB)) as u32;
+            let token = if lie { (token + 1) % VOCAB } else { token };
+            Tensor::from_u32(&[1], &[token]).expect("tensor")
         } else {
+            if lie {
+                outs[0] += 1.0;
+            }
             Tensor::from_f32(&[1, outs.len() as u64, 1], &outs).expect("tensor")
         };
         let commitment = output.digest();
@@ -502,4 +539,296 @@ fn coalition_jobs_run_only_on_nodes_that_serve_their_coalition() {
     };
     assert_eq!(code, ErrorCode::NO_ROUTE);
     assert!(v.hops.iter().all(|h| [1, 2, 4].contains(&h.node.0[0])));
+}
+
+// Spot checks.
+
+/// Three nodes on every span, so a referee can always be found.
+const TRIPLES: [(u8, u32, u32); 9] = [
+    (1, 0, 10),
+    (5, 0, 10),
+    (7, 0, 10),
+    (2, 10, 20),
+    (3, 10, 20),
+    (8, 10, 20),
+    (4, 20, 30),
+    (6, 20, 30),
+    (9, 20, 30),
+];
+
+fn unverified() -> SchedulerConfig {
+    SchedulerConfig {
+        verify: VerifyConfig {
+            enabled: false,
+            ..VerifyConfig::default()
+        },
+        ..SchedulerConfig::default()
+    }
+}
+
+fn always_checked() -> SchedulerConfig {
+    SchedulerConfig {
+        verify: VerifyConfig {
+            p_min: 1.0,
+            ..VerifyConfig::default()
+        },
+        ..SchedulerConfig::default()
+    }
+}
+
+/// Drives like [`Swarm::drive`], asserting after every step that the tokens
+/// released to the submitter are a prefix of `honest`.
+fn drive_watching(swarm: &mut Swarm, s: &mut Scheduler, id: JobId, honest: &[u32]) {
+    for _ in 0..200_000 {
+        swarm.now += 1;
+        let now = UnixMillis(swarm.now);
+        match s.poll_output() {
+            Some(Output::Send {
+                ticket, node, unit, ..
+            }) => {
+                let r = swarm.execute(node, &unit);
+                s.handle_result(now, ticket, r);
+            }
+            Some(Output::Changed { .. }) => {
+                let v = s.view(&id).unwrap();
+                assert!(
+                    honest.starts_with(&v.tokens),
+                    "released {:?}, honest {honest:?}",
+                    v.tokens
+                );
+            }
+            Some(Output::Sample { .. }) => panic!("greedy jobs never sample"),
+            None => return,
+        }
+    }
+    panic!("the jobs did not end");
+}
+
+fn honest(spans: &[(u8, u32, u32)], prompt: &[u32], max_tokens: u32) -> Vec<u32> {
+    let mut swarm = Swarm::new(spans);
+    let mut s = swarm.scheduler(unverified());
+    s.submit(UnixMillis(0), job(1, 1, prompt, max_tokens))
+        .unwrap();
+    swarm.drive(&mut s, 10_000);
+    s.view(&JobId([1; 16])).unwrap().tokens
+}
+
+#[test]
+fn spot_checks_confirm_an_honest_swarm_without_changing_its_text() {
+    let expected = honest(&TRIPLES, &[5, 6, 7, 8], 24);
+    let mut swarm = Swarm::new(&TRIPLES);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, &[5, 6, 7, 8], 24))
+        .unwrap();
+    drive_watching(&mut swarm, &mut s, JobId([1; 16]), &expected);
+    let v = s.view(&JobId([1; 16])).unwrap();
+    assert_eq!(v.tokens, expected);
+    assert!(matches!(v.status, JobStatus::Length | JobStatus::Stopped));
+    let stats = s.verify_stats();
+    assert_eq!(stats.mismatches, 0);
+    assert_eq!(stats.exclusions, 0);
+    // Every node is on probation: every step of every hop is re-executed,
+    // each by the fastest other node of its span.
+    let steps = v.tokens.len() as u64;
+    assert_eq!(stats.sampled, 3 * steps);
+    assert_eq!(stats.compared, 3 * steps);
+    assert_eq!(u64::from(v.verified), 3 * steps);
+    assert_eq!(u64::from(v.check_units), 3 * steps);
+    assert_eq!(
+        v.receipts as u64,
+        3 * steps,
+        "receipts count the chain's results"
+    );
+    for (hop, checker) in [(1, 5), (2, 3), (4, 6)] {
+        assert_eq!(s.ledger().record(&node(hop)).valid, steps);
+        assert_eq!(s.ledger().record(&node(checker)).valid, steps);
+    }
+    assert_eq!(v.revisions, 0);
+}
+
+#[test]
+fn once_trusted_a_node_is_checked_less_often() {
+    let mut swarm = Swarm::new(&TRIPLES);
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    for i in 1..=6 {
+        s.submit(UnixMillis(0), job(i, i, &[i.into(), 2, 3], 40))
+            .unwrap();
+        swarm.drive(&mut s, 100_000);
+    }
+    let stats = s.verify_stats();
+    let steps: u64 = (1..=6)
+        .map(|i| s.view(&JobId([i; 16])).unwrap().tokens.len() as u64)
+        .sum();
+    assert!(steps > 100, "{steps}");
+    // The first ten results of each hop node are all checked; after that p
+    // falls to max(0.05, 1/streak): far fewer samples than results.
+    assert!(
+        stats.sampled < 3 * steps / 2,
+        "{stats:?} of {} results",
+        3 * steps
+    );
+    assert!(stats.sampled >= 30, "{stats:?}");
+    assert_eq!(stats.mismatches, 0);
+    assert!(s.ledger().probability(&node(1)) < 0.2);
+}
+
+#[test]
+fn a_corrupting_hop_is_caught_excluded_and_its_work_redone() {
+    let expected = honest(&TRIPLES, &[5, 6, 7, 8], 24);
+    let mut swarm = Swarm::new(&TRIPLES);
+    // Node 2 is the fastest on 10..20; it corrupts half its results.
+    swarm.nodes.get_mut(&node(2)).unwrap().corrupt = Some((0, 0.5, 1));
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, &[5, 6, 7, 8], 24))
+        .unwrap();
+    drive_watching(&mut swarm, &mut s, JobId([1; 16]), &expected);
+    let v = s.view(&JobId([1; 16])).unwrap();
+    assert_eq!(v.tokens, expected, "{:?}", v.status);
+    assert!(s.ledger().is_excluded(&node(2), None));
+    assert!(
+        !s.ledger().is_excluded(&node(3), None),
+        "its checker was right"
+    );
+    let stats = s.verify_stats();
+    assert!(stats.mismatches >= 1 && stats.decided >= 1, "{stats:?}");
+    assert_eq!(stats.undecided, 0);
+    assert!(stats.rollbacks >= 1);
+    assert_eq!(v.revisions, 0, "nothing unchecked had been released");
+    assert!(v.hops.iter().all(|h| h.node != node(2) || !h.current));
+    // Excluded for good: a new job never goes near it.
+    s.submit(UnixMillis(0), job(2, 1, &[5, 6, 7, 8], 24))
+        .unwrap();
+    let sent_before = swarm.nodes[&node(2)].units;
+    swarm.drive(&mut s, 100_000);
+    assert_eq!(swarm.nodes[&node(2)].units, sent_before);
+    assert_eq!(s.view(&JobId([2; 16])).unwrap().tokens, expected);
+}
+
+#[test]
+fn a_lying_checker_loses_to_the_referee() {
+    let expected = honest(&TRIPLES, &[9, 8, 7], 20);
+    let mut swarm = Swarm::new(&TRIPLES);
+    // Node 3 checks node 2; it lies every time.
+    swarm.nodes.get_mut(&node(3)).unwrap().corrupt = Some((0, 1.0, 1));
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, &[9, 8, 7], 20)).unwrap();
+    drive_watching(&mut swarm, &mut s, JobId([1; 16]), &expected);
+    let v = s.view(&JobId([1; 16])).unwrap();
+    assert_eq!(v.tokens, expected);
+    assert!(s.ledger().is_excluded(&node(3), None));
+    assert!(!s.ledger().is_excluded(&node(2), None));
+    assert_eq!(s.ledger().record(&node(2)).invalid, 0);
+    assert_eq!(s.verify_stats().decided, 1);
+}
+
+#[test]
+fn with_no_referee_both_sides_leave_the_job_and_nothing_wrong_is_released() {
+    let spans = [(1, 0, 10), (2, 10, 20), (3, 10, 20), (4, 20, 30)];
+    let expected = honest(&spans, &[1, 2, 3], 20);
+    let mut swarm = Swarm::new(&spans);
+    swarm.nodes.get_mut(&node(2)).unwrap().corrupt = Some((3, 1.0, 1));
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, &[1, 2, 3], 20)).unwrap();
+    drive_watching(&mut swarm, &mut s, JobId([1; 16]), &expected);
+    let v = s.view(&JobId([1; 16])).unwrap();
+    let JobStatus::Failed { code, message } = &v.status else {
+        panic!("{:?}", v.status)
+    };
+    assert_eq!(*code, ErrorCode::NO_ROUTE);
+    assert!(message.contains("failed verification"), "{message}");
+    assert_eq!(v.tokens, expected[..3], "released up to the disputed step");
+    assert_eq!(s.verify_stats().undecided, 1);
+    assert!(
+        !s.ledger().is_excluded(&node(2), None),
+        "no majority, no exclusion"
+    );
+}
+
+#[test]
+fn a_node_caught_after_probation_has_its_unchecked_work_redone_in_every_running_job() {
+    let prompts: [&[u32]; 3] = [&[4, 4, 2], &[7, 1], &[3, 3, 3, 3]];
+    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| honest(&TRIPLES, p, 40)).collect();
+    let mut swarm = Swarm::new(&TRIPLES);
+    // Honest long enough to leave probation, then always wrong.
+    swarm.nodes.get_mut(&node(2)).unwrap().corrupt = Some((30, 1.0, 1));
+    let config = SchedulerConfig {
+        verify: VerifyConfig {
+            p_min: 0.2,
+            compare_replays: false,
+            ..VerifyConfig::default()
+        },
+        ..SchedulerConfig::default()
+    };
+    let mut s = swarm.scheduler(config);
+    let ids: Vec<JobId> = (1..=3).map(|i| JobId([i; 16])).collect();
+    for (i, p) in prompts.iter().enumerate() {
+        s.submit(UnixMillis(0), job(i as u8 + 1, 1, p, 40)).unwrap();
+    }
+    let mut running_at_exclusion = None;
+    for _ in 0..200_000 {
+        swarm.now += 1;
+        match s.poll_output() {
+            Some(Output::Send {
+                ticket, node, unit, ..
+            }) => {
+                let r = swarm.execute(node, &unit);
+                s.handle_result(UnixMillis(swarm.now), ticket, r);
+            }
+            Some(_) => {}
+            None => break,
+        }
+        if running_at_exclusion.is_none() && s.ledger().is_excluded(&node(2), None) {
+            let running: Vec<usize> = (0..3)
+                .filter(|&i| !s.view(&ids[i]).unwrap().status.is_terminal())
+                .collect();
+            running_at_exclusion = Some(running);
+        }
+    }
+    // Past probation its lies slip through at p = max(0.2, 1/streak) until
+    // one is sampled; then every job still running goes back and ends honest.
+    let running = running_at_exclusion.expect("caught");
+    assert!(!running.is_empty());
+    for i in running {
+        let v = s.view(&ids[i]).unwrap();
+        assert_eq!(v.tokens, expected[i], "job {}: {:?}", i + 1, v.status);
+    }
+    assert!(s.verify_stats().rollbacks >= 1);
+    let revised: u32 = ids.iter().map(|id| s.view(id).unwrap().revisions).sum();
+    assert!(revised >= 1, "released lies were taken back");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whichever node corrupts, however often: with every result checked, the
+    /// submitter only ever sees honest tokens, and the job ends with the
+    /// honest text.
+    #[test]
+    fn checked_jobs_only_ever_release_honest_tokens(
+        liar in prop::sample::select(vec![1u8, 2, 3, 4, 5, 6, 7, 8, 9]),
+        honest_units in 0u32..20,
+        f in 0.05f64..1.0,
+        seed in any::<u64>(),
+        prompt in proptest::collection::vec(1u32..VOCAB, 1..8),
+    ) {
+        let expected = honest(&TRIPLES, &prompt, 24);
+        let mut swarm = Swarm::new(&TRIPLES);
+        swarm.nodes.get_mut(&node(liar)).unwrap().corrupt = Some((honest_units, f, seed));
+        let mut s = swarm.scheduler(always_checked());
+        s.submit(UnixMillis(0), job(1, 1, &prompt, 24)).unwrap();
+        drive_watching(&mut swarm, &mut s, JobId([1; 16]), &expected);
+        let v = s.view(&JobId([1; 16])).unwrap();
+        prop_assert!(matches!(v.status, JobStatus::Length | JobStatus::Stopped), "{:?}", v.status);
+        prop_assert_eq!(&v.tokens, &expected);
+        prop_assert_eq!(v.revisions, 0);
+        let stats = s.verify_stats();
+        if stats.mismatches > 0 {
+            prop_assert!(s.ledger().is_excluded(&node(liar), None), "{stats:?}");
+        }
+        for n in 1..=9u8 {
+            if n != liar {
+                prop_assert!(!s.ledger().is_excluded(&node(n), None));
+            }
+        }
+    }
 }
