@@ -52,8 +52,15 @@ impl Default for VerifyConfig {
     }
 }
 
-/// Relative tolerance between kernel paths (MEASUREMENT PENDING).
-pub const DEFAULT_TOLERANCE: f32 = 2e-2;
+/// Relative tolerance between kernel paths, from measurement. On
+/// SmolLM2-135M Q4_1, the very same inputs through candle's quantized CPU
+/// path (activations quantized to Q8_1) and through the weights dequantized
+/// to f32 differ by at most, relative to the largest magnitude: 1.2e-2 on the
+/// hidden states of layers 0..10, 7.1e-3 on layers 10..20, and 4.3e-2 on the
+/// logits of layers 20..30, over two prompts of eight steps each
+/// (`kernel_paths_differ_within_the_verification_tolerance` in the node's
+/// tests prints them). The tolerance leaves room for about twice the worst.
+pub const DEFAULT_TOLERANCE: f32 = 0.1;
 
 /// Who runs a node and how it computes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -136,3 +136,91 @@ fn batched_decode_of_three_sessions_equals_decoding_alone() {
         assert_eq!(bits(b), bits(a));
     }
 }
+
+/// The tolerance between determinism classes, from measurement: each span of
+/// the real model gets the very same inputs on the quantized CPU path and on
+/// the dequantized f32 path (how accelerators usually multiply), and their
+/// outputs are compared relative to the largest magnitude.
+#[test]
+fn kernel_paths_differ_within_the_verification_tolerance() {
+    use candle_core::Device;
+    use commons_coordinator::verify::{DEFAULT_TOLERANCE, agree};
+    use commons_node::executor::{Kernels, Stage, StageInput, StageOutput};
+
+    fn wire(t: &candle_core::Tensor) -> commons_protocol::Tensor {
+        let shape: Vec<u64> = t.dims().iter().map(|&d| d as u64).collect();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        commons_protocol::Tensor::from_f32(&shape, &v).unwrap()
+    }
+    fn values(t: &StageOutput) -> &candle_core::Tensor {
+        match t {
+            StageOutput::Hidden(h) | StageOutput::Logits(h) => h,
+        }
+    }
+
+    let path = real_model();
+    let model = ModelFile::open(&path).unwrap();
+    let tok = Tokenizer::for_model(&model).unwrap();
+    let spans = [0..10, 10..20, 20..30];
+    let load = |k| {
+        spans
+            .iter()
+            .map(|r| Stage::load_with(&model, r.clone(), &Device::Cpu, k).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (quantized, dense) = (load(Kernels::Fast), load(Kernels::Dequantized));
+    let mut worst = [0f32; 3];
+    let mut agreed = [true; 3];
+    let mut tokens_differ = 0;
+    for prompt in ["The capital of France is", "def fibonacci(n):"] {
+        let mut qc: Vec<_> = quantized.iter().map(Stage::new_cache).collect();
+        let mut dc: Vec<_> = dense.iter().map(Stage::new_cache).collect();
+        let mut ids = tok.encode(prompt).unwrap();
+        for _ in 0..8 {
+            // The quantized chain leads; both paths get its inputs at every span.
+            let mut input = StageInput::Tokens(ids.clone());
+            for (i, (q, d)) in quantized.iter().zip(&dense).enumerate() {
+                let same = match &input {
+                    StageInput::Tokens(t) => StageInput::Tokens(t.clone()),
+                    StageInput::Hidden(h) => StageInput::Hidden(h.clone()),
+                };
+                let a = q.forward(input, &mut qc[i]).unwrap();
+                let b = d.forward(same, &mut dc[i]).unwrap();
+                let (wa, wb) = (wire(values(&a)), wire(values(&b)));
+                let x = wa.to_f32().unwrap();
+                let y = wb.to_f32().unwrap();
+                let scale = x.iter().chain(&y).fold(0f32, |m, v| m.max(v.abs()));
+                let diff = x
+                    .iter()
+                    .zip(&y)
+                    .fold(0f32, |m, (u, v)| m.max((u - v).abs()));
+                worst[i] = worst[i].max(diff / scale);
+                agreed[i] &= agree(&wa, &wb, false, DEFAULT_TOLERANCE);
+                assert!(!agree(&wa, &wb, true, DEFAULT_TOLERANCE) || wa.digest() == wb.digest());
+                // What a corrupting node does is far outside the tolerance.
+                let mut bad = x.clone();
+                bad[0] += scale * 0.5 + 1.0;
+                let bad = commons_protocol::Tensor::from_f32(wa.shape(), &bad).unwrap();
+                assert!(!agree(&wa, &bad, false, DEFAULT_TOLERANCE));
+                input = match a {
+                    StageOutput::Hidden(h) => StageInput::Hidden(h),
+                    StageOutput::Logits(l) => {
+                        let t = commons_node::executor::stage::argmax(&l).unwrap();
+                        let u = commons_node::executor::stage::argmax(values(&b)).unwrap();
+                        tokens_differ += usize::from(t != u);
+                        ids = vec![t];
+                        break;
+                    }
+                };
+            }
+        }
+    }
+    eprintln!(
+        "largest difference between the quantized and dequantized paths, relative to the largest magnitude: \
+         layers 0..10 {:.2e}, 10..20 {:.2e}, 20..30 (logits) {:.2e}; tolerance {DEFAULT_TOLERANCE:.0e}; \
+         greedy tokens that differ: {tokens_differ} of 16",
+        worst[0], worst[1], worst[2]
+    );
+    assert!(worst.iter().all(|w| *w > 0.0), "the paths really differ");
+    assert_eq!(agreed, [true; 3], "within the tolerance on every span");
+}

@@ -166,6 +166,11 @@ pub enum Kernels {
     Fast,
     /// candle's own kernels only.
     Candle,
+    /// Quantized weights expanded to f32 at load and multiplied densely, as
+    /// accelerators often do: another determinism class, a few times the
+    /// memory. Results differ from the quantized paths within
+    /// [`commons_coordinator::verify::DEFAULT_TOLERANCE`].
+    Dequantized,
 }
 
 /// Layers `[a, b)` of a model, ready to run.
@@ -251,6 +256,9 @@ impl Stage {
                     QMatMul::from_qtensor(commons_kernels::q4_1::accelerate(q)?)
                 }
                 (Weight::Quantized(q), Kernels::Candle) => QMatMul::from_qtensor(q),
+                (Weight::Quantized(q), Kernels::Dequantized) => {
+                    Ok(QMatMul::Tensor(q.dequantize(device)?))
+                }
                 (Weight::Dense(t), _) => Ok(QMatMul::Tensor(t)),
             }
         };
