@@ -41,7 +41,7 @@ use commons_protocol::{CoalitionId, Hash, JobId, ModelId, NodeId, SessionId, Ten
 
 use crate::routing::{self, SpanOffer, Spans};
 use crate::trust;
-use crate::verify::{Ledger, Profile, VerifyConfig, VerifyStats};
+use crate::verify::{Ledger, Profile, Sampling, VerifyConfig, VerifyStats};
 
 mod check;
 
@@ -104,6 +104,29 @@ pub struct SubmitError {
     pub message: String,
 }
 
+/// Why a unit is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Lane {
+    /// A step of the job's own chain.
+    Chain,
+    /// A re-execution that checks a hop.
+    Check,
+    /// A third execution that settles a disagreement.
+    Referee,
+}
+
+impl Lane {
+    /// Its name in logs and reports: `chain`, `check` or `referee`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chain => "chain",
+            Self::Check => "check",
+            Self::Referee => "referee",
+        }
+    }
+}
+
 /// Identifies one unit in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ticket(pub u64);
@@ -126,6 +149,8 @@ pub enum Output {
         unit: InferenceUnit,
         /// The unit should expire then.
         deadline: UnixMillis,
+        /// Why it is sent.
+        lane: Lane,
     },
     /// Choose the next token of `job` from `logits` and give it to
     /// [`Scheduler::handle_sampled`].
@@ -284,6 +309,8 @@ struct Hop {
     dispute: Option<check::Dispute>,
     /// Nodes that may not check this hop.
     check_banned: BTreeSet<NodeId>,
+    /// With [`Sampling::Session`]: whether this session is checked whole.
+    shadowed: Option<bool>,
 }
 
 impl Hop {
@@ -301,6 +328,7 @@ impl Hop {
             check: None,
             dispute: None,
             check_banned: BTreeSet::new(),
+            shadowed: None,
         }
     }
 }
@@ -834,10 +862,17 @@ impl Scheduler {
         hop.results += 1;
         if self.ledger.config().enabled {
             hop.outputs.push(output.clone());
-            if self
-                .ledger
-                .sample(&hop.node, check::draw(self.seed, &id, &hop.session, step))
-            {
+            let sampled = match self.ledger.config().sampling {
+                Sampling::Step => self
+                    .ledger
+                    .sample(&hop.node, check::draw(self.seed, &id, &hop.session, step)),
+                // One draw per session, when its first result comes.
+                Sampling::Session => *hop.shadowed.get_or_insert_with(|| {
+                    self.ledger
+                        .sample(&hop.node, check::draw(self.seed, &id, &hop.session, 0))
+                }),
+            };
+            if sampled {
                 hop.flagged.insert(step);
                 self.ledger.stats.sampled += 1;
             }
@@ -1135,6 +1170,7 @@ impl Scheduler {
             node,
             unit,
             deadline,
+            lane: Lane::Chain,
         });
     }
 

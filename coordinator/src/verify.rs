@@ -31,6 +31,8 @@ pub struct VerifyConfig {
     pub probation: u32,
     /// The lowest probability of a check, however long a node's record.
     pub p_min: f64,
+    /// What a draw samples: one step, or a hop's whole session.
+    pub sampling: Sampling,
     /// Compare every step a checker replays to rebuild a session's state, not
     /// only the sampled one (free extra verification: the checker computes
     /// those outputs anyway).
@@ -46,10 +48,28 @@ impl Default for VerifyConfig {
             enabled: true,
             probation: 10,
             p_min: 0.05,
+            sampling: Sampling::Step,
             compare_replays: true,
             tolerance: DEFAULT_TOLERANCE,
         }
     }
+}
+
+/// What one draw of the check probability decides.
+///
+/// A checker must replay a hop's steps up to the one it checks (the KV cache
+/// depends on them all), so the two choices cost differently for the same p.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    /// Each step of a hop is sampled with probability p: the fraction of
+    /// results checked is exactly p, but the first sample of a session costs
+    /// the replay of every step before it (`trust-overhead` bench: about 60%
+    /// extra compute at p = 0.05 on 32-token jobs).
+    Step,
+    /// Each hop's session is shadowed whole with probability p, decided when
+    /// it opens: a fraction p of results is checked in expectation, at a cost
+    /// of p, but the samples come in whole sessions.
+    Session,
 }
 
 /// Relative tolerance between kernel paths, from measurement. On

@@ -431,6 +431,11 @@ impl Scheduler {
             return;
         }
         let (node, session) = (shadow.node, shadow.session);
+        let lane = if hop.dispute.is_some() {
+            Lane::Referee
+        } else {
+            Lane::Check
+        };
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
         let (unit, deadline) = unit_for(&self.config, now, id, job, h, step, session);
@@ -451,6 +456,7 @@ impl Scheduler {
             node,
             unit,
             deadline,
+            lane,
         });
     }
 
