@@ -145,6 +145,11 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             "Job requests refused by this coordinator, by error code",
             &c.jobs_refused,
         ),
+        (
+            "results_rejected",
+            "Answers to work units this coordinator did not take as results, by kind",
+            &c.results_rejected,
+        ),
     ] {
         let family = Family::<Vec<(String, String)>, Counter>::default();
         for (code, n) in by_code {

@@ -5,7 +5,13 @@
 //! when a job is not greedy, and answers watchers (long polls) with signed
 //! reports. All decisions are the scheduler's; this module only moves bytes,
 //! and refuses, before the scheduler sees them, jobs from non-members of the
-//! job's coalition and submitters over their rate limit.
+//! job's coalition and submitters over their rate limit, and answers that are
+//! not a unit's valid result ([`AnswerError`]: a forged receipt among them).
+//!
+//! Every result the scheduler takes into a job's transcript is appended, as
+//! its receipt, to the job's audit log ([`crate::audit`]) in the transaction
+//! that records the job's progress, before any report of that progress goes
+//! out.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,16 +23,18 @@ use commons_coordinator::job::{
 use commons_coordinator::quota::{Quotas, RateLimit};
 use commons_coordinator::routing::SpanOffer;
 use commons_coordinator::trust::Coalitions;
-use commons_protocol::envelope::{Envelope, MessageKind};
+use commons_protocol::envelope::{Envelope, MessageKind, OpenError};
+use commons_protocol::keys::VerifyError;
 use commons_protocol::messages::{
-    ErrorCode, ErrorReply, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop,
-    WorkBody, WorkResult, WorkUnit,
+    ErrorCode, ErrorReply, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, LayerRange,
+    Receipt, ResultError, RouteHop, WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::replay::ReplayGuard;
 use commons_protocol::{
     BoundedVec, CoalitionId, Identity, JobId, ModelId, NodeId, Nonce, UnitId, UnixMillis,
 };
 
+use crate::audit::{AuditEntry, Lane};
 use crate::executor::{ChatMessage, Sampler, SamplingConfig, Tokenizer};
 use crate::jobstore::{JobStore, StoredJob};
 
@@ -68,6 +76,8 @@ const MAX_WAIT: Duration = Duration::from_secs(20);
 const MAX_JOBS_PER_SUBMITTER: usize = 64;
 /// Submitters whose rate is tracked at once.
 const MAX_TRACKED_SUBMITTERS: usize = 4096;
+/// Audit entries kept for another try while the database refuses writes.
+const MAX_PENDING_AUDIT: usize = 1 << 16;
 
 struct Watcher<C> {
     job: JobId,
@@ -80,6 +90,8 @@ struct Watcher<C> {
 struct JobMeta {
     spec: JobSpec,
     sampler: Option<Sampler>,
+    /// The run of the job: 0, then one more per resumption after a restart.
+    segment: u32,
 }
 
 /// A unit sent and not yet answered.
@@ -87,6 +99,9 @@ struct JobMeta {
 pub struct Pending {
     ticket: Ticket,
     unit: UnitId,
+    job: JobId,
+    step: u64,
+    layers: LayerRange,
 }
 
 /// A unit to hand to the swarm.
@@ -117,6 +132,10 @@ pub struct Coordinating<C> {
     coalitions: Coalitions,
     quotas: Option<Quotas<NodeId>>,
     refusals: BTreeMap<String, u64>,
+    /// Answers to units not taken as results, by [`AnswerError::name`].
+    rejected: BTreeMap<String, u64>,
+    /// Receipts taken and not yet committed to the audit log.
+    audit_pending: Vec<AuditEntry>,
 }
 
 impl<C> std::fmt::Debug for Coordinating<C> {
@@ -166,6 +185,8 @@ impl<C> Coordinating<C> {
             coalitions: Coalitions::open(),
             quotas: None,
             refusals: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+            audit_pending: Vec::new(),
         };
         this.resume_stored(now);
         this
@@ -207,6 +228,8 @@ impl<C> Coordinating<C> {
                         JobMeta {
                             spec: job.spec,
                             sampler,
+                            // The scheduler starts a new transcript.
+                            segment: job.segment + 1,
                         },
                     );
                 }
@@ -315,6 +338,13 @@ impl<C> Coordinating<C> {
         self.refusals.clone()
     }
 
+    /// Answers to units not taken as results so far, by kind
+    /// ([`AnswerError::name`]: `forged_receipt`, `wrong_unit`…).
+    #[must_use]
+    pub fn rejected_results(&self) -> BTreeMap<String, u64> {
+        self.rejected.clone()
+    }
+
     /// Models it plans for.
     pub fn models(&self) -> impl Iterator<Item = &KnownModel> {
         self.models.values()
@@ -381,6 +411,10 @@ impl<C> Coordinating<C> {
 
     /// Handles a signed job request.
     pub fn on_request(&mut self, bytes: &[u8], channel: C, now: UnixMillis) -> Answer<C> {
+        // Receipts taken are logged before any report can mention them.
+        if !self.audit_pending.is_empty() {
+            self.persist(&[], now);
+        }
         let request: JobRequest = match Envelope::open_bytes(bytes, now) {
             Ok(r) => r,
             Err(e) => {
@@ -492,7 +526,14 @@ impl<C> Coordinating<C> {
             .submit_in(now, job, spec.coalition)
             .map_err(|e| (e.code, e.message))?;
         tracing::info!(job = %spec.job, %submitter, model = %spec.model, "job accepted");
-        self.meta.insert(spec.job, JobMeta { spec, sampler });
+        self.meta.insert(
+            spec.job,
+            JobMeta {
+                spec,
+                sampler,
+                segment: 0,
+            },
+        );
         // Accepted means recorded: the report goes out after the commit.
         self.persist(&[job_id], now);
         Ok(())
@@ -514,11 +555,13 @@ impl<C> Coordinating<C> {
             match out {
                 Output::Send {
                     ticket,
+                    job,
                     node,
                     unit,
                     deadline,
                     ..
                 } => {
+                    let (step, layers) = (unit.step, unit.layers);
                     let unit = WorkUnit {
                         issuer: self.identity.node_id(),
                         nonce: self.next_nonce(),
@@ -535,7 +578,13 @@ impl<C> Coordinating<C> {
                         Ok((id, bytes)) => sends.push(Outgoing {
                             node,
                             bytes,
-                            pending: Pending { ticket, unit: id },
+                            pending: Pending {
+                                ticket,
+                                unit: id,
+                                job,
+                                step,
+                                layers,
+                            },
                         }),
                         Err(e) => self.scheduler.handle_result(
                             now,
@@ -566,12 +615,19 @@ impl<C> Coordinating<C> {
         (sends, answers)
     }
 
-    /// Records the current state of `jobs`.
-    fn persist(&self, jobs: &[JobId], now: UnixMillis) {
+    /// Records the current state of `jobs`, and appends the receipts taken
+    /// since the last commit to their jobs' audit logs (with those jobs'
+    /// records), in one transaction.
+    fn persist(&mut self, jobs: &[JobId], now: UnixMillis) {
         let Some(store) = &self.store else {
+            self.audit_pending.clear();
             return;
         };
-        let records: Vec<StoredJob> = jobs
+        let mut ids = jobs.to_vec();
+        ids.extend(self.audit_pending.iter().map(|e| e.job));
+        ids.sort();
+        ids.dedup();
+        let records: Vec<StoredJob> = ids
             .iter()
             .filter_map(|id| {
                 let v = self.scheduler.view(id)?;
@@ -587,11 +643,25 @@ impl<C> Coordinating<C> {
                     state: state_of(&v.status).name().into(),
                     error,
                     updated_at: now.0,
+                    receipts: v.receipts,
+                    transcript: Some(v.transcript),
+                    segment: meta.segment,
+                    audit: None,
                 })
             })
             .collect();
-        if let Err(e) = store.put_all(&records) {
-            tracing::error!(%e, "cannot record jobs");
+        match store.commit(&records, &self.audit_pending) {
+            Ok(()) => self.audit_pending.clear(),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot record jobs and receipts");
+                // Kept for the next commit; past the bound, the oldest are
+                // lost, and an audit of their jobs will say so.
+                let excess = self.audit_pending.len().saturating_sub(MAX_PENDING_AUDIT);
+                if excess > 0 {
+                    tracing::error!(lost = excess, "audit entries dropped");
+                    self.audit_pending.drain(..excess);
+                }
+            }
         }
     }
 
@@ -617,10 +687,47 @@ impl<C> Coordinating<C> {
         Ok(sampler.sample(&t, &history)?)
     }
 
-    /// The answer to a unit: a signed result or error envelope.
+    /// The answer to a unit: a signed result or error envelope. A result the
+    /// scheduler takes into the job's transcript is queued for the job's
+    /// audit log, committed by the next [`Coordinating::drain`].
     pub fn on_response(&mut self, pending: Pending, node: NodeId, bytes: &[u8], now: UnixMillis) {
-        let outcome = check_response(pending.unit, node, bytes, now);
+        let (outcome, receipt) = match check_response(pending.unit, node, bytes, now) {
+            Ok((result, receipt)) => (Ok(result), Some(receipt)),
+            Err(AnswerError::Refused { code, message }) => {
+                (Err(StepFailure::Refused { code, message }), None)
+            }
+            Err(e) => {
+                let message = e.describe();
+                tracing::warn!(job = %pending.job, %node, kind = e.name(), %message, "answer refused");
+                *self.rejected.entry(e.name().to_owned()).or_default() += 1;
+                (Err(StepFailure::Invalid(message)), None)
+            }
+        };
+        let before = match (&receipt, &self.store) {
+            (Some(_), Some(_)) => self.scheduler.view(&pending.job).map(|v| v.receipts),
+            _ => None,
+        };
         self.scheduler.handle_result(now, pending.ticket, outcome);
+        let (Some(receipt), Some(before)) = (receipt, before) else {
+            return;
+        };
+        // Taken into the transcript: the scheduler counted one more receipt.
+        let taken = self
+            .scheduler
+            .view(&pending.job)
+            .is_some_and(|v| v.receipts == before + 1);
+        if taken {
+            self.audit_pending.push(AuditEntry {
+                job: pending.job,
+                seq: 0,
+                segment: self.meta.get(&pending.job).map_or(0, |m| m.segment),
+                lane: Lane::Main,
+                step: pending.step,
+                layers: pending.layers,
+                recorded_at: now,
+                receipt,
+            });
+        }
     }
 
     /// A unit that got no answer.
@@ -712,8 +819,8 @@ impl<C> Coordinating<C> {
             text,
             route: BoundedVec::new(),
             failovers: 0,
-            receipts: 0,
-            transcript: commons_protocol::Hash([0; 32]),
+            receipts: stored.receipts,
+            transcript: stored.transcript.unwrap_or(commons_protocol::Hash([0; 32])),
             prefill_ms: 0,
             decode_ms: 0,
             issued_at: now,
@@ -777,51 +884,385 @@ fn state_of(status: &JobStatus) -> JobState {
     }
 }
 
-/// Opens and checks the answer to `unit` from `node`.
-fn check_response(
+/// Why an answer to a unit is not taken as its result.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnswerError {
+    /// The node refused the unit with a signed error.
+    #[error("refused: {message} ({code})")]
+    Refused {
+        /// Its code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+    /// The envelope does not open: malformed, badly signed, expired…
+    #[error("the answer's envelope is refused")]
+    Envelope(#[source] OpenError),
+    /// The result's receipt (unit, commitment, metrics) is not validly
+    /// signed by the executor it names: forged, or altered after signing.
+    #[error("forged receipt: the result for unit {unit} is not validly signed by {executor}")]
+    ForgedReceipt {
+        /// The unit it claims to answer.
+        unit: UnitId,
+        /// The executor it names.
+        executor: NodeId,
+        /// Why.
+        #[source]
+        source: VerifyError,
+    },
+    /// Validly signed, but the outputs are malformed or do not match the
+    /// commitment the executor signed.
+    #[error("the result does not hold together")]
+    Inconsistent(#[source] ResultError),
+    /// A result for another unit.
+    #[error("result for unit {got}, not {expected}")]
+    WrongUnit {
+        /// The unit sent.
+        expected: UnitId,
+        /// The unit answered.
+        got: UnitId,
+    },
+    /// A result signed by another node than the one the unit went to.
+    #[error("result signed by {executor}, sent to {node}")]
+    WrongExecutor {
+        /// Who signed it.
+        executor: NodeId,
+        /// Where the unit went.
+        node: NodeId,
+    },
+    /// Neither a result nor an error.
+    #[error("a {kind:?} in answer to a work unit")]
+    UnexpectedKind {
+        /// What came.
+        kind: MessageKind,
+    },
+}
+
+impl AnswerError {
+    /// A stable name for counting: `refused`, `bad_envelope`,
+    /// `forged_receipt`, `inconsistent_result`, `wrong_unit`,
+    /// `wrong_executor`, `unexpected_kind`.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Refused { .. } => "refused",
+            Self::Envelope(_) => "bad_envelope",
+            Self::ForgedReceipt { .. } => "forged_receipt",
+            Self::Inconsistent(_) => "inconsistent_result",
+            Self::WrongUnit { .. } => "wrong_unit",
+            Self::WrongExecutor { .. } => "wrong_executor",
+            Self::UnexpectedKind { .. } => "unexpected_kind",
+        }
+    }
+
+    /// The message with its causes, `: `-separated.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+}
+
+/// Opens and checks the answer to `unit` from `node`: a result with its
+/// receipt, or why not.
+pub fn check_response(
     unit: UnitId,
     node: NodeId,
     bytes: &[u8],
     now: UnixMillis,
-) -> Result<StepResult, StepFailure> {
-    let envelope = Envelope::from_bytes(bytes).map_err(|e| StepFailure::Invalid(e.to_string()))?;
+) -> Result<(StepResult, Receipt), AnswerError> {
+    let envelope = Envelope::from_bytes(bytes).map_err(AnswerError::Envelope)?;
     match envelope.kind() {
         MessageKind::WorkResult => {
-            let result: WorkResult = envelope
-                .open(now)
-                .map_err(|e| StepFailure::Invalid(e.to_string()))?;
-            result
-                .verify()
-                .map_err(|e| StepFailure::Invalid(e.to_string()))?;
+            let result: WorkResult = envelope.open(now).map_err(AnswerError::Envelope)?;
+            result.verify().map_err(|e| match e {
+                ResultError::Signature(source) => AnswerError::ForgedReceipt {
+                    unit: result.unit,
+                    executor: result.executor,
+                    source,
+                },
+                other => AnswerError::Inconsistent(other),
+            })?;
             if result.unit != unit {
-                return Err(StepFailure::Invalid(format!(
-                    "result for unit {}, not {unit}",
-                    result.unit
-                )));
+                return Err(AnswerError::WrongUnit {
+                    expected: unit,
+                    got: result.unit,
+                });
             }
             if result.executor != node {
-                return Err(StepFailure::Invalid(format!(
-                    "result signed by {}, sent to {node}",
-                    result.executor
-                )));
+                return Err(AnswerError::WrongExecutor {
+                    executor: result.executor,
+                    node,
+                });
             }
-            Ok(StepResult {
-                executor: result.executor,
-                commitment: result.commitment,
-                outputs: result.outputs.into_vec(),
-            })
+            let receipt = result.receipt();
+            Ok((
+                StepResult {
+                    executor: result.executor,
+                    commitment: result.commitment,
+                    outputs: result.outputs.into_vec(),
+                },
+                receipt,
+            ))
         }
         MessageKind::ErrorReply => {
-            let reply: ErrorReply = envelope
-                .open(now)
-                .map_err(|e| StepFailure::Invalid(e.to_string()))?;
-            Err(StepFailure::Refused {
+            let reply: ErrorReply = envelope.open(now).map_err(AnswerError::Envelope)?;
+            Err(AnswerError::Refused {
                 code: reply.code,
                 message: reply.message,
             })
         }
-        other => Err(StepFailure::Invalid(format!(
-            "a {other:?} in answer to a work unit"
-        ))),
+        kind => Err(AnswerError::UnexpectedKind { kind }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use commons_coordinator::routing::SpanOffer;
+    use commons_protocol::messages::{ExecMetrics, SamplingParams};
+    use commons_protocol::{Hash, Tensor};
+
+    const NOW: UnixMillis = UnixMillis(1_000_000);
+
+    fn executor() -> Identity {
+        Identity::from_secret([21; 32])
+    }
+
+    fn metrics() -> ExecMetrics {
+        ExecMetrics {
+            queue_micros: 5,
+            compute_micros: 700,
+            tokens: 1,
+            peak_memory_bytes: 0,
+        }
+    }
+
+    fn result_for(unit: UnitId, token: u32) -> WorkResult {
+        let output = Tensor::from_u32(&[1], &[token]).unwrap();
+        WorkResult::sign(
+            &executor(),
+            unit,
+            vec![output],
+            metrics(),
+            NOW,
+            NOW.plus_millis(60_000),
+        )
+        .unwrap()
+    }
+
+    fn sealed(result: &WorkResult) -> Vec<u8> {
+        Envelope::seal(&executor(), result).unwrap().to_bytes()
+    }
+
+    fn unit() -> UnitId {
+        UnitId(Hash::of(b"a unit"))
+    }
+
+    #[test]
+    fn a_valid_result_is_taken_with_its_receipt() {
+        let result = result_for(unit(), 7);
+        let (step, receipt) =
+            check_response(unit(), executor().node_id(), &sealed(&result), NOW).unwrap();
+        assert_eq!(step.commitment, result.commitment);
+        assert_eq!(receipt, result.receipt());
+        receipt.verify().unwrap();
+    }
+
+    #[test]
+    fn a_forged_receipt_is_refused_with_its_own_error() {
+        // Metrics altered after signing, sealed again by the executor: the
+        // envelope opens, the receipt does not verify.
+        let mut result = result_for(unit(), 7);
+        result.metrics.compute_micros = 1;
+        let err = check_response(unit(), executor().node_id(), &sealed(&result), NOW).unwrap_err();
+        assert!(
+            matches!(err, AnswerError::ForgedReceipt { unit: u, .. } if u == unit()),
+            "{err:?}"
+        );
+        assert_eq!(err.name(), "forged_receipt");
+        assert!(
+            err.describe().contains("forged receipt"),
+            "{}",
+            err.describe()
+        );
+        // A signature byte flipped.
+        let mut result = result_for(unit(), 7);
+        result.signature.0[10] ^= 0x40;
+        let err = check_response(unit(), executor().node_id(), &sealed(&result), NOW).unwrap_err();
+        assert!(matches!(err, AnswerError::ForgedReceipt { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn other_bad_answers_have_their_own_errors() {
+        let me = executor().node_id();
+        // Validly signed, for another unit.
+        let other = UnitId(Hash::of(b"another unit"));
+        let err = check_response(unit(), me, &sealed(&result_for(other, 7)), NOW).unwrap_err();
+        assert!(matches!(err, AnswerError::WrongUnit { .. }), "{err:?}");
+        // Validly signed, by a node the unit did not go to.
+        let elsewhere = Identity::from_secret([22; 32]).node_id();
+        let err =
+            check_response(unit(), elsewhere, &sealed(&result_for(unit(), 7)), NOW).unwrap_err();
+        assert!(matches!(err, AnswerError::WrongExecutor { .. }), "{err:?}");
+        // Signed over a commitment its outputs do not have.
+        let mut result = result_for(unit(), 7);
+        result.commitment = Hash::of(b"something else");
+        result.signature = executor().sign(&Receipt::signed_bytes(
+            &result.unit,
+            &result.commitment,
+            &result.metrics,
+        ));
+        let err = check_response(unit(), me, &sealed(&result), NOW).unwrap_err();
+        assert!(matches!(err, AnswerError::Inconsistent(_)), "{err:?}");
+        // Not an envelope.
+        let err = check_response(unit(), me, b"garbage", NOW).unwrap_err();
+        assert!(matches!(err, AnswerError::Envelope(_)), "{err:?}");
+        // A refusal.
+        let reply = ErrorReply {
+            code: ErrorCode::OVERLOADED,
+            message: "busy".into(),
+            regarding: None,
+            responder: me,
+            issued_at: NOW,
+            expires_at: NOW.plus_millis(1000),
+        };
+        let bytes = Envelope::seal(&executor(), &reply).unwrap().to_bytes();
+        let err = check_response(unit(), me, &bytes, NOW).unwrap_err();
+        assert!(
+            matches!(err, AnswerError::Refused { code, .. } if code == ErrorCode::OVERLOADED),
+            "{err:?}"
+        );
+    }
+
+    /// A coordinator with a job database and one node serving all of a
+    /// two-layer model, with a job submitted to the scheduler directly (the
+    /// shell's model lookup needs a tokenizer).
+    fn rig(dir: &std::path::Path) -> Coordinating<()> {
+        let store = JobStore::open(&dir.join("jobs.redb")).unwrap();
+        let mut c = Coordinating::new(
+            Arc::new(Identity::from_secret([20; 32])),
+            Vec::new(),
+            Some(store),
+            NOW,
+        );
+        let model = ModelId(Hash::of(b"model"));
+        c.scheduler.set_offers(
+            model,
+            2,
+            64,
+            vec![SpanOffer {
+                node: executor().node_id(),
+                layers: LayerRange { start: 0, end: 2 },
+                ms_per_layer: 1.0,
+                rtt_ms: 1.0,
+                queue_ms: 0.0,
+            }],
+        );
+        c
+    }
+
+    fn submit(c: &mut Coordinating<()>, n: u8) -> JobId {
+        let sampling = SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 1,
+        };
+        let spec = JobSpec {
+            job: JobId([n; 16]),
+            model: ModelId(Hash::of(b"model")),
+            input: JobInput::Text("hello".into()),
+            max_tokens: 4,
+            sampling: sampling.clone(),
+            coalition: None,
+        };
+        let submitter = Identity::from_secret([30; 32]).node_id();
+        c.scheduler
+            .submit_in(
+                NOW,
+                NewJob {
+                    id: spec.job,
+                    submitter,
+                    model: spec.model,
+                    prompt: vec![1, 2, 3],
+                    max_tokens: spec.max_tokens,
+                    stop_tokens: vec![0],
+                    sampling,
+                },
+                None,
+            )
+            .unwrap();
+        c.meta.insert(
+            spec.job,
+            JobMeta {
+                spec,
+                sampler: None,
+                segment: 0,
+            },
+        );
+        JobId([n; 16])
+    }
+
+    fn sent_to_executor(c: &mut Coordinating<()>, job: JobId) -> Pending {
+        let (sends, _) = c.drain(NOW);
+        sends
+            .into_iter()
+            .find(|o| o.pending.job == job)
+            .map(|o| o.pending)
+            .expect("a unit for the job")
+    }
+
+    #[test]
+    fn taken_results_are_logged_before_reports_and_forged_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = rig(dir.path());
+        let me = executor().node_id();
+
+        // A valid result: taken into the transcript, and logged by the next drain.
+        let job = submit(&mut c, 1);
+        let pending = sent_to_executor(&mut c, job);
+        assert_eq!(pending.step, 0);
+        c.on_response(pending, me, &sealed(&result_for(pending.unit, 9)), NOW);
+        assert_eq!(c.audit_pending.len(), 1);
+        let view = c.view(&job).unwrap();
+        assert_eq!(view.receipts, 1);
+        let _ = c.drain(NOW);
+        assert!(c.audit_pending.is_empty());
+
+        // A forged answer to another job's unit: refused, counted, not logged.
+        let other = submit(&mut c, 2);
+        let pending = sent_to_executor(&mut c, other);
+        let mut forged = result_for(pending.unit, 9);
+        forged.metrics.tokens = 1000;
+        c.on_response(pending, me, &sealed(&forged), NOW);
+        assert!(c.audit_pending.is_empty());
+        assert_eq!(c.rejected_results().get("forged_receipt"), Some(&1));
+        assert_eq!(c.view(&other).unwrap().receipts, 0);
+        let _ = c.drain(NOW);
+
+        let store = c.store.as_ref().unwrap();
+        let stored = store.get(&job).unwrap().unwrap();
+        assert_eq!(stored.receipts, 1);
+        assert_eq!(stored.transcript, Some(view.transcript));
+        let records = store.audit(&job).unwrap();
+        assert_eq!(records.len(), 1);
+        let record = records[0].record.clone().unwrap();
+        assert_eq!(record.entry.lane, Lane::Main);
+        assert_eq!(record.entry.layers, LayerRange { start: 0, end: 2 });
+        assert_eq!(record.entry.receipt.executor, me);
+        let report = crate::audit::check(&stored, records);
+        assert!(report.passed(), "{:?}", report.problems);
+        assert!(store.audit(&other).unwrap().is_empty());
+        let stored_other = store.get(&other).unwrap().unwrap();
+        assert!(crate::audit::check(&stored_other, Vec::new()).passed());
     }
 }

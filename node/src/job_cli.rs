@@ -1,6 +1,8 @@
 //! `commons job submit | status | cancel`: a member's signed requests to a
 //! coordinator, over `/commons/job/1.0.0`. Tokens stream by long polls: each
 //! watch returns as soon as there are tokens the member has not seen.
+//! `commons job audit` works offline on a coordinator's database
+//! ([`crate::audit`]).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -33,6 +35,10 @@ pub enum JobCommand {
     Status(JobRef),
     /// Cancel a job you submitted.
     Cancel(JobRef),
+    /// Check a job's receipts offline, in a stopped coordinator's data
+    /// directory (`--data-dir`): every signature, the audit log's hash chain
+    /// and the job's transcript; export the receipts as JSON lines.
+    Audit(crate::audit::AuditArgs),
 }
 
 /// Which coordinator.
@@ -319,6 +325,9 @@ impl JobClient {
 
 /// Runs `commons job …`.
 pub fn run(settings: &Settings, command: JobCommand) -> anyhow::Result<ExitCode> {
+    if let JobCommand::Audit(args) = &command {
+        return crate::audit::run(settings, args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -328,6 +337,7 @@ pub fn run(settings: &Settings, command: JobCommand) -> anyhow::Result<ExitCode>
             JobCommand::Submit(args) => submit(settings, args).await,
             JobCommand::Status(r) => status(settings, r, false).await,
             JobCommand::Cancel(r) => status(settings, r, true).await,
+            JobCommand::Audit(args) => crate::audit::run(settings, &args),
         }
     })
 }

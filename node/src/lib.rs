@@ -2,6 +2,7 @@
 //! identity handling, and (as they land) the libp2p swarm, the candle executor
 //! and the control API.
 
+pub mod audit;
 pub mod capacity;
 pub mod cli;
 pub mod coalition;

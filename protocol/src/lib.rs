@@ -12,8 +12,8 @@
 //! - [`codec`]: the one place where bytes are encoded and decoded, with an
 //!   explicit byte limit per message kind, and length-prefixed stream framing.
 //! - [`envelope`]: signed envelopes; verify first, then decode.
-//! - [`messages`]: capacity adverts, work units, work results, coalition
-//!   charters and error replies.
+//! - [`messages`]: capacity adverts, work units, work results and their
+//!   signed receipts, coalition charters and error replies.
 //! - [`tensor`]: dtype, shape and little-endian bytes, content-addressed by blake3.
 //! - [`replay`]: a bounded, time-windowed nonce cache.
 

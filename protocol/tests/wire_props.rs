@@ -10,7 +10,7 @@ use commons_protocol::messages::{
     CapacityAdvert, ChatTurn, CoalitionCharter, CpuInfo, DataShardRef, DeterminismClass, ErrorCode,
     ErrorReply, ExecMetrics, GpuBackend, GpuInfo, GradientUnit, HeldModel, HyperParams,
     InferenceOptions, InferenceUnit, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState,
-    LayerRange, Leave, RouteHop, SamplingParams, WorkBody, WorkResult, WorkUnit,
+    LayerRange, Leave, Receipt, RouteHop, SamplingParams, WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::{BoundedVec, DType, Hash, Identity, Message, NodeId, Tensor, UnixMillis};
 use proptest::collection::vec;
@@ -482,6 +482,27 @@ proptest! {
     fn work_result_roundtrips_and_verifies(m in work_result()) {
         roundtrip(&m)?;
         m.verify().unwrap();
+    }
+
+    #[test]
+    fn receipts_roundtrip_verify_and_bind_every_field(m in work_result(), field in 0..4usize, bit in 0..8u8) {
+        let receipt = m.receipt();
+        receipt.verify().unwrap();
+        let bytes = codec::encode(&receipt).unwrap();
+        let back: Receipt = codec::decode(&bytes, Limit::K4).unwrap();
+        prop_assert_eq!(&back, &receipt);
+        back.verify().unwrap();
+        let mut altered = receipt.clone();
+        match field {
+            0 => altered.unit.0.0[usize::from(bit)] ^= 1 << bit,
+            1 => altered.commitment.0[usize::from(bit)] ^= 1 << bit,
+            2 => altered.metrics.tokens ^= 1 << bit,
+            _ => altered.executor = Identity::from_secret([bit; 32]).node_id(),
+        }
+        // (Another executor's key equal to the signer's is the one alteration that is none.)
+        if altered != receipt {
+            prop_assert!(altered.verify().is_err());
+        }
     }
 
     #[test]

@@ -591,6 +591,11 @@ impl EventLoop {
                     .as_ref()
                     .map(Coordinating::refusals)
                     .unwrap_or_default(),
+                results_rejected: self
+                    .coordinating
+                    .as_ref()
+                    .map(Coordinating::rejected_results)
+                    .unwrap_or_default(),
                 ..self.counters.clone()
             },
             capacity: self.capacity.clone(),

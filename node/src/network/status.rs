@@ -92,6 +92,9 @@ pub struct Counters {
     pub units_refused: BTreeMap<String, u64>,
     /// Job requests a coordinator refused, by error code name.
     pub jobs_refused: BTreeMap<String, u64>,
+    /// Answers to units a coordinator did not take as results, by kind
+    /// (`forged_receipt`, `wrong_unit`…).
+    pub results_rejected: BTreeMap<String, u64>,
 }
 
 impl Counters {

@@ -18,7 +18,7 @@ pub use error::{ErrorCode, ErrorReply};
 pub use job::{ChatTurn, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop};
 pub use work::{
     DataShardRef, ExecMetrics, GradientUnit, HyperParams, InferenceOptions, InferenceUnit,
-    LayerRange, ResultError, SamplingParams, WorkBody, WorkResult, WorkUnit, commitment,
+    LayerRange, Receipt, ResultError, SamplingParams, WorkBody, WorkResult, WorkUnit, commitment,
 };
 
 use serde::Serialize;

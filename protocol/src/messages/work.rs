@@ -11,7 +11,9 @@ use crate::time::UnixMillis;
 
 const UNIT_DOMAIN: &str = "commons work unit v1";
 const COMMITMENT_DOMAIN: &str = "commons result commitment v1";
-const RECEIPT_TAG: &[u8] = b"commons/result-receipt/v1";
+/// Tags the bytes an executor signs: `RECEIPT_TAG ‖ unit id ‖ commitment ‖
+/// metrics` (v1 covered the commitment alone).
+const RECEIPT_TAG: &[u8] = b"commons/result-receipt/v2";
 
 /// Layers `[start, end)` of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -193,11 +195,77 @@ pub struct ExecMetrics {
     pub peak_memory_bytes: u64,
 }
 
+impl ExecMetrics {
+    /// Bytes of the canonical form, as signed in a [`Receipt`].
+    pub const CANONICAL_LEN: usize = 8 + 8 + 4 + 8;
+
+    /// The canonical bytes a receipt signs: every field in declaration order,
+    /// fixed width, little-endian. Independent of the wire codec, so a
+    /// receipt verifies whatever format carried it.
+    #[must_use]
+    pub fn canonical_bytes(&self) -> [u8; Self::CANONICAL_LEN] {
+        // Destructured so that a new field cannot be left out of the signature.
+        let Self {
+            queue_micros,
+            compute_micros,
+            tokens,
+            peak_memory_bytes,
+        } = self;
+        let mut out = [0u8; Self::CANONICAL_LEN];
+        out[..8].copy_from_slice(&queue_micros.to_le_bytes());
+        out[8..16].copy_from_slice(&compute_micros.to_le_bytes());
+        out[16..20].copy_from_slice(&tokens.to_le_bytes());
+        out[20..].copy_from_slice(&peak_memory_bytes.to_le_bytes());
+        out
+    }
+}
+
+/// What an executor vouches for about one result, without its tensors: the
+/// unit, the commitment to the outputs, how the unit ran, and the executor's
+/// signature over all three. Receipts are what an audit log keeps; anyone can
+/// check one with [`Receipt::verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The unit answered.
+    pub unit: UnitId,
+    /// blake3 over the unit id and the outputs' canonical bytes.
+    pub commitment: Hash,
+    /// How it ran.
+    pub metrics: ExecMetrics,
+    /// Who ran it.
+    pub executor: NodeId,
+    /// The executor's signature over (unit id ‖ commitment ‖ metrics).
+    pub signature: Signature,
+}
+
+impl Receipt {
+    /// The bytes the executor signs: a domain tag, the unit id, the
+    /// commitment and [`ExecMetrics::canonical_bytes`], all of fixed length.
+    #[must_use]
+    pub fn signed_bytes(unit: &UnitId, commitment: &Hash, metrics: &ExecMetrics) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RECEIPT_TAG.len() + 64 + ExecMetrics::CANONICAL_LEN);
+        out.extend_from_slice(RECEIPT_TAG);
+        out.extend_from_slice(&unit.0.0);
+        out.extend_from_slice(&commitment.0);
+        out.extend_from_slice(&metrics.canonical_bytes());
+        out
+    }
+
+    /// Checks the executor's signature over the unit id, the commitment and
+    /// the metrics: changing any of them, or naming another executor, fails.
+    pub fn verify(&self) -> Result<(), VerifyError> {
+        keys::verify(
+            &self.executor,
+            &Self::signed_bytes(&self.unit, &self.commitment, &self.metrics),
+            &self.signature,
+        )
+    }
+}
+
 /// The outcome of a work unit, committed by blake3 and signed by its executor.
 ///
-/// The signature is over the commitment alone, so a result's receipt
-/// (unit, commitment, executor, signature) can be checked and forwarded
-/// without the tensors.
+/// The signature is over (unit id ‖ commitment ‖ metrics), not the tensors,
+/// so a result's [`Receipt`] can be checked and kept without them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkResult {
     /// The unit answered.
@@ -206,11 +274,11 @@ pub struct WorkResult {
     pub outputs: BoundedVec<Tensor, 16>,
     /// blake3 over the unit id and the outputs' canonical bytes.
     pub commitment: Hash,
-    /// How it ran (not committed: it varies run to run).
+    /// How it ran (signed, not committed: it varies run to run).
     pub metrics: ExecMetrics,
     /// Who ran it.
     pub executor: NodeId,
-    /// The executor's signature over the commitment.
+    /// The executor's signature over (unit id ‖ commitment ‖ metrics).
     pub signature: Signature,
     /// Issue time.
     pub issued_at: UnixMillis,
@@ -239,7 +307,8 @@ pub enum ResultError {
         /// Recomputed.
         actual: Hash,
     },
-    /// The executor's signature over the commitment does not verify.
+    /// The executor's signature over the receipt (unit id, commitment,
+    /// metrics) does not verify: the result is forged or was altered.
     #[error("executor signature does not verify")]
     Signature(#[source] VerifyError),
     /// More outputs than a result may carry.
@@ -261,10 +330,6 @@ pub fn commitment(unit: &UnitId, outputs: &[Tensor]) -> Hash {
     Hash::of_parts(COMMITMENT_DOMAIN, &parts)
 }
 
-fn receipt_bytes(commitment: &Hash) -> Vec<u8> {
-    [RECEIPT_TAG, commitment.0.as_slice()].concat()
-}
-
 impl WorkResult {
     /// Builds and signs the result of `unit`.
     pub fn sign(
@@ -279,7 +344,7 @@ impl WorkResult {
         let outputs =
             BoundedVec::try_from_vec(outputs).map_err(|_| ResultError::TooManyOutputs { count })?;
         let commitment = commitment(&unit, &outputs);
-        let signature = executor.sign(&receipt_bytes(&commitment));
+        let signature = executor.sign(&Receipt::signed_bytes(&unit, &commitment, &metrics));
         Ok(Self {
             unit,
             outputs,
@@ -292,8 +357,28 @@ impl WorkResult {
         })
     }
 
-    /// Checks every output tensor, the commitment and the executor's signature.
+    /// The result's receipt: everything but the tensors and the validity window.
+    #[must_use]
+    pub fn receipt(&self) -> Receipt {
+        Receipt {
+            unit: self.unit,
+            commitment: self.commitment,
+            metrics: self.metrics.clone(),
+            executor: self.executor,
+            signature: self.signature,
+        }
+    }
+
+    /// Checks the executor's signature over the receipt first (so that a
+    /// result altered after signing is a [`ResultError::Signature`]), then
+    /// every output tensor and the commitment to them.
     pub fn verify(&self) -> Result<(), ResultError> {
+        keys::verify(
+            &self.executor,
+            &Receipt::signed_bytes(&self.unit, &self.commitment, &self.metrics),
+            &self.signature,
+        )
+        .map_err(ResultError::Signature)?;
         for (index, output) in self.outputs.iter().enumerate() {
             output
                 .verify()
@@ -306,12 +391,7 @@ impl WorkResult {
                 actual,
             });
         }
-        keys::verify(
-            &self.executor,
-            &receipt_bytes(&self.commitment),
-            &self.signature,
-        )
-        .map_err(ResultError::Signature)
+        Ok(())
     }
 }
 
@@ -325,5 +405,141 @@ impl Message for WorkResult {
 
     fn validity(&self) -> (UnixMillis, UnixMillis) {
         (self.issued_at, self.expires_at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    fn signed() -> WorkResult {
+        let executor = Identity::from_secret([3; 32]);
+        let output = Tensor::from_f32(&[1, 2], &[0.5, -1.0]).expect("a valid tensor");
+        WorkResult::sign(
+            &executor,
+            UnitId(Hash::of(b"unit")),
+            vec![output],
+            ExecMetrics {
+                queue_micros: 10,
+                compute_micros: 2_000,
+                tokens: 1,
+                peak_memory_bytes: 4096,
+            },
+            UnixMillis(1),
+            UnixMillis(2),
+        )
+        .expect("one output")
+    }
+
+    fn is_signature_error(r: Result<(), VerifyError>) -> bool {
+        matches!(
+            r,
+            Err(VerifyError::BadSignature | VerifyError::BadPublicKey)
+        )
+    }
+
+    #[test]
+    fn a_signed_result_and_its_receipt_verify() {
+        let result = signed();
+        result.verify().expect("verifies");
+        let receipt = result.receipt();
+        receipt.verify().expect("verifies");
+        assert_eq!(receipt.unit, result.unit);
+        assert_eq!(receipt.commitment, result.commitment);
+        assert_eq!(receipt.metrics, result.metrics);
+        assert_eq!(receipt.executor, result.executor);
+        assert_eq!(receipt.signature, result.signature);
+        assert_eq!(result.outputs[0].dtype(), DType::F32);
+    }
+
+    #[test]
+    fn a_receipt_with_altered_metrics_fails_its_signature() {
+        let receipt = signed().receipt();
+        let alterations: [fn(&mut ExecMetrics); 4] = [
+            |m| m.queue_micros += 1,
+            |m| m.compute_micros -= 1,
+            |m| m.tokens += 1,
+            |m| m.peak_memory_bytes = 0,
+        ];
+        for alter in alterations {
+            let mut r = receipt.clone();
+            alter(&mut r.metrics);
+            assert!(is_signature_error(r.verify()), "{:?}", r.metrics);
+        }
+    }
+
+    #[test]
+    fn a_receipt_with_altered_commitment_unit_or_executor_fails_its_signature() {
+        let receipt = signed().receipt();
+        let mut r = receipt.clone();
+        r.commitment.0[0] ^= 1;
+        assert!(is_signature_error(r.verify()));
+        let mut r = receipt.clone();
+        r.unit.0.0[31] ^= 0x80;
+        assert!(is_signature_error(r.verify()));
+        let mut r = receipt.clone();
+        r.executor = Identity::from_secret([4; 32]).node_id();
+        assert_eq!(r.verify(), Err(VerifyError::BadSignature));
+        let mut r = receipt;
+        r.signature.0[5] ^= 1;
+        assert!(is_signature_error(r.verify()));
+    }
+
+    #[test]
+    fn a_result_with_altered_metrics_is_a_signature_error() {
+        let mut result = signed();
+        result.metrics.compute_micros = 1;
+        assert!(matches!(result.verify(), Err(ResultError::Signature(_))));
+        // A commitment altered after signing is a signature error too…
+        let mut result = signed();
+        result.commitment.0[0] ^= 1;
+        assert!(matches!(result.verify(), Err(ResultError::Signature(_))));
+        // …while an executor signing a commitment its outputs do not have is caught by the commitment.
+        let executor = Identity::from_secret([3; 32]);
+        let mut result = signed();
+        result.commitment.0[0] ^= 1;
+        result.signature = executor.sign(&Receipt::signed_bytes(
+            &result.unit,
+            &result.commitment,
+            &result.metrics,
+        ));
+        assert!(matches!(
+            result.verify(),
+            Err(ResultError::CommitmentMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_signature_over_the_commitment_alone_no_longer_verifies() {
+        let executor = Identity::from_secret([3; 32]);
+        let mut result = signed();
+        let v1 = [
+            b"commons/result-receipt/v1".as_slice(),
+            result.commitment.0.as_slice(),
+        ]
+        .concat();
+        result.signature = executor.sign(&v1);
+        assert!(matches!(result.verify(), Err(ResultError::Signature(_))));
+    }
+
+    #[test]
+    fn canonical_metrics_are_fixed_width_little_endian() {
+        let m = ExecMetrics {
+            queue_micros: 1,
+            compute_micros: 2,
+            tokens: 3,
+            peak_memory_bytes: 4,
+        };
+        let b = m.canonical_bytes();
+        assert_eq!(b[0], 1);
+        assert_eq!(b[8], 2);
+        assert_eq!(b[16], 3);
+        assert_eq!(b[20], 4);
+        assert_eq!(
+            b.iter().filter(|&&x| x != 0).count(),
+            4,
+            "one non-zero byte per field"
+        );
     }
 }
