@@ -83,6 +83,11 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     };
     let mut registry = Registry::with_prefix("commons");
     let c = &s.counters;
+    let verification = s
+        .verification
+        .as_ref()
+        .map(|v| v.counts.clone())
+        .unwrap_or_default();
     for (name, help, value) in [
         (
             "peers",
@@ -149,6 +154,11 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             "results_rejected",
             "Answers to work units this coordinator did not take as results, by kind",
             &c.results_rejected,
+        ),
+        (
+            "verification",
+            "What this coordinator's spot checks did, by kind (check_units, compared, mismatches, exclusions…)",
+            &verification,
         ),
     ] {
         let family = Family::<Vec<(String, String)>, Counter>::default();

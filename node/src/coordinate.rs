@@ -23,6 +23,7 @@ use commons_coordinator::job::{
 use commons_coordinator::quota::{Quotas, RateLimit};
 use commons_coordinator::routing::SpanOffer;
 use commons_coordinator::trust::Coalitions;
+use commons_coordinator::verify::Profile;
 use commons_protocol::envelope::{Envelope, MessageKind, OpenError};
 use commons_protocol::keys::VerifyError;
 use commons_protocol::messages::{
@@ -37,6 +38,7 @@ use commons_protocol::{
 use crate::audit::{AuditEntry, Lane};
 use crate::executor::{ChatMessage, Sampler, SamplingConfig, Tokenizer};
 use crate::jobstore::{JobStore, StoredJob};
+use crate::network::{ExcludedStatus, RecordStatus, VerificationStatus};
 
 /// A model the coordinator can plan jobs for: it holds the tokenizer.
 #[derive(Debug)]
@@ -102,6 +104,7 @@ pub struct Pending {
     job: JobId,
     step: u64,
     layers: LayerRange,
+    lane: commons_coordinator::job::Lane,
 }
 
 /// A unit to hand to the swarm.
@@ -350,6 +353,53 @@ impl<C> Coordinating<C> {
         self.models.values()
     }
 
+    /// Sets each node's operator and determinism class, from its advert:
+    /// checks go to another operator and compare bit for bit within a class.
+    pub fn set_profiles(&mut self, profiles: BTreeMap<NodeId, Profile>) {
+        self.scheduler.set_profiles(profiles);
+    }
+
+    /// What spot checks did, who is excluded, and each node's record.
+    #[must_use]
+    pub fn verification(&self) -> VerificationStatus {
+        let ledger = self.scheduler.ledger();
+        let s = ledger.stats;
+        VerificationStatus {
+            counts: BTreeMap::from([
+                ("sampled".to_owned(), s.sampled),
+                ("check_units".to_owned(), s.check_units),
+                ("compared".to_owned(), s.compared),
+                ("mismatches".to_owned(), s.mismatches),
+                ("decided".to_owned(), s.decided),
+                ("undecided".to_owned(), s.undecided),
+                ("exclusions".to_owned(), s.exclusions),
+                ("unverifiable".to_owned(), s.unverifiable),
+                ("rollbacks".to_owned(), s.rollbacks),
+            ]),
+            excluded: ledger
+                .exclusions()
+                .iter()
+                .flat_map(|(node, scopes)| {
+                    scopes.iter().map(move |scope| ExcludedStatus {
+                        peer_id: node.to_string(),
+                        coalition: scope.map(|c| c.to_string()),
+                    })
+                })
+                .collect(),
+            records: ledger
+                .records()
+                .iter()
+                .map(|(node, r)| RecordStatus {
+                    peer_id: node.to_string(),
+                    valid_streak: r.valid_streak,
+                    valid: r.valid,
+                    invalid: r.invalid,
+                    check_probability: ledger.probability(node),
+                })
+                .collect(),
+        }
+    }
+
     /// Replaces the span offers of every known model, and which coalitions
     /// each node serves (nodes not listed serve open work only).
     pub fn set_offers(
@@ -559,7 +609,7 @@ impl<C> Coordinating<C> {
                     node,
                     unit,
                     deadline,
-                    ..
+                    lane,
                 } => {
                     let (step, layers) = (unit.step, unit.layers);
                     let unit = WorkUnit {
@@ -584,6 +634,7 @@ impl<C> Coordinating<C> {
                                 job,
                                 step,
                                 layers,
+                                lane,
                             },
                         }),
                         Err(e) => self.scheduler.handle_result(
@@ -703,6 +754,27 @@ impl<C> Coordinating<C> {
                 (Err(StepFailure::Invalid(message)), None)
             }
         };
+        if pending.lane != commons_coordinator::job::Lane::Chain {
+            // Check and referee results never enter the transcript; every
+            // valid one is logged with its lane.
+            if let (Some(receipt), Some(_)) = (receipt, &self.store) {
+                self.audit_pending.push(AuditEntry {
+                    job: pending.job,
+                    seq: 0,
+                    segment: self.meta.get(&pending.job).map_or(0, |m| m.segment),
+                    lane: match pending.lane {
+                        commons_coordinator::job::Lane::Referee => Lane::Referee,
+                        _ => Lane::Check,
+                    },
+                    step: pending.step,
+                    layers: pending.layers,
+                    recorded_at: now,
+                    receipt,
+                });
+            }
+            self.scheduler.handle_result(now, pending.ticket, outcome);
+            return;
+        }
         let before = match (&receipt, &self.store) {
             (Some(_), Some(_)) => self.scheduler.view(&pending.job).map(|v| v.receipts),
             _ => None,
@@ -821,6 +893,9 @@ impl<C> Coordinating<C> {
             failovers: 0,
             receipts: stored.receipts,
             transcript: stored.transcript.unwrap_or(commons_protocol::Hash([0; 32])),
+            verified: 0,
+            check_units: 0,
+            revisions: 0,
             prefill_ms: 0,
             decode_ms: 0,
             issued_at: now,
@@ -865,6 +940,9 @@ impl<C> Coordinating<C> {
             failovers: v.failovers,
             receipts: v.receipts,
             transcript: v.transcript,
+            verified: v.verified,
+            check_units: v.check_units,
+            revisions: v.revisions,
             prefill_ms: v.prefill_ms,
             decode_ms: v.decode_ms,
             issued_at: now,

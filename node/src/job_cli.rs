@@ -431,6 +431,9 @@ pub fn report_json(r: &JobReport) -> serde_json::Value {
         "failovers": r.failovers,
         "receipts": r.receipts,
         "transcript": r.transcript.to_string(),
+        "verified": r.verified,
+        "check_units": r.check_units,
+        "revisions": r.revisions,
         "prefill_ms": r.prefill_ms,
         "decode_ms": r.decode_ms,
         "decode_tokens_per_sec": decode_tps,
@@ -464,6 +467,19 @@ pub fn print_summary(r: &JobReport) {
     eprintln!(
         "  receipts: {} signed results, each committed by blake3; transcript {}",
         r.receipts, r.transcript
+    );
+    eprintln!(
+        "  verification: {} steps re-executed by another node and agreed ({} check units){}",
+        r.verified,
+        r.check_units,
+        if r.revisions > 0 {
+            format!(
+                "; revised {} times after a node lost a dispute",
+                r.revisions
+            )
+        } else {
+            String::new()
+        }
     );
 }
 

@@ -20,6 +20,8 @@ use crate::settings::Settings;
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:7717";
 
 /// `commons node …`.
+// Parsed once per process: the size of `Join` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// Join the swarm and serve until stopped (Ctrl-C, SIGTERM or `commons node leave`).
@@ -94,6 +96,10 @@ pub struct JoinArgs {
     /// With `--coordinator`: jobs a member may submit at once.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub member_jobs_burst: u32,
+    /// Test builds only: corrupt each result with probability F (`corrupt:F[:SEED]`).
+    #[cfg(feature = "fault")]
+    #[arg(long, value_name = "corrupt:F[:SEED]")]
+    pub fault: Option<crate::fault::Fault>,
 }
 
 /// Where to reach a running node.
@@ -208,6 +214,11 @@ async fn shutdown_signal(leave: Arc<Notify>) {
 
 async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
     crate::control::check_loopback(&args.control)?;
+    #[cfg(feature = "fault")]
+    if let Some(fault) = args.fault {
+        tracing::warn!(?fault, "this node corrupts results on purpose (--fault)");
+        crate::fault::install(fault);
+    }
     std::fs::create_dir_all(&settings.data_dir).with_context(|| {
         format!(
             "cannot use the data directory {}",

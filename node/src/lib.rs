@@ -10,6 +10,7 @@ pub mod control;
 pub mod coordinate;
 pub mod demo;
 pub mod executor;
+pub mod fault;
 pub mod identity;
 pub mod job_cli;
 pub mod jobstore;

@@ -417,6 +417,7 @@ fn job_report() -> impl Strategy<Value = JobReport> {
         ),
         (bounded(hop, 6), any::<u32>(), any::<u32>(), hash()),
         (any::<u64>(), any::<u64>(), time(), time()),
+        (any::<u32>(), any::<u32>(), any::<u32>()),
     )
         .prop_map(
             |(
@@ -424,6 +425,7 @@ fn job_report() -> impl Strategy<Value = JobReport> {
                 (from_token, tokens, total_tokens, text),
                 (route, failovers, receipts, transcript),
                 (prefill_ms, decode_ms, issued_at, expires_at),
+                (verified, check_units, revisions),
             )| JobReport {
                 coordinator,
                 job: JobId(job),
@@ -438,6 +440,9 @@ fn job_report() -> impl Strategy<Value = JobReport> {
                 failovers,
                 receipts,
                 transcript,
+                verified,
+                check_units,
+                revisions,
                 prefill_ms,
                 decode_ms,
                 issued_at,

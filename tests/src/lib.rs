@@ -19,9 +19,12 @@ pub fn commons_bin() -> PathBuf {
         if let Some(path) = std::env::var_os(ENV_BIN) {
             return PathBuf::from(path);
         }
+        // With the test-only fault injection, as the workspace's test build
+        // has it (this crate enables it), so nothing is built twice.
         let build = escargot::CargoBuild::new()
             .package("commons-node")
-            .bin("commons");
+            .bin("commons")
+            .features("fault");
         let build = if cfg!(debug_assertions) {
             build
         } else {

@@ -250,7 +250,7 @@ pub async fn run(
             Refusal::new(code, e.to_string(), Some(id))
         })?;
         let internal = |m: String| Refusal::new(ErrorCode::INTERNAL, m, Some(id));
-        let outputs = match reply.output {
+        let mut outputs = match reply.output {
             StageOutput::Hidden(h) => vec![to_wire(&h).map_err(internal)?],
             StageOutput::Logits(l) => match &unit.options.sampling {
                 // Greedy is the only sampling that needs no history: anything else
@@ -265,6 +265,9 @@ pub async fn run(
                 _ => vec![to_wire(&l).map_err(internal)?],
             },
         };
+        if crate::fault::corrupt(&mut outputs) {
+            tracing::warn!(unit = %id, "fault: corrupted the result");
+        }
         let tokens = match &unit.input.shape() {
             s if s.len() >= 2 => s[1] as u32,
             _ => 0,

@@ -16,7 +16,9 @@ mod status;
 pub mod work;
 
 pub use peers::{AdvertError, PeerEntry, PeerTable, Update};
-pub use status::{CoalitionStatus, Counters, PeerStatus, Status};
+pub use status::{
+    CoalitionStatus, Counters, ExcludedStatus, PeerStatus, RecordStatus, Status, VerificationStatus,
+};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +45,7 @@ use crate::executor::serve;
 use crate::jobstore::JobStore;
 use commons_coordinator::quota::RateLimit;
 use commons_coordinator::trust::Coalitions;
+use commons_coordinator::verify::Profile;
 
 /// Kademlia protocol id of the Commons DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/kad/1.0.0");
@@ -611,6 +614,7 @@ impl EventLoop {
                     members: c.members.len(),
                 })
                 .collect(),
+            verification: self.coordinating.as_ref().map(Coordinating::verification),
         }
     }
 
@@ -1097,6 +1101,28 @@ impl EventLoop {
             .collect();
         coalitions.insert(self.identity.node_id(), self.admission.coalitions().ids());
         c.set_offers(&offers, coalitions);
+        // Each node is its own operator: a node key is a member's key.
+        let mut profiles: std::collections::BTreeMap<NodeId, Profile> = self
+            .peers
+            .peers()
+            .into_iter()
+            .map(|e| {
+                let profile = Profile {
+                    operator: e.advert.node,
+                    class: e.advert.determinism.clone(),
+                };
+                (e.advert.node, profile)
+            })
+            .collect();
+        let me = self.identity.node_id();
+        profiles.insert(
+            me,
+            Profile {
+                operator: me,
+                class: crate::capacity::determinism_class(),
+            },
+        );
+        c.set_profiles(profiles);
     }
 
     fn coordinate_tick(&mut self) {

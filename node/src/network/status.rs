@@ -29,6 +29,45 @@ pub struct Status {
     pub bandwidth_bytes_per_sec: u64,
     /// The coalitions it serves (none: open work only).
     pub coalitions: Vec<CoalitionStatus>,
+    /// Spot checks of a coordinator (absent on other nodes).
+    pub verification: Option<VerificationStatus>,
+}
+
+/// What a coordinator's spot checks did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerificationStatus {
+    /// Counts by kind: `sampled`, `check_units`, `compared`, `mismatches`,
+    /// `decided`, `undecided`, `exclusions`, `unverifiable`, `rollbacks`.
+    #[serde(flatten)]
+    pub counts: BTreeMap<String, u64>,
+    /// Nodes excluded after losing a dispute.
+    pub excluded: Vec<ExcludedStatus>,
+    /// Each node's record.
+    pub records: Vec<RecordStatus>,
+}
+
+/// A node excluded from some work.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExcludedStatus {
+    /// Its PeerId.
+    pub peer_id: String,
+    /// The coalition whose work it may not do (none: open work).
+    pub coalition: Option<String>,
+}
+
+/// A node's verification record.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordStatus {
+    /// Its PeerId.
+    pub peer_id: String,
+    /// Consecutive results that agreed with a re-execution.
+    pub valid_streak: u32,
+    /// Results that agreed, in all.
+    pub valid: u64,
+    /// Disputes it lost.
+    pub invalid: u64,
+    /// The probability that its next result is checked.
+    pub check_probability: f64,
 }
 
 /// A coalition a node serves.

@@ -182,6 +182,13 @@ pub struct JobReport {
     pub receipts: u32,
     /// blake3 chain over the commitments of the results that built the output, in order.
     pub transcript: Hash,
+    /// Steps whose results another node re-executed and agreed with.
+    pub verified: u32,
+    /// Units run by checkers and referees for this job (the extra compute).
+    pub check_units: u32,
+    /// Times the job went back to redo results of a node that lost a
+    /// verification dispute after some of its tokens had been reported.
+    pub revisions: u32,
     /// Milliseconds from start to the first generated token.
     pub prefill_ms: u64,
     /// Milliseconds for the tokens after the first.
