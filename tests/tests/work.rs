@@ -34,6 +34,8 @@ struct Client {
     swarm: Swarm<request_response::Behaviour<WorkCodec>>,
     issuer: Identity,
     nonce: u8,
+    /// Units are issued this long before now.
+    backdate_ms: u64,
 }
 
 impl Client {
@@ -58,6 +60,7 @@ impl Client {
             swarm,
             issuer: Identity::from_secret([77; 32]),
             nonce: 0,
+            backdate_ms: 0,
         }
     }
 
@@ -72,7 +75,7 @@ impl Client {
         greedy: bool,
     ) -> Vec<u8> {
         self.nonce += 1;
-        let t = now();
+        let t = UnixMillis(now().0 - self.backdate_ms);
         let unit = WorkUnit {
             issuer: self.issuer.node_id(),
             nonce: Nonce([self.nonce; 16]),
@@ -222,11 +225,26 @@ async fn a_model_split_over_two_nodes_equals_one_process() {
     let next = result(&client.exchange(b_id, step_b).await, &b.peer_id);
     assert_eq!(next.outputs[0].to_u32().unwrap(), vec![expected_next]);
 
-    // Refusals, each with its stable code: a replayed unit, layers not held,
-    // a session that does not exist at that position.
+    // Refusals, each with its stable code: a replayed unit, an expired one,
+    // layers not held, a session that does not exist at that position.
     assert_eq!(
         error_code(&client.exchange(a_id, first).await),
         ErrorCode::REPLAYED
+    );
+    // Issued two minutes ago, valid for one: expired well past the clock skew allowed.
+    client.backdate_ms = 120_000;
+    let stale = client.unit(
+        model,
+        (0, 3),
+        3,
+        0,
+        Tensor::from_u32(&[1, 1], &[5]).unwrap(),
+        false,
+    );
+    client.backdate_ms = 0;
+    assert_eq!(
+        error_code(&client.exchange(a_id, stale).await),
+        ErrorCode::EXPIRED
     );
     let wrong = client.unit(
         model,
