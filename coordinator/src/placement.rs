@@ -8,6 +8,8 @@
 //! spans. Everything is deterministic: ties go to the lower layer index and
 //! the lower node id, so the simulator and every coordinator agree.
 
+use std::collections::BTreeMap;
+
 use commons_protocol::NodeId;
 use commons_protocol::messages::LayerRange;
 
@@ -325,19 +327,39 @@ pub fn should_move(
     let without = |node: &NodeId| -> Vec<Assignment> {
         all.iter().filter(|a| a.node != *node).cloned().collect()
     };
-    let movable = |node: &NodeId| {
-        let rest = current(model, &without(node));
-        all.iter().filter(|a| a.node == *node).all(|a| {
-            rest.layer_throughput
-                [a.layers.start as usize..(a.layers.end as usize).min(rest.layer_throughput.len())]
-                .iter()
-                .all(|t| *t > 0.0)
-        })
+    // How many serving assignments cover each layer; a node may leave when
+    // every layer it serves keeps a server of its own. One pass over the
+    // assignments, then one per node over its own layers: linear, not
+    // quadratic, in the swarm's size.
+    let n = model.n_layers as usize;
+    let clip = |a: &Assignment| (a.layers.start as usize).min(n)..(a.layers.end as usize).min(n);
+    let mut cover = vec![0u32; n];
+    let mut by_node: BTreeMap<NodeId, Vec<&Assignment>> = BTreeMap::new();
+    for a in all {
+        if a.throughput > 0.0 {
+            for c in &mut cover[clip(a)] {
+                *c += 1;
+            }
+        }
+        by_node.entry(a.node).or_default().push(a);
+    }
+    let movable = |mine: &[&Assignment]| {
+        let mut own: BTreeMap<usize, u32> = BTreeMap::new();
+        for a in mine.iter().filter(|a| a.throughput > 0.0) {
+            for l in clip(a) {
+                *own.entry(l).or_default() += 1;
+            }
+        }
+        mine.iter()
+            .flat_map(|a| clip(a))
+            .all(|l| cover[l] > own.get(&l).copied().unwrap_or(0))
     };
-    let mut nodes: Vec<NodeId> = all.iter().map(|a| a.node).collect();
-    nodes.sort();
-    nodes.dedup();
-    if nodes.iter().find(|n| movable(n)) != Some(&me.node) {
+    if by_node
+        .iter()
+        .find(|(_, mine)| movable(mine))
+        .map(|(n, _)| n)
+        != Some(&me.node)
+    {
         return None;
     }
     let span = choose_span(model, &without(&me.node), me)?;

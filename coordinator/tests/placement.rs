@@ -235,3 +235,70 @@ proptest! {
         }
     }
 }
+
+/// The plain definition of `should_move`, one node at a time: the reference
+/// the linear implementation must match.
+fn should_move_reference(
+    model: &ModelShape,
+    all: &[Assignment],
+    me: &NodeCapacity,
+) -> Option<LayerRange> {
+    use commons_coordinator::placement::current;
+    let gaps = |a: &[Assignment]| {
+        current(model, a)
+            .layer_throughput
+            .iter()
+            .filter(|t| **t <= 0.0)
+            .count()
+    };
+    if gaps(all) == 0 {
+        return None;
+    }
+    let without =
+        |n: &NodeId| -> Vec<Assignment> { all.iter().filter(|a| a.node != *n).cloned().collect() };
+    let movable = |n: &NodeId| {
+        let rest = current(model, &without(n));
+        all.iter().filter(|a| a.node == *n).all(|a| {
+            rest.layer_throughput
+                [a.layers.start as usize..(a.layers.end as usize).min(rest.layer_throughput.len())]
+                .iter()
+                .all(|t| *t > 0.0)
+        })
+    };
+    let mut nodes: Vec<NodeId> = all.iter().map(|a| a.node).collect();
+    nodes.sort();
+    nodes.dedup();
+    if nodes.iter().find(|n| movable(n)) != Some(&me.node) {
+        return None;
+    }
+    let span = choose_span(model, &without(&me.node), me)?;
+    let mut after = without(&me.node);
+    after.push(Assignment {
+        node: me.node,
+        layers: span,
+        throughput: me.layer_throughput / f64::from(span.len().max(1)),
+    });
+    (gaps(&after) < gaps(all)).then_some(span)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The linear `should_move` decides exactly as its definition does.
+    #[test]
+    fn should_move_matches_its_definition(
+        spans in proptest::collection::vec((0u8..12, 0u32..30, 1u32..12, 0u8..3), 1..20),
+        me in 0u8..12,
+    ) {
+        let all: Vec<Assignment> = spans
+            .iter()
+            .map(|&(n, start, len, zero)| Assignment {
+                node: NodeId([n; 32]),
+                layers: LayerRange { start, end: (start + len).min(30) },
+                throughput: if zero == 0 { 0.0 } else { 10.0 },
+            })
+            .collect();
+        let me = node(me, 100.0, 10);
+        prop_assert_eq!(should_move(&MODEL, &all, &me), should_move_reference(&MODEL, &all, &me));
+    }
+}
