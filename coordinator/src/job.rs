@@ -419,6 +419,13 @@ pub struct Scheduler {
 }
 
 const TRANSCRIPT_DOMAIN: &str = "commons job transcript v1";
+
+/// A job's transcript after `previous` once a result committed to
+/// `commitment` is taken; a job's starts from 32 zero bytes.
+#[must_use]
+pub fn transcript_next(previous: &Hash, commitment: &Hash) -> Hash {
+    Hash::of_parts(TRANSCRIPT_DOMAIN, &[&previous.0, &commitment.0])
+}
 const SESSION_DOMAIN: &str = "commons session id v1";
 
 fn token_tensor(tokens: &[u32]) -> Tensor {
@@ -853,10 +860,7 @@ impl Scheduler {
             }
         }
         job.receipts += 1;
-        job.transcript = Hash::of_parts(
-            TRANSCRIPT_DOMAIN,
-            &[&job.transcript.0, &result.commitment.0],
-        );
+        job.transcript = transcript_next(&job.transcript, &result.commitment);
         let hop = &mut job.chain[flight.hop];
         hop.done += 1;
         hop.results += 1;

@@ -13,8 +13,8 @@
 //!
 //! Lanes name why a unit ran: [`Lane::Main`] is the job itself, whose results
 //! the scheduler chains into the job's transcript; re-executions by spot
-//! checks and referees will have lanes of their own and stay out of the
-//! transcript.
+//! checks ([`Lane::Check`]) and referees ([`Lane::Referee`]) are logged too
+//! and stay out of the transcript.
 //!
 //! `commons job audit ID` reads a stopped coordinator's database, checks
 //! every receipt's signature, the chain and its head, recomputes the
@@ -39,17 +39,9 @@ use crate::settings::Settings;
 /// Domain of the chain over a job's audit entries.
 const CHAIN_DOMAIN: &str = "commons audit chain v1";
 
-/// Domain of the job transcript. It must equal the scheduler's
-/// (`commons_coordinator::job`), which chains the commitment of every result
-/// it takes, in order, starting from 32 zero bytes.
-pub const TRANSCRIPT_DOMAIN: &str = "commons job transcript v1";
-
-/// The transcript after `previous` once `commitment` is taken, as the
-/// scheduler computes it.
-#[must_use]
-pub fn transcript_next(previous: &Hash, commitment: &Hash) -> Hash {
-    Hash::of_parts(TRANSCRIPT_DOMAIN, &[&previous.0, &commitment.0])
-}
+/// The transcript after `previous` once `commitment` is taken: the
+/// scheduler's own function.
+pub use commons_coordinator::job::transcript_next;
 
 /// Why a unit ran. New lanes are added at the end: the canonical encoding
 /// names a lane by its position.
