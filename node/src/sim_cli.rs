@@ -130,6 +130,14 @@ pub fn run_command(command: SimCommand) -> anyhow::Result<ExitCode> {
                 "wasted_compute_s",
                 "job_latency_p50_s",
                 "job_latency_p95_s",
+                "check_overhead",
+                "redone_compute_s",
+                "rollbacks",
+                "catches",
+                "false_alarms",
+                "missed",
+                "corrupt_tokens_released",
+                "jobs_wrong",
             ];
             let mut rows = Vec::new();
             for seed in a..=b {

@@ -1,6 +1,7 @@
 //! Writing a run's outputs: `timeseries.csv`, `summary.json`, SVG plots
-//! (`nodes.svg`, `coverage.svg`, `throughput.svg`, `jobs.svg`) and, when
-//! kept, `events.jsonl`, each stamped with the seed and the scenario's hash.
+//! (`nodes.svg`, `coverage.svg`, `throughput.svg`, `jobs.svg`,
+//! `verification.svg`) and, when kept, `events.jsonl`, each stamped with the
+//! seed and the scenario's hash.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -40,6 +41,19 @@ pub fn summary(scenario: &Scenario, r: &Report) -> serde_json::Value {
     let coverage: Vec<f64> = r.rows[warm..].iter().map(|x| x.coverage).collect();
     let mut lat = r.job_latencies_s.clone();
     lat.sort_by(f64::total_cmp);
+    let v = &r.verify;
+    let check_s = last.map_or(0.0, |x| x.check_compute_s);
+    // Adversaries that returned wrong results and were never excluded.
+    let missed = r
+        .adversaries
+        .iter()
+        .filter(|a| a.corrupted > 0 && a.excluded_s.is_none())
+        .count();
+    let to_catch: Vec<f64> = r
+        .adversaries
+        .iter()
+        .filter_map(|a| a.corrupted_at_exclusion.map(|k| k as f64))
+        .collect();
     serde_json::json!({
         "scenario": scenario.name,
         "scenario_hash": r.scenario_hash,
@@ -55,9 +69,30 @@ pub fn summary(scenario: &Scenario, r: &Report) -> serde_json::Value {
         "tokens": last.map_or(0, |x| x.tokens),
         "failovers": last.map_or(0, |x| x.failovers),
         "wasted_compute_s": last.map_or(0.0, |x| x.wasted_compute_s),
+        "redone_compute_s": last.map_or(0.0, |x| x.redone_compute_s),
         "job_latency_p50_s": percentile(&lat, 0.5),
         "job_latency_p95_s": percentile(&lat, 0.95),
         "sessions_ended": r.sessions_s.len(),
+        "chain_compute_s": r.chain_compute_s,
+        "check_units": v.check_units,
+        "check_compute_s": check_s,
+        "check_overhead": check_s / r.chain_compute_s.max(1e-9),
+        "sampled": v.sampled,
+        "compared": v.compared,
+        "mismatches": v.mismatches,
+        "disputes_decided": v.decided,
+        "disputes_undecided": v.undecided,
+        "unverifiable": v.unverifiable,
+        "exclusions": v.exclusions,
+        "rollbacks": v.rollbacks,
+        "adversaries": r.adversaries.len(),
+        "catches": last.map_or(0, |x| x.catches),
+        "false_alarms": last.map_or(0, |x| x.false_alarms),
+        "missed": missed,
+        "corrupt_results_to_exclusion_mean": mean_ci95(&to_catch).0,
+        "corrupt_results": last.map_or(0, |x| x.corrupt_results),
+        "corrupt_tokens_released": last.map_or(0, |x| x.corrupt_tokens_released),
+        "jobs_wrong": r.jobs_wrong,
     })
 }
 
@@ -152,6 +187,20 @@ pub fn plots(dir: &Path, scenario: &Scenario, r: &Report) -> Result<(), String> 
             ("failed", series(|x| x.jobs_failed as f64)),
             ("refused", series(|x| x.jobs_refused as f64)),
         ],
+    )?;
+    plot(
+        &dir.join("verification.svg"),
+        &format!("verification (cumulative): {stamp}"),
+        "count",
+        &[
+            ("catches", series(|x| x.catches as f64)),
+            ("false alarms", series(|x| x.false_alarms as f64)),
+            ("rollbacks", series(|x| x.rollbacks as f64)),
+            (
+                "corrupt tokens released",
+                series(|x| x.corrupt_tokens_released as f64),
+            ),
+        ],
     )
 }
 
@@ -166,12 +215,12 @@ pub fn write(dir: &Path, scenario: &Scenario, r: &Report) -> std::io::Result<()>
     )?;
     writeln!(
         csv,
-        "t_s,online,serving,coverage,jobs_active,jobs_done,jobs_failed,jobs_refused,tokens,tokens_per_s,failovers,wasted_compute_s"
+        "t_s,online,serving,coverage,jobs_active,jobs_done,jobs_failed,jobs_refused,tokens,tokens_per_s,failovers,wasted_compute_s,redone_compute_s,check_units,check_compute_s,mismatches,catches,false_alarms,corrupt_results,corrupt_tokens_released,rollbacks"
     )?;
     for x in &r.rows {
         writeln!(
             csv,
-            "{},{},{},{:.4},{},{},{},{},{},{:.3},{},{:.3}",
+            "{},{},{},{:.4},{},{},{},{},{},{:.3},{},{:.3},{:.3},{},{:.3},{},{},{},{},{},{}",
             x.t_s,
             x.online,
             x.serving,
@@ -183,7 +232,16 @@ pub fn write(dir: &Path, scenario: &Scenario, r: &Report) -> std::io::Result<()>
             x.tokens,
             x.tokens_per_s,
             x.failovers,
-            x.wasted_compute_s
+            x.wasted_compute_s,
+            x.redone_compute_s,
+            x.check_units,
+            x.check_compute_s,
+            x.mismatches,
+            x.catches,
+            x.false_alarms,
+            x.corrupt_results,
+            x.corrupt_tokens_released,
+            x.rollbacks
         )?;
     }
     csv.flush()?;

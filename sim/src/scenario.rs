@@ -26,9 +26,25 @@
 //! jobs_per_minute = 30
 //! prompt_tokens = 40
 //! max_tokens = 64
+//!
+//! [verification]            # the coordinator's spot checks (these are its defaults)
+//! enabled = true
+//! probation = 10             # results checked always before p falls
+//! p_min = 0.05               # then p = max(p_min, 1 / streak)
+//! compare_replays = true     # compare every step a checker replays
+//! sampling = "step"          # or "session": shadow whole hop sessions
+//!
+//! [adversaries]
+//! fraction = 0.1             # share of nodes that corrupt results
+//! corrupt_probability = 0.3  # f: each result they return is wrong with this probability
+//! colluding = false          # colluders return the same wrong output for the same unit
+//! honest_units = 0           # results returned honestly first, to earn trust
+//! evade_checks = false       # answer re-executions (checks, referees) honestly
 //! ```
 
 use serde::{Deserialize, Serialize};
+
+use commons_coordinator::verify::{Sampling, VerifyConfig};
 
 use crate::dist::Dist;
 
@@ -65,6 +81,12 @@ pub struct Scenario {
     /// Correlated regional outages.
     #[serde(default)]
     pub outages: Vec<Outage>,
+    /// The coordinator's spot checks.
+    #[serde(default)]
+    pub verification: Verification,
+    /// Nodes that corrupt their results.
+    #[serde(default)]
+    pub adversaries: Adversaries,
 }
 
 fn default_sample() -> f64 {
@@ -283,6 +305,131 @@ impl Default for Network {
     }
 }
 
+/// The coordinator's verification policy (see `commons_coordinator::verify`).
+/// Left out, it is the coordinator's default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verification {
+    /// Spot checks on.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Consecutive agreeing results a node needs before it is checked less than always.
+    #[serde(default = "default_probation")]
+    pub probation: u32,
+    /// The lowest check probability: past probation a result is checked with
+    /// probability `max(p_min, 1 / streak)`.
+    #[serde(default = "default_p_min")]
+    pub p_min: f64,
+    /// Compare every step a checker replays, not only the sampled one.
+    #[serde(default = "yes")]
+    pub compare_replays: bool,
+    /// What a draw samples: one step of a hop, or the hop's whole session.
+    #[serde(default)]
+    pub sampling: CheckSampling,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_probation() -> u32 {
+    VerifyConfig::default().probation
+}
+
+fn default_p_min() -> f64 {
+    VerifyConfig::default().p_min
+}
+
+impl Default for Verification {
+    fn default() -> Self {
+        let c = VerifyConfig::default();
+        Self {
+            enabled: c.enabled,
+            probation: c.probation,
+            p_min: c.p_min,
+            compare_replays: c.compare_replays,
+            sampling: CheckSampling::default(),
+        }
+    }
+}
+
+impl Verification {
+    /// The coordinator's configuration for this policy.
+    #[must_use]
+    pub fn config(&self) -> VerifyConfig {
+        VerifyConfig {
+            enabled: self.enabled,
+            probation: self.probation,
+            p_min: self.p_min,
+            compare_replays: self.compare_replays,
+            sampling: match self.sampling {
+                CheckSampling::Step => Sampling::Step,
+                CheckSampling::Session => Sampling::Session,
+            },
+            ..VerifyConfig::default()
+        }
+    }
+}
+
+/// What one draw of the check probability samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckSampling {
+    /// Each step of a hop, with probability p.
+    #[default]
+    Step,
+    /// Each hop's session whole, with probability p decided when it opens.
+    Session,
+}
+
+/// Adversaries: a share of the nodes return wrong results.
+///
+/// Of the nodes online at the start, exactly `round(fraction × initial)` are
+/// adversaries; each later arrival is one with probability `fraction`. The
+/// choice comes from the simulation's own random stream. An adversary alters
+/// the outputs it returns, never its own session state, so its later outputs
+/// are right on the inputs it is given.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adversaries {
+    /// Share of nodes that corrupt results, 0 to 1.
+    #[serde(default)]
+    pub fraction: f64,
+    /// Probability `f` that an adversary corrupts a result it returns.
+    #[serde(default = "default_corrupt")]
+    pub corrupt_probability: f64,
+    /// Adversaries act together: for the same unit (the same layers on the
+    /// same inputs) they all lie or all tell the truth, and their lies are
+    /// identical, so a colluding checker agrees with a colluding hop.
+    /// Otherwise each lies on its own draws, and two lies never agree.
+    #[serde(default)]
+    pub colluding: bool,
+    /// Results an adversary returns honestly before it starts to corrupt
+    /// (it builds a record first, and is checked less by then).
+    #[serde(default)]
+    pub honest_units: u64,
+    /// Adversaries tell re-executions (checks and referees) from chain work
+    /// and answer them honestly: only their own chain results are ever wrong.
+    #[serde(default)]
+    pub evade_checks: bool,
+}
+
+fn default_corrupt() -> f64 {
+    1.0
+}
+
+impl Default for Adversaries {
+    fn default() -> Self {
+        Self {
+            fraction: 0.0,
+            corrupt_probability: default_corrupt(),
+            colluding: false,
+            honest_units: 0,
+            evade_checks: false,
+        }
+    }
+}
+
 /// A scenario that cannot be run.
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -343,6 +490,22 @@ impl Scenario {
             || self.workload.prompt_tokens + self.workload.max_tokens > self.model.context
         {
             return bad("prompt_tokens must be ≥ 1 and prompt + max tokens fit the context".into());
+        }
+        let v = &self.verification;
+        if !(v.p_min.is_finite() && (0.0..=1.0).contains(&v.p_min)) {
+            return bad(format!(
+                "verification.p_min must be a probability, 0 to 1 (got {})",
+                v.p_min
+            ));
+        }
+        let a = &self.adversaries;
+        for (what, x) in [
+            ("adversaries.fraction", a.fraction),
+            ("adversaries.corrupt_probability", a.corrupt_probability),
+        ] {
+            if !(x.is_finite() && (0.0..=1.0).contains(&x)) {
+                return bad(format!("{what} must be a probability, 0 to 1 (got {x})"));
+            }
         }
         for (what, d) in [
             ("churn.session", Some(&self.churn.session)),

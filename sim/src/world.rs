@@ -4,24 +4,33 @@
 //!
 //! Nothing here decides what the coordinator would: nodes choose their span
 //! with [`placement::choose_span_in`] and move with [`placement::should_move`],
-//! jobs go through [`Scheduler`], exactly as in a node. The simulation only
-//! supplies time, latency, compute durations and deaths.
+//! jobs go through [`Scheduler`], spot checks included, exactly as in a node.
+//! The simulation only supplies time, latency, compute durations, deaths,
+//! and the nodes' answers: a stand-in model ([`crate::executor`]) whose
+//! outputs depend on each session's history, and adversaries that corrupt
+//! them. Knowing the truth, it counts what verification caught and missed.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use commons_coordinator::job::{
-    JobStatus, NewJob, Output, Scheduler, SchedulerConfig, StepFailure, StepResult, Ticket,
+    JobStatus, NewJob, Output, Scheduler, SchedulerConfig, StepFailure, Ticket,
 };
 use commons_coordinator::placement::{self, Assignment, ModelShape, NodeCapacity, Plan};
 use commons_coordinator::routing::SpanOffer;
+use commons_coordinator::verify::VerifyStats;
 use commons_protocol::messages::{LayerRange, SamplingParams};
-use commons_protocol::{Hash, JobId, ModelId, NodeId, Tensor, UnixMillis};
+use commons_protocol::{Hash, JobId, ModelId, NodeId, SessionId, UnixMillis};
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
 use crate::dist::Dist;
+use crate::executor::{self, Session};
 use crate::scenario::Scenario;
+
+mod units;
+
+use units::{Flight, JobTrack};
 
 /// Microseconds of simulated time.
 pub type Micros = u64;
@@ -60,6 +69,56 @@ pub struct Row {
     pub failovers: u64,
     /// Node-seconds of compute spent on units whose node died before answering.
     pub wasted_compute_s: f64,
+    /// Node-seconds of chain compute that re-ran steps a job had already run
+    /// (rebuilding a replaced hop's cache, or generating again after a rollback).
+    pub redone_compute_s: f64,
+    /// Units sent to checkers and referees, all time (the coordinator's count).
+    pub check_units: u64,
+    /// Node-seconds of compute on check and referee units: the extra compute of verification.
+    pub check_compute_s: f64,
+    /// Comparisons that disagreed, all time.
+    pub mismatches: u64,
+    /// Adversaries excluded, all time (the simulation knows who lies).
+    pub catches: u64,
+    /// Honest nodes excluded, all time.
+    pub false_alarms: u64,
+    /// Corrupted results returned by adversaries, all time.
+    pub corrupt_results: u64,
+    /// Tokens released to submitters that differ from what honest nodes
+    /// generate, all time (a token revised later still counts).
+    pub corrupt_tokens_released: u64,
+    /// Jobs sent back to re-execute results of a node that failed
+    /// verification, all time.
+    pub rollbacks: u64,
+}
+
+/// What one adversary did, by the simulation's ground truth.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Adversary {
+    /// The node: its index, in the order nodes appeared.
+    pub node: u32,
+    /// Results it returned while online (any lane).
+    pub results: u64,
+    /// Of those, corrupted.
+    pub corrupted: u64,
+    /// Corrupted chain results the coordinator accepted.
+    pub corrupt_chain: u64,
+    /// When its first corrupted chain result was accepted, simulated seconds.
+    pub onset_s: Option<f64>,
+    /// The coordinator's check probability for it then.
+    pub p_at_onset: Option<f64>,
+    /// The lowest and highest check probability the coordinator applied to
+    /// its corrupted chain results, up to and including the first sampled.
+    pub p_range: Option<(f64, f64)>,
+    /// Its corrupted chain results, counted up to and including the first
+    /// that the coordinator sampled for a check.
+    pub to_first_sample: Option<u64>,
+    /// When it was excluded, simulated seconds.
+    pub excluded_s: Option<f64>,
+    /// Results it had returned by then (any lane).
+    pub results_at_exclusion: Option<u64>,
+    /// Corrupted results it had returned by then (any lane).
+    pub corrupted_at_exclusion: Option<u64>,
 }
 
 /// What a run produced.
@@ -81,6 +140,14 @@ pub struct Report {
     pub event_log: Option<Vec<String>>,
     /// Seconds from submission to the end, of every finished job.
     pub job_latencies_s: Vec<f64>,
+    /// Every adversary, by node index.
+    pub adversaries: Vec<Adversary>,
+    /// What the coordinator's verification did.
+    pub verify: VerifyStats,
+    /// Node-seconds of chain compute (units of jobs' own chains) answered.
+    pub chain_compute_s: f64,
+    /// Finished jobs whose text differs from what honest nodes generate.
+    pub jobs_wrong: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -115,6 +182,10 @@ struct SimNode {
     span: Option<LayerRange>,
     busy_until: Micros,
     joined_at: Micros,
+    /// Corrupts results.
+    adversary: bool,
+    /// Units it has run, all time.
+    units: u64,
 }
 
 /// Independent random streams, one per subsystem, each derived from the seed
@@ -124,6 +195,10 @@ struct Streams {
     churn: ChaCha8Rng,
     nodes: ChaCha8Rng,
     jobs: ChaCha8Rng,
+    /// Who is an adversary.
+    adversaries: ChaCha8Rng,
+    /// When a non-colluding adversary lies, and how.
+    corruption: ChaCha8Rng,
 }
 
 fn stream(seed: u64, name: &str) -> ChaCha8Rng {
@@ -149,10 +224,15 @@ pub struct Simulation {
     plan: Plan,
     shape: ModelShape,
     scheduler: Scheduler,
+    /// The online nodes with a span, as last given to the scheduler.
+    offer_nodes: Vec<u32>,
     offers_dirty: bool,
-    in_flight: BTreeMap<u64, (u32, Micros, u64)>,
-    /// Of each unit in flight: whether it is the last hop, and its tokens.
-    unit_shape: BTreeMap<u64, (bool, u64)>,
+    /// Nodes were added since the scheduler last got their profiles.
+    profiles_dirty: bool,
+    /// Units in flight, by ticket.
+    in_flight: BTreeMap<u64, Flight>,
+    /// Sessions open on nodes, by job, then (node, session).
+    sessions: BTreeMap<JobId, BTreeMap<(u32, SessionId), Session>>,
     submitted: BTreeMap<JobId, Micros>,
     next_job: u64,
     log: blake3::Hasher,
@@ -166,10 +246,23 @@ pub struct Simulation {
     jobs_refused: u64,
     tokens: u64,
     tokens_at_last_row: u64,
-    /// Failovers and tokens of each active job, as last seen.
-    seen: BTreeMap<JobId, (u32, usize)>,
+    /// What the simulation follows of each active job.
+    tracks: BTreeMap<JobId, JobTrack>,
     failovers: u64,
     wasted_us: u64,
+    redone_us: u64,
+    chain_us: u64,
+    check_us: u64,
+    catches: u64,
+    false_alarms: u64,
+    corrupt_results: u64,
+    corrupt_released: u64,
+    jobs_wrong: u64,
+    /// Exclusions and rollbacks as last seen in the coordinator's counts.
+    exclusions_seen: u64,
+    rollbacks_seen: u64,
+    excluded: BTreeSet<NodeId>,
+    adversaries: BTreeMap<u32, Adversary>,
     /// Arrivals and departures come from a trace, not from the distributions.
     traced: bool,
 }
@@ -224,15 +317,25 @@ impl Simulation {
                 churn: stream(seed, "churn"),
                 nodes: stream(seed, "nodes"),
                 jobs: stream(seed, "jobs"),
+                adversaries: stream(seed, "adversaries"),
+                corruption: stream(seed, "corruption"),
             },
             nodes: Vec::new(),
             by_id: BTreeMap::new(),
             plan: placement::current(&shape, &[]),
             shape,
-            scheduler: Scheduler::new(SchedulerConfig::default(), seed),
+            scheduler: Scheduler::new(
+                SchedulerConfig {
+                    verify: scenario.verification.config(),
+                    ..SchedulerConfig::default()
+                },
+                seed,
+            ),
+            offer_nodes: Vec::new(),
             offers_dirty: true,
+            profiles_dirty: true,
             in_flight: BTreeMap::new(),
-            unit_shape: BTreeMap::new(),
+            sessions: BTreeMap::new(),
             submitted: BTreeMap::new(),
             next_job: 0,
             log: blake3::Hasher::new(),
@@ -246,9 +349,21 @@ impl Simulation {
             jobs_refused: 0,
             tokens: 0,
             tokens_at_last_row: 0,
-            seen: BTreeMap::new(),
+            tracks: BTreeMap::new(),
             failovers: 0,
             wasted_us: 0,
+            redone_us: 0,
+            chain_us: 0,
+            check_us: 0,
+            catches: 0,
+            false_alarms: 0,
+            corrupt_results: 0,
+            corrupt_released: 0,
+            jobs_wrong: 0,
+            exclusions_seen: 0,
+            rollbacks_seen: 0,
+            excluded: BTreeSet::new(),
+            adversaries: BTreeMap::new(),
             traced: false,
             scenario,
         };
@@ -256,6 +371,7 @@ impl Simulation {
             let i = sim.new_node();
             sim.at(0, Event::Join(i));
         }
+        sim.choose_initial_adversaries();
         let peak = sim.peak_arrival_rate();
         let gap = exp_gap(&mut sim.rng.arrivals, peak);
         sim.at(gap, Event::NodeArrival);
@@ -296,6 +412,7 @@ impl Simulation {
                 Some(&i) => i,
                 None => {
                     let i = sim.new_node();
+                    sim.maybe_adversary(i);
                     index.insert(row.node, i);
                     i
                 }
@@ -347,10 +464,65 @@ impl Simulation {
             span: None,
             busy_until: 0,
             joined_at: 0,
+            adversary: false,
+            units: 0,
         };
         self.by_id.insert(node.id, i);
         self.nodes.push(node);
+        self.profiles_dirty = true;
         i
+    }
+
+    /// Exactly `round(fraction × initial)` of the initial nodes, chosen at random.
+    fn choose_initial_adversaries(&mut self) {
+        let fraction = self.scenario.adversaries.fraction;
+        let n = self.nodes.len();
+        if fraction <= 0.0 || n == 0 {
+            return;
+        }
+        let k = ((fraction * n as f64).round() as usize).min(n);
+        // A partial Fisher–Yates shuffle: the first k of a random permutation.
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        for j in 0..k {
+            let pick = self.rng.adversaries.random_range(j..n);
+            order.swap(j, pick);
+        }
+        order.truncate(k);
+        order.sort_unstable();
+        for i in order {
+            self.make_adversary(i);
+        }
+    }
+
+    /// A later node is an adversary with probability `fraction`.
+    fn maybe_adversary(&mut self, i: u32) {
+        let fraction = self.scenario.adversaries.fraction;
+        if fraction > 0.0 && self.rng.adversaries.random_bool(fraction) {
+            self.make_adversary(i);
+        }
+    }
+
+    fn make_adversary(&mut self, i: u32) {
+        self.nodes[i as usize].adversary = true;
+        self.adversaries.insert(
+            i,
+            Adversary {
+                node: i,
+                results: 0,
+                corrupted: 0,
+                corrupt_chain: 0,
+                onset_s: None,
+                p_at_onset: None,
+                p_range: None,
+                to_first_sample: None,
+                excluded_s: None,
+                results_at_exclusion: None,
+                corrupted_at_exclusion: None,
+            },
+        );
+        self.record(10, u64::from(i), 0, || {
+            format!("{{\"event\":\"adversary\",\"node\":{i}}}")
+        });
     }
 
     /// Round trip between the coordinator (the world's centre) and node `i`, microseconds.
@@ -392,18 +564,40 @@ impl Simulation {
     }
 
     fn refresh_offers(&mut self) {
+        self.refresh_profiles();
         if !self.offers_dirty {
             return;
         }
         self.offers_dirty = false;
-        let offers: Vec<SpanOffer> = (0..self.nodes.len() as u32)
-            .filter(|&i| self.nodes[i as usize].online)
-            .filter_map(|i| {
+        self.offer_nodes = (0..self.nodes.len() as u32)
+            .filter(|&i| self.nodes[i as usize].online && self.nodes[i as usize].span.is_some())
+            .collect();
+        self.push_offers();
+    }
+
+    /// Brings the offers' queues up to date, as a node's driver does from
+    /// its units in flight (done when a job arrives, so new jobs are routed
+    /// on the current load; rebuilding them after every unit would cost too
+    /// much at scale).
+    fn refresh_queues(&mut self) {
+        self.refresh_profiles();
+        if self.offers_dirty {
+            self.refresh_offers();
+        } else if !self.offer_nodes.is_empty() {
+            self.push_offers();
+        }
+    }
+
+    /// Gives the scheduler what the nodes in `offer_nodes` offer now.
+    fn push_offers(&mut self) {
+        let offers: Vec<SpanOffer> = self
+            .offer_nodes
+            .iter()
+            .filter_map(|&i| {
                 let n = &self.nodes[i as usize];
-                let span = n.span?;
                 Some(SpanOffer {
                     node: n.id,
-                    layers: span,
+                    layers: n.span?,
                     ms_per_layer: 1000.0 / n.tokens_per_s,
                     rtt_ms: self.rtt(i) as f64 / 1000.0,
                     queue_ms: n.busy_until.saturating_sub(self.now) as f64 / 1000.0,
@@ -440,6 +634,10 @@ impl Simulation {
             sessions_s: self.sessions_s,
             event_log: self.log_lines,
             job_latencies_s: self.latencies_s,
+            adversaries: self.adversaries.into_values().collect(),
+            verify: self.scheduler.verify_stats(),
+            chain_compute_s: self.chain_us as f64 / SECOND as f64,
+            jobs_wrong: self.jobs_wrong,
         }
     }
 
@@ -452,6 +650,7 @@ impl Simulation {
                 let keep = self.arrival_rate() / peak.max(f64::MIN_POSITIVE);
                 if self.rng.arrivals.random_bool(keep.clamp(0.0, 1.0)) {
                     let i = self.new_node();
+                    self.maybe_adversary(i);
                     self.join(i);
                 }
                 let gap = exp_gap(&mut self.rng.arrivals, peak);
@@ -603,12 +802,15 @@ impl Simulation {
         let lost: Vec<(u64, Micros, u64)> = self
             .in_flight
             .iter()
-            .filter(|(_, (node, _, _))| *node == i)
-            .map(|(t, (_, started, compute))| (*t, *started, *compute))
+            .filter(|(_, f)| f.node == i)
+            .map(|(t, f)| (*t, f.started, f.compute))
             .collect();
+        // Its sessions (KV caches) are gone with it.
+        for sessions in self.sessions.values_mut() {
+            sessions.retain(|(node, _), _| *node != i);
+        }
         for (ticket, started, compute) in lost {
             self.in_flight.remove(&ticket);
-            self.unit_shape.remove(&ticket);
             self.wasted_us += self.now.saturating_sub(started).min(compute);
             if graceful {
                 self.refresh_offers();
@@ -636,11 +838,13 @@ impl Simulation {
         let submitter = node_id(u32::MAX - (self.next_job % u64::from(w.submitters)) as u32);
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&self.next_job.to_be_bytes());
+        let prompt = executor::prompt(self.next_job, w.prompt_tokens);
+        let honest = executor::reference(&prompt, w.max_tokens, self.scenario.model.layers);
         let job = NewJob {
             id: JobId(id),
             submitter,
             model: MODEL,
-            prompt: vec![1; w.prompt_tokens as usize],
+            prompt,
             max_tokens: w.max_tokens,
             stop_tokens: Vec::new(),
             sampling: SamplingParams {
@@ -651,13 +855,14 @@ impl Simulation {
                 seed: 0,
             },
         };
-        self.refresh_offers();
+        self.refresh_queues();
         let now = self.unix();
         let outcome = self.scheduler.submit(now, job);
         let n = self.next_job;
         match outcome {
             Ok(()) => {
                 self.submitted.insert(JobId(id), self.now);
+                self.tracks.insert(JobId(id), JobTrack::new(honest));
                 self.record(4, n, 0, || format!("{{\"event\":\"job\",\"job\":{n}}}"));
             }
             Err(e) => {
@@ -673,43 +878,16 @@ impl Simulation {
         self.drain();
     }
 
-    fn unit_done(&mut self, ticket: u64, node: u32, epoch: u32) {
-        let Some((_, _, _)) = self.in_flight.remove(&ticket) else {
-            return;
-        };
-        let n = &self.nodes[node as usize];
-        if !n.online || n.epoch != epoch {
-            return;
-        }
-        let Some((last, len)) = self.unit_shape.remove(&ticket) else {
-            return;
-        };
-        let output = if last {
-            Tensor::from_u32(&[1], &[2])
-        } else {
-            Tensor::from_f32(&[1, len, 1], &vec![0.0; len as usize])
-        };
-        let Ok(output) = output else {
-            return;
-        };
-        let result = StepResult {
-            executor: n.id,
-            commitment: output.digest(),
-            outputs: vec![output],
-        };
-        self.refresh_offers();
-        let now = self.unix();
-        self.scheduler
-            .handle_result(now, Ticket(ticket), Ok(result));
-        self.drain();
-    }
-
     /// Carries out what the scheduler asks.
     fn drain(&mut self) {
         while let Some(out) = self.scheduler.poll_output() {
             match out {
                 Output::Send {
-                    ticket, node, unit, ..
+                    ticket,
+                    node,
+                    unit,
+                    lane,
+                    ..
                 } => {
                     let Some(&i) = self.by_id.get(&node) else {
                         continue;
@@ -725,11 +903,10 @@ impl Simulation {
                     let rtt = self.rtt(i);
                     let start = (self.now + rtt / 2).max(n.busy_until);
                     let done = start + compute + rtt / 2;
-                    let last = unit.layers.end == self.scenario.model.layers;
                     let epoch = n.epoch;
                     self.nodes[i as usize].busy_until = start + compute;
-                    self.in_flight.insert(ticket.0, (i, start, compute));
-                    self.unit_shape.insert(ticket.0, (last, tokens));
+                    let flight = self.execute(i, &unit, lane, start, compute);
+                    self.in_flight.insert(ticket.0, flight);
                     self.at(
                         done,
                         Event::UnitDone {
@@ -752,24 +929,41 @@ impl Simulation {
                 Output::Changed { job } => self.job_changed(job),
             }
         }
+        self.observe_verification();
     }
 
     fn job_changed(&mut self, job: JobId) {
         let Some(v) = self.scheduler.view(&job) else {
             return;
         };
-        let seen = self.seen.entry(job).or_default();
-        self.failovers += u64::from(v.failovers.saturating_sub(seen.0));
-        self.tokens += v.tokens.len().saturating_sub(seen.1) as u64;
-        *seen = (v.failovers.max(seen.0), v.tokens.len().max(seen.1));
+        let n = u64::from_be_bytes(job.0[..8].try_into().unwrap_or_default());
+        let Some(track) = self.tracks.get_mut(&job) else {
+            return;
+        };
+        self.failovers += u64::from(v.failovers.saturating_sub(track.failovers));
+        self.tokens += v.tokens.len().saturating_sub(track.tokens) as u64;
+        track.failovers = track.failovers.max(v.failovers);
+        track.tokens = track.tokens.max(v.tokens.len());
+        let wrong = track.release(&v.tokens);
+        if wrong > 0 {
+            self.corrupt_released += wrong;
+            self.record(13, n, wrong, || {
+                format!("{{\"event\":\"corrupt_released\",\"job\":{n},\"tokens\":{wrong}}}")
+            });
+        }
         if !v.status.is_terminal() {
             return;
         }
         let Some(started) = self.submitted.remove(&job) else {
             return;
         };
-        self.seen.remove(&job);
-        let n = u64::from_be_bytes(job.0[..8].try_into().unwrap_or_default());
+        let track = self.tracks.remove(&job);
+        self.sessions.remove(&job);
+        if matches!(v.status, JobStatus::Stopped | JobStatus::Length)
+            && track.is_some_and(|t| !t.honest.starts_with(&v.tokens))
+        {
+            self.jobs_wrong += 1;
+        }
         match &v.status {
             JobStatus::Stopped | JobStatus::Length => {
                 self.jobs_done += 1;
@@ -848,6 +1042,7 @@ impl Simulation {
             .count();
         let t_s = self.now as f64 / SECOND as f64;
         let dt = self.rows.last().map_or(t_s, |r| t_s - r.t_s).max(1e-9);
+        let stats = self.scheduler.verify_stats();
         let row = Row {
             t_s,
             online,
@@ -861,6 +1056,15 @@ impl Simulation {
             tokens_per_s: (self.tokens - self.tokens_at_last_row) as f64 / dt,
             failovers: self.failovers,
             wasted_compute_s: self.wasted_us as f64 / SECOND as f64,
+            redone_compute_s: self.redone_us as f64 / SECOND as f64,
+            check_units: stats.check_units,
+            check_compute_s: self.check_us as f64 / SECOND as f64,
+            mismatches: stats.mismatches,
+            catches: self.catches,
+            false_alarms: self.false_alarms,
+            corrupt_results: self.corrupt_results,
+            corrupt_tokens_released: self.corrupt_released,
+            rollbacks: stats.rollbacks,
         };
         self.tokens_at_last_row = self.tokens;
         if self.rows.last().is_some_and(|r| r.t_s == row.t_s) {
