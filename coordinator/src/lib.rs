@@ -1,4 +1,4 @@
-//! Commons coordinator: job planning, placement, routing, recovery,
+//! Commons coordinator: job planning, training rounds, placement, routing, recovery,
 //! verification, aggregation, coalition authorisation and rate limits, as
 //! pure state machines.
 //!
@@ -11,6 +11,7 @@ pub mod job;
 pub mod placement;
 pub mod quota;
 pub mod routing;
+pub mod train;
 pub mod trust;
 pub mod verify;
 

@@ -52,7 +52,8 @@ enum Command {
     #[command(subcommand)]
     Coalition(crate::coalition::CoalitionCommand),
     /// Train models over the swarm.
-    Train(NotBuilt),
+    #[command(subcommand)]
+    Train(crate::train_cli::TrainCommand),
     /// Simulate a swarm under churn, driving the real coordinator.
     #[command(subcommand)]
     Sim(crate::sim_cli::SimCommand),
@@ -83,16 +84,15 @@ enum KeysCommand {
     },
 }
 
-/// A command group whose commands are not built yet.
-#[derive(Debug, Args)]
-struct NotBuilt {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    args: Vec<String>,
-}
-
 /// Parses the command line and runs it.
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // `commons train submit --config FILE` names the training run's
+    // configuration, not the node's settings.
+    let run_config = match &cli.command {
+        Command::Train(_) => cli.global.config.take(),
+        _ => None,
+    };
     let key_override = match &cli.command {
         Command::Keys(KeysCommand::Show { key, .. }) => key.clone(),
         Command::Keys(KeysCommand::Generate { out, .. }) => out.clone(),
@@ -118,14 +118,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Run(args) => crate::run_local::run(args),
         Command::Demo(args) => crate::demo::run(args),
         Command::Coalition(command) => crate::coalition::run(&settings, command),
-        Command::Train(_) => not_built("train", "training"),
+        Command::Train(command) => crate::train_cli::run(&settings, run_config, command),
         Command::Sim(command) => crate::sim_cli::run_command(command),
     }
-}
-
-fn not_built(group: &str, what: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("commons {group}: not built yet ({what} is still to come in this version).");
-    Ok(ExitCode::from(2))
 }
 
 fn init_tracing(default_filter: &str) {

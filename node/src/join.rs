@@ -96,6 +96,17 @@ pub struct JoinArgs {
     /// With `--coordinator`: jobs a member may submit at once.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub member_jobs_burst: u32,
+    /// Run gradient work units of training runs (`commons train submit`):
+    /// the node says so in its adverts, fetches each unit's parameters and
+    /// data from the unit's issuer, verified block by block, and computes on
+    /// its own thread. Needs no model.
+    #[arg(long)]
+    pub train: bool,
+    /// Test builds only: hold every gradient unit back this many
+    /// milliseconds before computing it (a slow node).
+    #[cfg(feature = "fault")]
+    #[arg(long, value_name = "MS", requires = "train")]
+    pub train_delay_ms: Option<u64>,
     /// Test builds only: corrupt each result with probability F (`corrupt:F[:SEED]`).
     #[cfg(feature = "fault")]
     #[arg(long, value_name = "corrupt:F[:SEED]")]
@@ -324,6 +335,16 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
+    let trainer = if args.train {
+        #[cfg(feature = "fault")]
+        let delay = Duration::from_millis(args.train_delay_ms.unwrap_or(0));
+        #[cfg(not(feature = "fault"))]
+        let delay = Duration::ZERO;
+        tracing::info!("running gradient work units");
+        Some(crate::train_exec::Trainer::spawn(delay).context("cannot start the trainer")?)
+    } else {
+        None
+    };
     let (commands_tx, commands_rx) = mpsc::channel(64);
     let leave = Arc::new(Notify::new());
     let event_loop = EventLoop::new(
@@ -336,6 +357,7 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
     )?
     .with_files(shares, fetch)?
     .with_auto_placement(auto_place)
+    .with_trainer(trainer)
     .with_trust(trust);
 
     let stopping = Arc::new(Notify::new());

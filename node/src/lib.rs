@@ -20,6 +20,9 @@ pub mod openai;
 pub mod run_local;
 pub mod settings;
 pub mod sim_cli;
+pub mod train_cli;
+pub mod train_config;
+pub mod train_exec;
 
 /// Fixes the size of candle's and rayon's compute pools before any thread
 /// starts. Unless `RAYON_NUM_THREADS` is set, candle 0.11 works the size out

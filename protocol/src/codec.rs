@@ -102,13 +102,16 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: Limit) -> Result<T, Deco
     }
     // bincode counts the bytes of every string and byte buffer against the
     // limit before allocating them. Those bytes must also be present in the
-    // input, so no valid input needs a limit above its own length: decode under
-    // the smallest tier that fits the input, so that a short hostile input
-    // announcing a huge buffer is refused without reserving the kind's limit.
+    // input; but bincode also counts every integer at its full width (8 for a
+    // `u64`) where the varint on the wire may take 1, so a valid input can
+    // count for more than its own length. Decode under the smallest tier that
+    // fits twice the input: a short hostile input announcing a huge buffer is
+    // still refused without reserving the kind's limit, and a large message
+    // (tensor bytes and a header of a few dozen integers) always fits.
     let fits = TIERS
         .iter()
         .copied()
-        .find(|&t| t >= bytes.len())
+        .find(|&t| t >= bytes.len().saturating_mul(2))
         .unwrap_or(usize::MAX);
     let tier = fits.min(limit.bytes());
     let (value, used) = match tier {
@@ -260,6 +263,18 @@ mod tests {
             decode::<Vec<u8>>(&big, Limit::K4),
             Err(DecodeError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn a_byte_buffer_just_under_a_tier_with_integers_beside_it_decodes() {
+        // The buffer's bytes and the integers' full widths together count for
+        // more than the input's length, which sits just under 16 KiB.
+        type M = (Vec<u64>, serde_bytes::ByteBuf);
+        let ints = vec![1u64; 64];
+        let buf = serde_bytes::ByteBuf::from(vec![7u8; (16 << 10) - 200]);
+        let bytes = encode(&(ints.clone(), buf.clone())).unwrap();
+        assert!(bytes.len() < 16 << 10, "{}", bytes.len());
+        assert_eq!(decode::<M>(&bytes, Limit::M1).unwrap(), (ints, buf));
     }
 
     #[test]

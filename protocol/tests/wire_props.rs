@@ -7,10 +7,11 @@ use commons_protocol::codec::{self, Limit};
 use commons_protocol::envelope::Envelope;
 use commons_protocol::ids::{CoalitionId, JobId, ModelId, Nonce, SessionId, UnitId};
 use commons_protocol::messages::{
-    CapacityAdvert, ChatTurn, CoalitionCharter, CpuInfo, DataShardRef, DeterminismClass, ErrorCode,
-    ErrorReply, ExecMetrics, GpuBackend, GpuInfo, GradientUnit, HeldModel, HyperParams,
-    InferenceOptions, InferenceUnit, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState,
-    LayerRange, Leave, Receipt, RouteHop, SamplingParams, WorkBody, WorkResult, WorkUnit,
+    AdamWParams, BatchSpec, CapacityAdvert, ChatTurn, CoalitionCharter, CpuInfo, DataShardRef,
+    DeterminismClass, ErrorCode, ErrorReply, ExecMetrics, GpuBackend, GpuInfo, GradientEncoding,
+    GradientMode, GradientUnit, HeldModel, InferenceOptions, InferenceUnit, JobInput, JobOp,
+    JobReport, JobRequest, JobSpec, JobState, LayerRange, Leave, ParamsRef, Receipt, RouteHop,
+    SamplingParams, WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::{BoundedVec, DType, Hash, Identity, Message, NodeId, Tensor, UnixMillis};
 use proptest::collection::vec;
@@ -93,6 +94,7 @@ fn advert() -> impl Strategy<Value = CapacityAdvert> {
         ),
         (
             bounded(hash().prop_map(CoalitionId), 8),
+            any::<bool>(),
             text(24),
             time(),
             time(),
@@ -102,7 +104,7 @@ fn advert() -> impl Strategy<Value = CapacityAdvert> {
             |(
                 (node, sequence, cores, model, ram_bytes, gpus),
                 (mflops, bw, models, kernel, build),
-                (coalitions, software, i, e),
+                (coalitions, trains, software, i, e),
             )| {
                 CapacityAdvert {
                     node,
@@ -115,6 +117,7 @@ fn advert() -> impl Strategy<Value = CapacityAdvert> {
                     models,
                     determinism: DeterminismClass { kernel, build },
                     coalitions,
+                    trains,
                     software,
                     issued_at: i,
                     expires_at: e,
@@ -133,6 +136,78 @@ fn sampling() -> impl Strategy<Value = SamplingParams> {
             seed,
         },
     )
+}
+
+fn gradient_mode() -> impl Strategy<Value = GradientMode> {
+    let f = || -1e6f64..1e6f64;
+    prop_oneof![
+        Just(GradientMode::Gradient),
+        (any::<u32>(), f(), f(), f(), f(), f()).prop_map(
+            |(steps, lr, beta1, beta2, eps, weight_decay)| GradientMode::LocalSteps {
+                steps,
+                optimizer: AdamWParams {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                },
+            }
+        ),
+    ]
+}
+
+fn gradient_body() -> impl Strategy<Value = WorkBody> {
+    (
+        (
+            any::<[u8; 16]>(),
+            any::<u64>(),
+            any::<u32>(),
+            hash(),
+            hash(),
+        ),
+        (
+            hash(),
+            hash(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+        ),
+        (any::<u32>(), any::<u32>(), gradient_mode(), any::<bool>()),
+        proptest::option::of(hash().prop_map(CoalitionId)),
+    )
+        .prop_map(
+            |(
+                (job, round, share, root, checkpoint),
+                (blob, shard, seed, step, batch_size, seq_len),
+                (rows_start, rows_end, mode, bf16),
+                coalition,
+            )| {
+                WorkBody::Gradient(GradientUnit {
+                    job: JobId(job),
+                    round,
+                    share,
+                    params: ParamsRef { root, checkpoint },
+                    data: DataShardRef { blob, shard },
+                    batch: BatchSpec {
+                        seed,
+                        step,
+                        batch_size,
+                        seq_len,
+                        rows_start,
+                        rows_end,
+                    },
+                    mode,
+                    encoding: if bf16 {
+                        GradientEncoding::Bf16
+                    } else {
+                        GradientEncoding::F32
+                    },
+                    coalition,
+                })
+            },
+        )
 }
 
 fn work_unit() -> impl Strategy<Value = WorkUnit> {
@@ -180,49 +255,7 @@ fn work_unit() -> impl Strategy<Value = WorkUnit> {
                 })
             },
         );
-    let gradient = (
-        any::<[u8; 16]>(),
-        hash(),
-        hash(),
-        any::<u64>(),
-        any::<u64>(),
-        finite(),
-        any::<u32>(),
-        any::<u32>(),
-        any::<u32>(),
-        any::<u64>(),
-    )
-        .prop_map(
-            |(
-                job,
-                params_root,
-                dataset,
-                index,
-                count,
-                learning_rate,
-                batch_size,
-                seq_len,
-                inner_steps,
-                seed,
-            )| {
-                WorkBody::Gradient(GradientUnit {
-                    job: JobId(job),
-                    params_root,
-                    shard: DataShardRef {
-                        dataset,
-                        index,
-                        count,
-                    },
-                    hyper: HyperParams {
-                        learning_rate,
-                        batch_size,
-                        seq_len,
-                        inner_steps,
-                        seed,
-                    },
-                })
-            },
-        );
+    let gradient = gradient_body();
     (
         node(),
         any::<[u8; 16]>(),
@@ -481,6 +514,54 @@ proptest! {
         roundtrip(&m)?;
         // The unit id is a function of the contents.
         prop_assert_eq!(m.id().unwrap(), m.clone().id().unwrap());
+    }
+
+    #[test]
+    fn gradient_units_are_small_and_roundtrip(body in gradient_body(), nonce in any::<[u8; 16]>()) {
+        let unit = WorkUnit {
+            issuer: NodeId([7; 32]),
+            nonce: Nonce(nonce),
+            issued_at: UnixMillis(1),
+            expires_at: UnixMillis(2),
+            body,
+        };
+        roundtrip(&unit)?;
+        // Every field is fixed-size: a gradient unit is a few hundred bytes,
+        // whatever the model (the tensors travel as content-addressed files).
+        let bytes = codec::encode(&unit).unwrap();
+        prop_assert!(bytes.len() <= 384, "{} bytes", bytes.len());
+    }
+
+    #[test]
+    fn gradient_results_roundtrip_and_verify(
+        loss in finite(),
+        values in vec(finite(), 0..4096),
+        bf16 in any::<bool>(),
+        secret in any::<[u8; 32]>(),
+        unit in hash(),
+    ) {
+        let n = values.len() as u64;
+        let values = if bf16 {
+            let data = values.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+            Tensor::new(DType::BF16, &[n], data).unwrap()
+        } else {
+            Tensor::from_f32(&[n], &values).unwrap()
+        };
+        let result = WorkResult::sign(
+            &Identity::from_secret(secret),
+            UnitId(unit),
+            vec![Tensor::from_f32(&[1], &[loss]).unwrap(), values],
+            ExecMetrics::default(),
+            UnixMillis(1),
+            UnixMillis(2),
+        )
+        .unwrap();
+        roundtrip(&result)?;
+        result.verify().unwrap();
+        // The values dominate: a result is their bytes plus a bounded header.
+        let bytes = codec::encode(&result).unwrap();
+        let payload = result.outputs.iter().map(|t| t.data().len()).sum::<usize>();
+        prop_assert!(bytes.len() <= payload + 512, "{} bytes for {payload}", bytes.len());
     }
 
     #[test]

@@ -149,17 +149,28 @@ fn bad_key_files_are_clear_errors() {
 }
 
 #[test]
-fn version_and_unbuilt_groups() {
+fn version_and_train_group() {
     let home = tempfile::tempdir().unwrap();
     let out = output(commons(home.path()).arg("--version"));
     assert!(out.status.success());
     assert!(stdout(&out).starts_with("commons "), "{}", stdout(&out));
-    // The one group still to come says so plainly.
-    let help = output(commons(home.path()).args(["train", "--help"]));
-    assert!(help.status.success(), "train --help: {}", stderr(&help));
+    let help = output(commons(home.path()).args(["train", "submit", "--help"]));
+    assert!(
+        help.status.success(),
+        "train submit --help: {}",
+        stderr(&help)
+    );
+    assert!(stdout(&help).contains("--config"), "{}", stdout(&help));
     let out = output(commons(home.path()).args(["train", "anything"]));
-    assert!(!out.status.success(), "train should not pretend to work");
-    assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
+    assert!(!out.status.success(), "train anything should fail");
+    // A run needs its configuration.
+    let out = output(commons(home.path()).args(["train", "submit"]));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--config train.toml"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

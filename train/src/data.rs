@@ -228,13 +228,10 @@ pub struct Shard {
 
 impl Shard {
     fn new(index: u32, range: Range<usize>, tokens: &[u32]) -> Self {
-        let mut hasher = blake3::Hasher::new_derive_key(SHARD_DOMAIN);
-        hasher.update(&(tokens.len() as u64).to_le_bytes());
-        hasher.update(&token_bytes(tokens));
         Self {
             index,
             range,
-            id: hasher.finalize(),
+            id: shard_id(tokens),
         }
     }
 
@@ -555,8 +552,33 @@ pub fn read_text_dir(dir: &Path, suffix: &str) -> Result<String, DataError> {
     Ok(text.replace("\r\n", "\n"))
 }
 
-fn token_bytes(tokens: &[u32]) -> Vec<u8> {
+/// The content id of a shard of these tokens: blake3 (domain `commons train
+/// shard v1`) of the length and the tokens as little-endian `u32`, whatever
+/// corpus or range they came from. [`Shard::id`] is this.
+#[must_use]
+pub fn shard_id(tokens: &[u32]) -> Hash {
+    let mut hasher = blake3::Hasher::new_derive_key(SHARD_DOMAIN);
+    hasher.update(&(tokens.len() as u64).to_le_bytes());
+    hasher.update(&token_bytes(tokens));
+    hasher.finalize()
+}
+
+/// Tokens as they travel and are stored: little-endian `u32`, in order.
+#[must_use]
+pub fn token_bytes(tokens: &[u32]) -> Vec<u8> {
     tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
+/// The tokens of [`token_bytes`]'s output, or `None` when the length is not
+/// a multiple of 4.
+#[must_use]
+pub fn tokens_from_bytes(bytes: &[u8]) -> Option<Vec<u32>> {
+    bytes.len().is_multiple_of(4).then(|| {
+        bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -565,6 +587,17 @@ mod tests {
 
     fn corpus(len: usize) -> Corpus {
         Corpus::new((0..len as u32).map(|i| (i * 7 + i / 3) % 11).collect(), 11).unwrap()
+    }
+
+    #[test]
+    fn shard_ids_and_token_bytes_travel_with_the_tokens() {
+        let c = corpus(100);
+        let shards = c.shards(0..100, 30).unwrap();
+        let bytes = token_bytes(shards[1].tokens(&c));
+        let back = tokens_from_bytes(&bytes).unwrap();
+        assert_eq!(back, shards[1].tokens(&c));
+        assert_eq!(shard_id(&back), shards[1].id());
+        assert!(tokens_from_bytes(&bytes[1..]).is_none());
     }
 
     #[test]

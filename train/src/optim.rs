@@ -83,6 +83,29 @@ impl AdamW {
         })
     }
 
+    /// AdamW resumed from a saved state: `steps` taken and the moments
+    /// ([`AdamW::moments`]), for `params`.
+    ///
+    /// # Errors
+    /// [`Error::CountMismatch`] or [`Error::ShapeMismatch`] when the moments
+    /// are not shaped like the parameters.
+    pub fn from_state(
+        params: &Params,
+        config: AdamWConfig,
+        steps: u64,
+        m: Vec<Tensor>,
+        v: Vec<Tensor>,
+    ) -> Result<Self> {
+        params.check_shapes("AdamW first moments", &m)?;
+        params.check_shapes("AdamW second moments", &v)?;
+        Ok(Self {
+            config,
+            step: steps,
+            m: to_f32(m)?,
+            v: to_f32(v)?,
+        })
+    }
+
     /// The hyper-parameters.
     #[must_use]
     pub fn config(&self) -> &AdamWConfig {
@@ -193,6 +216,24 @@ impl OuterNesterov {
         Ok(Self { config, momentum })
     }
 
+    /// The outer optimiser resumed from a saved momentum buffer
+    /// ([`OuterNesterov::momentum`]), for `params`.
+    ///
+    /// # Errors
+    /// [`Error::CountMismatch`] or [`Error::ShapeMismatch`] when the buffer
+    /// is not shaped like the parameters.
+    pub fn from_state(
+        params: &Params,
+        config: OuterNesterovConfig,
+        momentum: Vec<Tensor>,
+    ) -> Result<Self> {
+        params.check_shapes("outer momentum", &momentum)?;
+        Ok(Self {
+            config,
+            momentum: to_f32(momentum)?,
+        })
+    }
+
     /// The hyper-parameters.
     #[must_use]
     pub fn config(&self) -> &OuterNesterovConfig {
@@ -222,6 +263,13 @@ impl OuterNesterov {
         }
         Ok(())
     }
+}
+
+fn to_f32(tensors: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    tensors
+        .into_iter()
+        .map(|t| Ok(t.to_dtype(DType::F32)?.detach()))
+        .collect()
 }
 
 /// DiLoCo's pseudo-gradient: `before − after`, the parameters at the start of
@@ -386,6 +434,31 @@ mod tests {
         }
         let b = opt.momentum()[1].to_vec1::<f32>().unwrap()[0];
         assert!((b - 0.08).abs() < 1e-7);
+    }
+
+    #[test]
+    fn optimisers_resume_from_their_saved_state() {
+        let config = AdamWConfig::default();
+        let (a, b) = (scalar_params(1.0), scalar_params(1.0));
+        let mut opt = AdamW::new(&a, config).unwrap();
+        opt.step(&a, &grads(0.5)).unwrap();
+        let (m, v) = (opt.moments().0.to_vec(), opt.moments().1.to_vec());
+        let mut resumed = AdamW::from_state(&a, config, opt.steps(), m.clone(), v.clone()).unwrap();
+        // The same next step from the resumed state as from the original.
+        b.set(&a.snapshot().unwrap()).unwrap();
+        opt.step(&a, &grads(-0.25)).unwrap();
+        resumed.step(&b, &grads(-0.25)).unwrap();
+        assert_eq!(values(&a), values(&b));
+        assert!(AdamW::from_state(&a, config, 1, m[..1].to_vec(), v).is_err());
+
+        let mut outer = OuterNesterov::new(&a, OuterNesterovConfig::default()).unwrap();
+        outer.step(&a, &grads(0.2)).unwrap();
+        let mut back =
+            OuterNesterov::from_state(&a, *outer.config(), outer.momentum().to_vec()).unwrap();
+        b.set(&a.snapshot().unwrap()).unwrap();
+        outer.step(&a, &grads(-0.1)).unwrap();
+        back.step(&b, &grads(-0.1)).unwrap();
+        assert_eq!(values(&a), values(&b));
     }
 
     #[test]

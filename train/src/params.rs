@@ -244,6 +244,33 @@ impl Params {
         flatten(&self.tensors())
     }
 
+    /// `values` (every element of every parameter, in canonical order, as
+    /// [`Params::flatten`] gives them) cut into tensors shaped like the
+    /// parameters, on their device.
+    ///
+    /// # Errors
+    /// [`Error::CountMismatch`] when the number of values is not
+    /// [`Params::num_elements`]; [`Error::Tensor`].
+    pub fn unflatten(&self, values: &[f32]) -> Result<Vec<Tensor>> {
+        if values.len() != self.num_elements() {
+            return Err(Error::CountMismatch {
+                what: "values of the parameters",
+                expected: self.num_elements(),
+                actual: values.len(),
+            });
+        }
+        let mut offset = 0;
+        self.vars
+            .iter()
+            .map(|var| {
+                let n = var.elem_count();
+                let t = Tensor::from_slice(&values[offset..offset + n], var.shape(), var.device())?;
+                offset += n;
+                Ok(t)
+            })
+            .collect()
+    }
+
     /// The hash of every parameter, in canonical order (see the module docs).
     ///
     /// # Errors
@@ -564,6 +591,14 @@ mod tests {
         assert!(p.get("b.weight").is_some());
         assert!(p.get("c").is_none());
         assert_eq!(p.varmap().all_vars().len(), 2);
+        // Flat values cut back into the parameters' shapes.
+        let back = p.unflatten(&p.flatten().unwrap()).unwrap();
+        assert_eq!(back[1].dims(), &[2, 2]);
+        assert_eq!(
+            tensors_digest(&back).unwrap(),
+            tensors_digest(&p.tensors()).unwrap()
+        );
+        assert!(p.unflatten(&[1.0; 5]).is_err());
     }
 
     #[test]

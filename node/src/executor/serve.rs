@@ -90,7 +90,8 @@ impl Refusal {
         self.code
     }
 
-    fn new(code: ErrorCode, message: impl Into<String>, unit: Option<UnitId>) -> Self {
+    /// A refusal of `unit` (when known) with `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>, unit: Option<UnitId>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -108,6 +109,18 @@ pub fn admit(
     bytes: &[u8],
     now: UnixMillis,
 ) -> Result<(UnitId, InferenceUnit), Refusal> {
+    let (id, unit) = open(admission, bytes, now)?;
+    Ok((id, check_inference(served, id, unit.body)?))
+}
+
+/// Opens a work unit of any kind and checks what does not depend on the
+/// work: signature, validity, replay, coalition (one served, the issuer a
+/// member) and the issuer's rate.
+pub fn open(
+    admission: &mut Admission,
+    bytes: &[u8],
+    now: UnixMillis,
+) -> Result<(UnitId, WorkUnit), Refusal> {
     let unit: WorkUnit = Envelope::open_bytes(bytes, now).map_err(|e| {
         let code = match e {
             commons_protocol::OpenError::Expired { .. }
@@ -131,16 +144,9 @@ pub fn admit(
             };
             Refusal::new(code, e.to_string(), Some(id))
         })?;
-    let WorkBody::Inference(inf) = unit.body else {
-        return Err(Refusal::new(
-            ErrorCode::BAD_REQUEST,
-            "this node serves inference units only",
-            Some(id),
-        ));
-    };
     admission
         .coalitions
-        .authorize(inf.coalition, &unit.issuer)
+        .authorize(unit.body.coalition(), &unit.issuer)
         .map_err(|e| Refusal::new(ErrorCode::UNAUTHORIZED, e.to_string(), Some(id)))?;
     if let Some(quotas) = admission.quotas.as_mut() {
         quotas.try_take(&unit.issuer, now).map_err(|e| {
@@ -151,6 +157,22 @@ pub fn admit(
             )
         })?;
     }
+    Ok((id, unit))
+}
+
+/// Checks that an opened unit is an inference step this node can run.
+pub fn check_inference(
+    served: &Served,
+    id: UnitId,
+    body: WorkBody,
+) -> Result<InferenceUnit, Refusal> {
+    let WorkBody::Inference(inf) = body else {
+        return Err(Refusal::new(
+            ErrorCode::BAD_REQUEST,
+            "this node serves inference units only",
+            Some(id),
+        ));
+    };
     if inf.model != served.model || inf.layers != served.layers {
         return Err(Refusal::new(
             ErrorCode::MODEL_NOT_HELD,
@@ -164,7 +186,7 @@ pub fn admit(
     inf.input
         .verify()
         .map_err(|e| Refusal::new(ErrorCode::BAD_REQUEST, e.to_string(), Some(id)))?;
-    Ok((id, inf))
+    Ok(inf)
 }
 
 fn to_input(served: &Served, t: &commons_protocol::Tensor) -> Result<StageInput, String> {

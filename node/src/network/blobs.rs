@@ -75,22 +75,41 @@ pub fn manifest_of(path: &std::path::Path) -> Result<Manifest, String> {
     builder.finish().map_err(|e| e.to_string())
 }
 
+/// A shared file: where it is, its manifest once computed, and whether
+/// adverts list it.
+type Shared = (PathBuf, Arc<tokio::sync::OnceCell<Manifest>>, bool);
+
 /// Files this node shares, with their manifests computed once, on first ask.
 #[derive(Debug, Clone, Default)]
 pub struct BlobServer {
-    files: BTreeMap<ModelId, (PathBuf, Arc<tokio::sync::OnceCell<Manifest>>)>,
+    files: BTreeMap<ModelId, Shared>,
 }
 
 impl BlobServer {
-    /// Shares the file at `path` as `model`.
+    /// Shares the file at `path` as `model`, listed in adverts.
     pub fn share(&mut self, model: ModelId, path: PathBuf) {
         self.files
-            .insert(model, (path, Arc::new(tokio::sync::OnceCell::new())));
+            .insert(model, (path, Arc::new(tokio::sync::OnceCell::new()), true));
     }
 
-    /// The files shared.
+    /// Shares the file at `path` as `id` with whoever asks for it by id, not
+    /// listed in adverts (a training run's parameters and data).
+    pub fn share_unlisted(&mut self, id: ModelId, path: PathBuf) {
+        self.files
+            .insert(id, (path, Arc::new(tokio::sync::OnceCell::new()), false));
+    }
+
+    /// Stops sharing `id`.
+    pub fn unshare(&mut self, id: &ModelId) {
+        self.files.remove(id);
+    }
+
+    /// The files shared and listed in adverts.
     pub fn models(&self) -> impl Iterator<Item = ModelId> + '_ {
-        self.files.keys().copied()
+        self.files
+            .iter()
+            .filter(|(_, (_, _, listed))| *listed)
+            .map(|(id, _)| *id)
     }
 
     /// Whether the node shares `model`.
@@ -109,7 +128,7 @@ impl BlobServer {
             },
             Ok(BlobRequest::Block { model, index }) => {
                 match (self.manifest(&model).await, self.files.get(&model)) {
-                    (Some(m), Some((path, _))) if (index as usize) < m.block_count() => {
+                    (Some(m), Some((path, _, _))) if (index as usize) < m.block_count() => {
                         let path = path.clone();
                         match tokio::task::spawn_blocking(move || read_block(&path, m.len, index))
                             .await
@@ -132,7 +151,7 @@ impl BlobServer {
     }
 
     async fn manifest(&self, model: &ModelId) -> Option<Manifest> {
-        let (path, cell) = self.files.get(model)?;
+        let (path, cell, _) = self.files.get(model)?;
         let path = path.clone();
         cell.get_or_try_init(|| async move {
             tokio::task::spawn_blocking(move || manifest_of(&path))
@@ -331,6 +350,201 @@ impl Fetch {
     }
 }
 
+/// A file wanted in memory by a gradient unit: `id` from `from`, the
+/// verified bytes (or why not) sent on `reply`.
+#[derive(Debug)]
+pub struct FetchRequest {
+    /// The file's blake3.
+    pub id: ModelId,
+    /// The peer that holds it (the unit's issuer).
+    pub from: PeerId,
+    /// Where the bytes go.
+    pub reply: tokio::sync::oneshot::Sender<Result<Arc<Vec<u8>>, String>>,
+}
+
+/// Most bytes a file fetched into memory may have.
+pub const MAX_MEMORY_FILE: u64 = 1 << 30;
+/// Files fetched into memory at once.
+const MAX_MEMORY_FETCHES: usize = 16;
+/// Files kept in memory once fetched, and their most bytes in all.
+const CACHE_FILES: usize = 8;
+const CACHE_BYTES: usize = 2 << 30;
+
+struct MemoryFetch {
+    fetch: Fetch,
+    from: PeerId,
+    data: Vec<u8>,
+    waiters: Vec<tokio::sync::oneshot::Sender<Result<Arc<Vec<u8>>, String>>>,
+}
+
+/// Files fetched into memory from one peer each, verified block by block as
+/// [`Fetch`] does, and the last few kept: a training node's parameters and
+/// data shards. Requests for a file already coming wait for it.
+#[derive(Default)]
+pub struct MemoryFetches {
+    active: BTreeMap<ModelId, MemoryFetch>,
+    cache: std::collections::VecDeque<(ModelId, Arc<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for MemoryFetches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryFetches")
+            .field("active", &self.active.keys().collect::<Vec<_>>())
+            .field("cached", &self.cache.len())
+            .finish()
+    }
+}
+
+/// Asks to send: the file and what to ask of whom.
+pub type Asks = Vec<(ModelId, FetchAsk)>;
+
+impl MemoryFetches {
+    /// The bytes of `id`, if kept.
+    pub fn cached(&mut self, id: &ModelId) -> Option<Arc<Vec<u8>>> {
+        let i = self.cache.iter().position(|(k, _)| k == id)?;
+        let entry = self.cache.remove(i)?;
+        let bytes = entry.1.clone();
+        self.cache.push_back(entry);
+        Some(bytes)
+    }
+
+    /// Files being fetched.
+    #[must_use]
+    pub fn active(&self) -> usize {
+        self.active.len()
+    }
+
+    /// A request: answered from the cache, joined to a fetch under way, or
+    /// the start of a new one.
+    pub fn request(&mut self, r: FetchRequest) -> Asks {
+        if let Some(bytes) = self.cached(&r.id) {
+            let _ = r.reply.send(Ok(bytes));
+            return Vec::new();
+        }
+        if let Some(f) = self.active.get_mut(&r.id) {
+            f.waiters.push(r.reply);
+            return Vec::new();
+        }
+        if self.active.len() >= MAX_MEMORY_FETCHES {
+            let _ = r.reply.send(Err("too many files being fetched".into()));
+            return Vec::new();
+        }
+        self.active.insert(
+            r.id,
+            MemoryFetch {
+                fetch: Fetch::new(r.id),
+                from: r.from,
+                data: Vec::new(),
+                waiters: vec![r.reply],
+            },
+        );
+        self.drive(r.id)
+    }
+
+    /// The answer to a request for `id` (`index`: the block asked, `None`:
+    /// the manifest).
+    pub fn on_response(
+        &mut self,
+        id: ModelId,
+        peer: PeerId,
+        index: Option<u32>,
+        bytes: &[u8],
+    ) -> Asks {
+        let Some(f) = self.active.get_mut(&id) else {
+            return Vec::new();
+        };
+        match codec::decode::<BlobResponse>(bytes, Limit::M64) {
+            Ok(BlobResponse::Manifest(m)) if index.is_none() => {
+                if m.len > MAX_MEMORY_FILE {
+                    return self.fail(id, &format!("{} bytes is too large to hold", m.len));
+                }
+                let len = m.len as usize;
+                match f.fetch.on_manifest(peer, m) {
+                    Ok(()) => f.data = vec![0; len],
+                    Err(e) => tracing::warn!(%peer, %e, "manifest rejected"),
+                }
+            }
+            Ok(BlobResponse::Block { index: got, data }) if Some(got) == index => {
+                match f.fetch.on_block(peer, got, &data) {
+                    Ok(offset) => {
+                        let end = offset as usize + data.len();
+                        if end as u64 > MAX_MEMORY_FILE {
+                            return self.fail(id, "the file grew past what can be held");
+                        }
+                        if f.data.len() < end {
+                            f.data.resize(end, 0);
+                        }
+                        f.data[offset as usize..end].copy_from_slice(&data);
+                    }
+                    Err(e) => tracing::warn!(%peer, %e, "block rejected"),
+                }
+            }
+            _ => f.fetch.on_failure(peer, index),
+        }
+        self.drive(id)
+    }
+
+    /// A request for `id` failed.
+    pub fn on_failure(&mut self, id: ModelId, peer: PeerId, index: Option<u32>) -> Asks {
+        if let Some(f) = self.active.get_mut(&id) {
+            f.fetch.on_failure(peer, index);
+        }
+        self.drive(id)
+    }
+
+    /// Finishes, fails or continues the fetch of `id`.
+    fn drive(&mut self, id: ModelId) -> Asks {
+        let Some(f) = self.active.get_mut(&id) else {
+            return Vec::new();
+        };
+        if f.fetch.is_complete() {
+            let Some(mut f) = self.active.remove(&id) else {
+                return Vec::new();
+            };
+            let len = f.fetch.manifest().map_or(0, |m| m.len) as usize;
+            f.data.truncate(len);
+            let bytes = Arc::new(std::mem::take(&mut f.data));
+            for w in f.waiters {
+                let _ = w.send(Ok(bytes.clone()));
+            }
+            self.keep(id, bytes);
+            return Vec::new();
+        }
+        if f.fetch.bad_peers().contains(&f.from) {
+            return self.fail(
+                id,
+                "the peer's file did not check out or could not be reached",
+            );
+        }
+        let from = f.from;
+        f.fetch
+            .next(&[from], 4)
+            .into_iter()
+            .map(|ask| (id, ask))
+            .collect()
+    }
+
+    fn fail(&mut self, id: ModelId, reason: &str) -> Asks {
+        if let Some(f) = self.active.remove(&id) {
+            for w in f.waiters {
+                let _ = w.send(Err(reason.to_owned()));
+            }
+        }
+        Vec::new()
+    }
+
+    fn keep(&mut self, id: ModelId, bytes: Arc<Vec<u8>>) {
+        self.cache.push_back((id, bytes));
+        while self.cache.len() > CACHE_FILES
+            || self.cache.iter().map(|(_, b)| b.len()).sum::<usize>() > CACHE_BYTES
+        {
+            if self.cache.pop_front().is_none() {
+                break;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,5 +657,103 @@ mod tests {
         assert!(f.next(&[a, b], 4).is_empty(), "nobody left to ask");
         assert!(!f.is_complete());
         let _ = bytes;
+    }
+
+    /// Serves `asks` from `bytes` (corrupting every block when `lie`).
+    fn answer(
+        m: &mut MemoryFetches,
+        asks: Asks,
+        bytes: &[u8],
+        manifest: &Manifest,
+        lie: bool,
+    ) -> Asks {
+        let mut next = Vec::new();
+        for (id, ask) in asks {
+            let (peer, index, response) = match ask {
+                FetchAsk::Manifest(p) => (p, None, BlobResponse::Manifest(manifest.clone())),
+                FetchAsk::Block(p, i) => {
+                    let mut data = block(bytes, i).to_vec();
+                    if lie {
+                        data[0] ^= 1;
+                    }
+                    (p, Some(i), BlobResponse::Block { index: i, data })
+                }
+            };
+            next.extend(m.on_response(id, peer, index, &codec::encode(&response).unwrap()));
+        }
+        next
+    }
+
+    #[tokio::test]
+    async fn files_fetched_into_memory_are_checked_shared_and_kept() {
+        for len in [100, 3 * BLOCK_LEN as usize + 7] {
+            let (bytes, id, manifest) = file(len);
+            let peer = PeerId::random();
+            let mut m = MemoryFetches::default();
+            let (tx1, rx1) = tokio::sync::oneshot::channel();
+            let (tx2, rx2) = tokio::sync::oneshot::channel();
+            let mut asks = m.request(FetchRequest {
+                id,
+                from: peer,
+                reply: tx1,
+            });
+            assert_eq!(asks, vec![(id, FetchAsk::Manifest(peer))]);
+            // A second unit wanting the same file waits for the same fetch.
+            assert!(
+                m.request(FetchRequest {
+                    id,
+                    from: peer,
+                    reply: tx2
+                })
+                .is_empty()
+            );
+            while !asks.is_empty() {
+                asks = answer(&mut m, asks, &bytes, &manifest, false);
+            }
+            assert_eq!(*rx1.await.unwrap().unwrap(), bytes);
+            assert_eq!(*rx2.await.unwrap().unwrap(), bytes);
+            assert_eq!(m.active(), 0);
+            // Kept: the next request is answered at once.
+            let (tx3, rx3) = tokio::sync::oneshot::channel();
+            assert!(
+                m.request(FetchRequest {
+                    id,
+                    from: peer,
+                    reply: tx3
+                })
+                .is_empty()
+            );
+            assert_eq!(*rx3.await.unwrap().unwrap(), bytes);
+        }
+        // A peer whose blocks do not match fails the fetch; nothing is kept.
+        let (bytes, id, manifest) = file(2 * BLOCK_LEN as usize);
+        let mut m = MemoryFetches::default();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut asks = m.request(FetchRequest {
+            id,
+            from: PeerId::random(),
+            reply: tx,
+        });
+        while !asks.is_empty() {
+            asks = answer(&mut m, asks, &bytes, &manifest, true);
+        }
+        assert!(rx.await.unwrap().is_err());
+        assert!(m.cached(&id).is_none());
+        // An unreachable peer fails it too, after a few tries.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let peer = PeerId::random();
+        let mut asks = m.request(FetchRequest {
+            id,
+            from: peer,
+            reply: tx,
+        });
+        while let Some((id, ask)) = asks.pop() {
+            let index = match ask {
+                FetchAsk::Manifest(_) => None,
+                FetchAsk::Block(_, i) => Some(i),
+            };
+            asks.extend(m.on_failure(id, peer, index));
+        }
+        assert!(rx.await.unwrap().is_err());
     }
 }

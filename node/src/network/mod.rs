@@ -13,6 +13,7 @@ pub mod bandwidth;
 pub mod blobs;
 mod peers;
 mod status;
+mod units;
 pub mod work;
 
 pub use peers::{AdvertError, PeerEntry, PeerTable, Update};
@@ -231,6 +232,27 @@ pub enum Command {
         /// Where the answer goes.
         reply: oneshot::Sender<Vec<u8>>,
     },
+    /// Sends a signed `WorkUnit` envelope to `node` over `/commons/work/1.0.0`.
+    SendUnit {
+        /// Where to.
+        node: NodeId,
+        /// The envelope.
+        bytes: Vec<u8>,
+        /// The answer (a `WorkResult` or `ErrorReply` envelope), or why none came.
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+    /// Serves the file at `path` over `/commons/blob/1.0.0` as `id` (its
+    /// blake3), to whoever asks by id; it is not listed in adverts.
+    ShareFile {
+        /// The file's blake3.
+        id: commons_protocol::ModelId,
+        /// Where it is.
+        path: std::path::PathBuf,
+    },
+    /// Stops serving a file shared with [`Command::ShareFile`].
+    UnshareFile(commons_protocol::ModelId),
+    /// Connected peers whose adverts say they run gradient units.
+    Trainers(oneshot::Sender<Vec<NodeId>>),
 }
 
 type Channel = libp2p::request_response::ResponseChannel<Vec<u8>>;
@@ -271,14 +293,29 @@ pub struct EventLoop {
     rtts: HashMap<PeerId, Duration>,
     blob_server: blobs::BlobServer,
     fetching: Option<Fetching>,
+    /// Blob requests out: the peer, the block (`None`: the manifest), when,
+    /// and the in-memory fetch it serves (`None`: the model file).
     blob_out: HashMap<
         libp2p::request_response::OutboundRequestId,
-        (PeerId, Option<u32>, std::time::Instant),
+        (
+            PeerId,
+            Option<u32>,
+            std::time::Instant,
+            Option<commons_protocol::ModelId>,
+        ),
     >,
     bandwidth: bandwidth::Bandwidth,
     tasks_tx: mpsc::Sender<TaskDone>,
     tasks_rx: mpsc::Receiver<TaskDone>,
     auto: Option<AutoPlace>,
+    trainer: Option<crate::train_exec::Trainer>,
+    units_sent: HashMap<
+        libp2p::request_response::OutboundRequestId,
+        oneshot::Sender<Result<Vec<u8>, String>>,
+    >,
+    blob_fetches: blobs::MemoryFetches,
+    fetch_tx: mpsc::Sender<blobs::FetchRequest>,
+    fetch_rx: mpsc::Receiver<blobs::FetchRequest>,
 }
 
 /// A node that chooses its own layers from what the swarm serves
@@ -415,6 +452,7 @@ impl EventLoop {
         let (responses_tx, responses_rx) = mpsc::channel(256);
         let (local_tx, local_rx) = mpsc::channel(64);
         let (tasks_tx, tasks_rx) = mpsc::channel(64);
+        let (fetch_tx, fetch_rx) = mpsc::channel(64);
         let coordinating = coordinating
             .map(|(models, store)| Coordinating::new(identity.clone(), models, store, now()));
         let topic = gossipsub::IdentTopic::new(ADVERT_TOPIC);
@@ -459,6 +497,11 @@ impl EventLoop {
             tasks_tx,
             tasks_rx,
             auto: None,
+            trainer: None,
+            units_sent: HashMap::new(),
+            blob_fetches: blobs::MemoryFetches::default(),
+            fetch_tx,
+            fetch_rx,
         })
     }
 
@@ -502,6 +545,7 @@ impl EventLoop {
                 self.admission.coalitions().ids().into_iter().collect(),
             )
             .unwrap_or_default(),
+            trains: self.trainer.is_some(),
             software: format!("commons/{}", env!("CARGO_PKG_VERSION")),
             issued_at: now,
             expires_at: now.plus_millis(self.config.advert_ttl.as_millis() as u64),
@@ -644,10 +688,8 @@ impl EventLoop {
                     self.counters.count_unit(answer.refused);
                     let _ = self.swarm.behaviour_mut().work.send_response(channel, answer.bytes);
                 }
-                Some(command) = self.commands.recv() => match command {
-                    Command::Status(reply) => { let _ = reply.send(self.status()); }
-                    Command::Job { request, reply } => self.on_job_request(request, Reply::Local(reply)),
-                },
+                Some(command) = self.commands.recv() => self.on_command(command),
+                Some(request) = self.fetch_rx.recv() => self.on_fetch_request(request),
                 _ = republish.tick() => self.publish_advert(),
                 _ = sweep.tick() => {
                     if self.publish_pending {
@@ -714,6 +756,49 @@ impl EventLoop {
             });
         }
         Ok(self)
+    }
+
+    /// Runs gradient work units on `trainer` (and says so in adverts).
+    #[must_use]
+    pub fn with_trainer(mut self, trainer: Option<crate::train_exec::Trainer>) -> Self {
+        self.trainer = trainer;
+        self
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Job { request, reply } => self.on_job_request(request, Reply::Local(reply)),
+            Command::SendUnit { node, bytes, reply } => {
+                match PeerId::from_bytes(&node.peer_id_bytes()) {
+                    Ok(peer) => {
+                        let id = self.swarm.behaviour_mut().work.send_request(&peer, bytes);
+                        self.units_sent.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("bad peer id: {e}")));
+                    }
+                }
+            }
+            Command::ShareFile { id, path } => self.blob_server.share_unlisted(id, path),
+            Command::UnshareFile(id) => self.blob_server.unshare(&id),
+            Command::Trainers(reply) => {
+                let trainers = self
+                    .peers
+                    .peers()
+                    .into_iter()
+                    .filter(|e| e.advert.trains)
+                    .filter(|e| {
+                        PeerId::from_bytes(&e.advert.node.peer_id_bytes())
+                            .is_ok_and(|p| self.swarm.is_connected(&p))
+                    })
+                    .map(|e| e.advert.node)
+                    .collect();
+                let _ = reply.send(trainers);
+            }
+        }
     }
 
     /// Chooses this node's layers by itself (see [`AutoPlace`]).
@@ -839,7 +924,7 @@ impl EventLoop {
             };
             let id = self.swarm.behaviour_mut().blobs.send_request(&peer, bytes);
             self.blob_out
-                .insert(id, (peer, index, std::time::Instant::now()));
+                .insert(id, (peer, index, std::time::Instant::now(), None));
         }
     }
 
@@ -1265,46 +1350,6 @@ impl EventLoop {
         tracing::info!("left the swarm");
     }
 
-    /// Admits a work unit here, then runs it off the event loop and answers through it.
-    fn on_work(
-        &mut self,
-        request: Vec<u8>,
-        channel: libp2p::request_response::ResponseChannel<Vec<u8>>,
-    ) {
-        let admitted = match self.served.clone() {
-            None => Err(serve::refusal(
-                commons_protocol::messages::ErrorCode::MODEL_NOT_HELD,
-                "this node serves no model",
-            )),
-            Some(served) => serve::admit(&served, &mut self.admission, &request, now())
-                .map(|unit| (served, unit)),
-        };
-        match admitted {
-            Err(refusal) => {
-                let answer = serve::UnitAnswer::refusal(&self.identity, &refusal, now());
-                self.counters.count_unit(answer.refused);
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .work
-                    .send_response(channel, answer.bytes);
-            }
-            Ok((served, (id, unit))) => {
-                let (identity, tx, in_progress) = (
-                    self.identity.clone(),
-                    self.responses_tx.clone(),
-                    self.in_progress.clone(),
-                );
-                in_progress.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let answer = serve::run(&served, &identity, id, unit, now).await;
-                    in_progress.fetch_sub(1, Ordering::Relaxed);
-                    let _ = tx.send((channel, answer)).await;
-                });
-            }
-        }
-    }
-
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -1373,7 +1418,9 @@ impl EventLoop {
                     ..
                 },
             )) => {
-                if let (Some((pending, node)), Some(c)) = (
+                if let Some(reply) = self.units_sent.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                } else if let (Some((pending, node)), Some(c)) = (
                     self.units_out.remove(&request_id),
                     self.coordinating.as_mut(),
                 ) {
@@ -1385,7 +1432,9 @@ impl EventLoop {
                     request_id, error, ..
                 },
             )) => {
-                if let (Some((pending, _)), Some(c)) = (
+                if let Some(reply) = self.units_sent.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                } else if let (Some((pending, _)), Some(c)) = (
                     self.units_out.remove(&request_id),
                     self.coordinating.as_mut(),
                 ) {
@@ -1407,26 +1456,38 @@ impl EventLoop {
                 libp2p::request_response::Message::Response {
                     request_id,
                     response,
-                } => {
-                    if let Some((_, index, asked)) = self.blob_out.remove(&request_id) {
+                } => match self.blob_out.remove(&request_id) {
+                    Some((_, index, asked, None)) => {
                         self.bandwidth.observe(response.len(), asked.elapsed());
                         self.on_blob_response(peer, index, &response);
                     }
-                }
+                    Some((_, index, asked, Some(model))) => {
+                        self.bandwidth.observe(response.len(), asked.elapsed());
+                        let asks = self.blob_fetches.on_response(model, peer, index, &response);
+                        self.send_blob_asks(asks);
+                    }
+                    None => {}
+                },
             },
             SwarmEvent::Behaviour(BehaviourEvent::Blobs(
                 libp2p::request_response::Event::OutboundFailure {
                     request_id, error, ..
                 },
-            )) => {
-                if let Some((peer, index, _)) = self.blob_out.remove(&request_id) {
+            )) => match self.blob_out.remove(&request_id) {
+                Some((peer, index, _, None)) => {
                     tracing::debug!(%peer, %error, "blob request failed");
                     if let Some(f) = self.fetching.as_mut() {
                         f.fetch.on_failure(peer, index);
                     }
                     self.drive_fetch();
                 }
-            }
+                Some((peer, index, _, Some(model))) => {
+                    tracing::debug!(%peer, %error, "blob request failed");
+                    let asks = self.blob_fetches.on_failure(model, peer, index);
+                    self.send_blob_asks(asks);
+                }
+                None => {}
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Jobs(
                 libp2p::request_response::Event::Message {
                     message:

@@ -183,6 +183,7 @@ mod tests {
                 build: "test".into(),
             },
             coalitions: Default::default(),
+            trains: false,
             software: "commons/test".into(),
             issued_at: UnixMillis(issued),
             expires_at: UnixMillis(issued + ttl),

@@ -30,6 +30,8 @@ pub struct CapacityAdvert {
     pub determinism: DeterminismClass,
     /// Coalitions this node serves.
     pub coalitions: BoundedVec<CoalitionId, 64>,
+    /// Whether the node runs gradient work units (`commons node join --train`).
+    pub trains: bool,
     /// Software version, e.g. `commons/0.1.0`.
     pub software: String,
     /// Issue time.

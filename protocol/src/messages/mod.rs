@@ -17,8 +17,9 @@ pub use charter::{AdminSignature, CharterError, CoalitionCharter, MAX_NAME_BYTES
 pub use error::{ErrorCode, ErrorReply};
 pub use job::{ChatTurn, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop};
 pub use work::{
-    DataShardRef, ExecMetrics, GradientUnit, HyperParams, InferenceOptions, InferenceUnit,
-    LayerRange, Receipt, ResultError, SamplingParams, WorkBody, WorkResult, WorkUnit, commitment,
+    AdamWParams, BatchSpec, DataShardRef, ExecMetrics, GradientEncoding, GradientMode,
+    GradientUnit, InferenceOptions, InferenceUnit, LayerRange, ParamsRef, Receipt, ResultError,
+    SamplingParams, WorkBody, WorkResult, WorkUnit, commitment,
 };
 
 use serde::Serialize;

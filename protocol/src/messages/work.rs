@@ -69,6 +69,17 @@ pub enum WorkBody {
     Gradient(GradientUnit),
 }
 
+impl WorkBody {
+    /// The coalition the work is for (`None`: open work).
+    #[must_use]
+    pub fn coalition(&self) -> Option<CoalitionId> {
+        match self {
+            Self::Inference(unit) => unit.coalition,
+            Self::Gradient(unit) => unit.coalition,
+        }
+    }
+}
+
 /// One pipeline step: run `input` through `layers` of `model` in `session`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InferenceUnit {
@@ -120,43 +131,129 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
-/// Compute a gradient of the loss at `params_root` on a shard of data.
+/// Compute, for one share of a training round, the gradient of a model's
+/// loss on rows of a data shard, or the pseudo-gradient of a few local
+/// optimiser steps (DiLoCo).
+///
+/// Everything the executor needs is named by content: the parameters by the
+/// checkpoint file that holds them (and their params root, which the
+/// executor checks), the data by the file of its tokens (and the shard's
+/// content id, which seeds batch sampling). Both are fetched from the issuer
+/// and verified block by block. The result is a pure function of the unit,
+/// so any node of a determinism class computes the same bits.
+///
+/// The result's outputs are, in order:
+/// 1. the mean training loss, an f32 tensor of shape `[1]`;
+/// 2. the gradient (or pseudo-gradient) of every parameter, flattened and
+///    concatenated in the parameters' canonical (sorted-name) order, as one
+///    tensor of shape `[n]` in the requested [`GradientEncoding`] (a result
+///    carries at most 16 tensors, so one vector serves any model; within a
+///    result's 256 MiB that is up to about 67 million parameters in f32, 134
+///    million in bf16).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GradientUnit {
-    /// The training job.
+    /// The training run.
     pub job: JobId,
-    /// Root hash of the parameters to differentiate at.
-    pub params_root: Hash,
+    /// The round within the run.
+    pub round: u64,
+    /// The share within the round.
+    pub share: u32,
+    /// The parameters to start from.
+    pub params: ParamsRef,
     /// The data.
-    pub shard: DataShardRef,
-    /// Hyper-parameters.
-    pub hyper: HyperParams,
+    pub data: DataShardRef,
+    /// Which rows of which batches.
+    pub batch: BatchSpec,
+    /// A gradient, or local steps.
+    pub mode: GradientMode,
+    /// How the values are sent back.
+    pub encoding: GradientEncoding,
+    /// The coalition the work is for (`None`: open work), as for inference.
+    pub coalition: Option<CoalitionId>,
 }
 
-/// A slice of a content-addressed data set.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A set of parameters, by content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ParamsRef {
+    /// blake3 root over every parameter (name, dtype, shape, bytes) in
+    /// canonical order.
+    pub root: Hash,
+    /// blake3 of the checkpoint file (safetensors, with the model's shape in
+    /// its metadata) that holds them: the file to fetch.
+    pub checkpoint: Hash,
+}
+
+/// A data shard, by content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataShardRef {
-    /// blake3 of the data set.
-    pub dataset: Hash,
-    /// Index of the shard.
-    pub index: u64,
-    /// Shards in the data set.
-    pub count: u64,
+    /// blake3 of the shard's file: its token ids as little-endian `u32`.
+    pub blob: Hash,
+    /// The shard's content id, which seeds batch sampling (checked against
+    /// the tokens).
+    pub shard: Hash,
 }
 
-/// Training hyper-parameters of one gradient unit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HyperParams {
-    /// Learning rate of the inner optimiser.
-    pub learning_rate: f32,
-    /// Sequences per batch.
-    pub batch_size: u32,
-    /// Tokens per sequence.
-    pub seq_len: u32,
-    /// Optimiser steps before the result is returned (1: a plain gradient; >1: DiLoCo inner steps).
-    pub inner_steps: u32,
-    /// Seed for data order and dropout.
+/// The rows a share computes on.
+///
+/// Batch `k` is `batch_size` windows of `seq_len + 1` tokens drawn from the
+/// shard by a generator seeded from (`seed`, shard id, `step + k`); the share
+/// takes rows `rows` of it. A gradient uses batch 0; `LocalSteps` use
+/// batches `0..steps`, one per step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchSpec {
+    /// Seed of batch sampling.
     pub seed: u64,
+    /// The first batch's step.
+    pub step: u64,
+    /// Rows drawn per batch.
+    pub batch_size: u32,
+    /// Tokens per row.
+    pub seq_len: u32,
+    /// First row taken.
+    pub rows_start: u32,
+    /// One past the last row taken.
+    pub rows_end: u32,
+}
+
+/// What a gradient unit computes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum GradientMode {
+    /// The gradient of the mean loss on the rows, at the parameters.
+    Gradient,
+    /// `steps` AdamW steps from the parameters (optimiser state starting at
+    /// zero), returning the pseudo-gradient `before − after`.
+    LocalSteps {
+        /// Local steps.
+        steps: u32,
+        /// The local optimiser.
+        optimizer: AdamWParams,
+    },
+}
+
+/// AdamW's hyper-parameters, as a unit carries them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWParams {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment.
+    pub beta2: f64,
+    /// Added to the root of the second moment.
+    pub eps: f64,
+    /// Decoupled weight decay (matrices and embeddings only).
+    pub weight_decay: f64,
+}
+
+/// How gradient values travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum GradientEncoding {
+    /// f32, as computed.
+    F32,
+    /// bfloat16: half the bytes.
+    Bf16,
 }
 
 impl WorkUnit {

@@ -1,0 +1,382 @@
+//! Training over a swarm of real processes on loopback: three nodes that
+//! train (`commons node join --train`, one of them slow) and `commons train
+//! submit` coordinating the run. Synchronous data-parallel rounds must give
+//! the parameters of single-process training on the same global batches and
+//! seed (relative 1e-5 over the whole parameter vector; see the doc comment
+//! of `synchronous_data_parallel_equals_single_process` in
+//! `train/tests/training.rs` for why not element-wise), though the
+//! coordinator is killed and restarted (it resumes from its last snapshot)
+//! and the slow node is killed while it holds a share; then DiLoCo rounds on
+//! the two nodes left must equal the same rounds computed in one process.
+#![allow(clippy::unwrap_used)] // helpers of tests may fail loudly
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use commons_tests::commons;
+use commons_tests::node::{Node, Transports};
+use commons_train::params::flatten;
+use commons_train::{
+    AdamW, AdamWConfig, CharTokenizer, Checkpoint, Corpus, DilocoWorker, Model, ModelConfig,
+    OuterNesterov, OuterNesterovConfig, Shard, gradients,
+};
+
+const SEED: u64 = 42;
+const ROUNDS: u64 = 5;
+const BATCH: usize = 6;
+const SEQ: usize = 16;
+const SHARES: u32 = 3;
+const SHARD_TOKENS: usize = 1_000;
+
+/// Text from a tiny grammar: learnable, yet not periodic.
+fn corpus_text() -> String {
+    const SUBJECTS: [&str; 4] = ["the cat", "a dog", "my bird", "one fox"];
+    const VERBS: [&str; 4] = ["sees", "likes", "bites", "finds"];
+    const OBJECTS: [&str; 4] = ["the mat", "a hat", "my bed", "one box"];
+    let mut x = 7u64;
+    let mut pick = |n: u64| {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((x >> 33) % n) as usize
+    };
+    let mut text = String::new();
+    while text.len() < 6_000 {
+        text.push_str(SUBJECTS[pick(4)]);
+        text.push(' ');
+        text.push_str(VERBS[pick(4)]);
+        text.push(' ');
+        text.push_str(OBJECTS[pick(4)]);
+        text.push_str(if pick(5) == 0 { ".\n" } else { ". " });
+    }
+    text
+}
+
+fn write_config(dir: &Path, name: &str, mode: &str, rounds: u64, extra: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[data]
+path = "corpus.txt"
+validation_fraction = 0.05
+shard_tokens = {SHARD_TOKENS}
+
+[train]
+mode = "{mode}"
+rounds = {rounds}
+batch_size = {BATCH}
+seq_len = {SEQ}
+shares = {SHARES}
+seed = {SEED}
+share_timeout_secs = 20
+bench_secs = 1
+{extra}
+
+[swarm]
+min_nodes = 0
+wait_secs = 30
+mdns = false
+advert_ttl_secs = 6
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The data as the run cuts it: the corpus and its shards longer than a row.
+fn dataset() -> (Corpus, Vec<Shard>) {
+    let text = corpus_text();
+    let tokenizer = CharTokenizer::from_text(&text);
+    let corpus = Corpus::from_text(&text, &tokenizer).unwrap();
+    let split = corpus.split(0.05).unwrap();
+    let shards = corpus
+        .shards(split.train, SHARD_TOKENS)
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.range().len() > SEQ)
+        .collect();
+    (corpus, shards)
+}
+
+/// `‖a − b‖ / ‖b‖` over every parameter.
+fn relative(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (f64::from(x) - f64::from(y)).powi(2);
+        den += f64::from(y).powi(2);
+    }
+    num.sqrt() / den.sqrt()
+}
+
+/// A `commons train submit --json` process and the events it prints.
+struct Run {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Run {
+    fn start(
+        home: &Path,
+        config: &Path,
+        out: &Path,
+        bootstrap: &[String],
+        min_nodes: usize,
+    ) -> Self {
+        let mut cmd = commons(home);
+        cmd.arg("--data-dir")
+            .arg(home.join("coordinator"))
+            .args(["train", "submit", "--json", "--config"])
+            .arg(config)
+            .arg("--out")
+            .arg(out)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--min-nodes"])
+            .arg(min_nodes.to_string());
+        for b in bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next event that satisfies `want`, within `limit`.
+    fn until(
+        &mut self,
+        limit: Duration,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if want(&v) {
+                        return v;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "the run ended early: {:#?}",
+                        &self.seen[self.seen.len().saturating_sub(8)..]
+                    )
+                }
+            }
+        }
+        panic!(
+            "no such event within {limit:?}: {:#?}",
+            &self.seen[self.seen.len().saturating_sub(8)..]
+        );
+    }
+
+    fn events(&self, name: &str) -> Vec<&serde_json::Value> {
+        self.seen.iter().filter(|v| v["event"] == name).collect()
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn final_params(done: &serde_json::Value) -> Vec<f32> {
+    let bytes = std::fs::read(done["path"].as_str().unwrap()).unwrap();
+    let checkpoint = Checkpoint::from_bytes(bytes);
+    assert_eq!(
+        checkpoint.id().to_hex().to_string(),
+        done["checkpoint"].as_str().unwrap()
+    );
+    let (model, tokenizer) = Model::from_checkpoint(&checkpoint, &Device::Cpu).unwrap();
+    assert!(tokenizer.is_some(), "the checkpoint carries its tokenizer");
+    model.params().flatten().unwrap()
+}
+
+#[test]
+fn data_parallel_rounds_over_three_nodes_equal_one_process_and_survive_a_kill() {
+    let started = Instant::now();
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
+    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &["--train"]);
+    let boot = vec![a.addrs[0].clone()];
+    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &["--train"]);
+    // The slow node holds each share two seconds: killed while it holds one.
+    let mut slow = Node::start_with(
+        h,
+        &h.join("slow"),
+        &boot,
+        Transports::Tcp,
+        6,
+        &["--train", "--train-delay-ms", "2000"],
+    );
+    let all = [
+        a.addrs[0].clone(),
+        b.addrs[0].clone(),
+        slow.addrs[0].clone(),
+    ];
+
+    // Synchronous data-parallel over the three. The coordinator is killed
+    // once round 1 is persisted, and started again: it resumes from there.
+    let config = write_config(h, "sync.toml", "sync", ROUNDS, "");
+    let mut first = Run::start(h, &config, &h.join("sync"), &all, 3);
+    let started_run = first.until(Duration::from_secs(30), |v| v["event"] == "run");
+    assert_eq!(started_run["resumed_at"], 0);
+    first.until(Duration::from_secs(30), |v| {
+        v["event"] == "persisted" && v["round"] == 1
+    });
+    drop(first);
+    let mut run = Run::start(h, &config, &h.join("sync"), &all, 3);
+    let resumed = run.until(Duration::from_secs(30), |v| v["event"] == "run");
+    assert_eq!(resumed["resumed_at"], 1, "{resumed}");
+    // The slow node is killed while it holds a share.
+    let sent = run.until(Duration::from_secs(30), |v| {
+        v["event"] == "sent" && v["node"] == slow.peer_id.as_str()
+    });
+    slow.kill();
+    let killed_at = Instant::now();
+    let (round, share) = (sent["round"].clone(), sent["share"].clone());
+    let lost = run.until(Duration::from_secs(30), |v| {
+        v["event"] == "reassigned" && v["round"] == round && v["share"] == share
+    });
+    assert_eq!(lost["node"], slow.peer_id.as_str());
+    let done = run.until(Duration::from_secs(60), |v| v["event"] == "done");
+    let recovered = killed_at.elapsed();
+    assert_eq!(done["rounds"], ROUNDS);
+    // The round of the kill was completed by the others, its lost share sent again.
+    let rounds = run.events("round");
+    assert_eq!(
+        rounds.len() as u64,
+        ROUNDS - 1,
+        "rounds 2 to {ROUNDS} after the restart"
+    );
+    let killed_round = rounds
+        .iter()
+        .find(|r| r["round"].as_u64() == round.as_u64().map(|r| r + 1))
+        .unwrap();
+    assert!(
+        killed_round["reassigned"].as_u64().unwrap() >= 1,
+        "{killed_round}"
+    );
+    let results: Vec<&serde_json::Value> = run
+        .events("result")
+        .into_iter()
+        .filter(|v| v["taken"] != "dropped")
+        .collect();
+    assert_eq!(
+        results.len() as u32,
+        (ROUNDS as u32 - 1) * SHARES,
+        "every share once"
+    );
+
+    // The same rounds in one process, on each round's whole global batch.
+    let (corpus, shards) = dataset();
+    let reference = Model::new(ModelConfig::tiny(corpus.vocab_size()), SEED, &Device::Cpu).unwrap();
+    let initial = reference.params().flatten().unwrap();
+    let mut opt = AdamW::new(reference.params(), AdamWConfig::default()).unwrap();
+    for round in 0..ROUNDS {
+        let shard = &shards[(round % shards.len() as u64) as usize];
+        let batch = shard
+            .sample_batch(&corpus, SEED, round, BATCH, SEQ)
+            .unwrap();
+        let (_, g) = gradients(&reference, &batch).unwrap();
+        opt.step(reference.params(), &g).unwrap();
+    }
+    let expected = reference.params().flatten().unwrap();
+    let got = final_params(&done);
+    let err = relative(&got, &expected);
+    let moved = relative(&expected, &initial);
+    println!(
+        "sync data-parallel, 3 nodes, {ROUNDS} rounds: ‖Δθ‖/‖θ‖ = {err:.3e} against one process \
+         (training moved θ by {moved:.3e}), through a coordinator restart and a node killed \
+         in round {round}; the run done {recovered:.2?} after the kill"
+    );
+    assert!(moved > 1e-3, "training must move the parameters: {moved}");
+    assert!(err < 1e-5, "{err}");
+    for file in ["loss.csv", "loss.svg", "state.json", "receipts.jsonl"] {
+        assert!(h.join("sync").join(file).is_file(), "{file}");
+    }
+    let csv = std::fs::read_to_string(h.join("sync/loss.csv")).unwrap();
+    assert_eq!(csv.lines().count() as u64, ROUNDS + 1, "{csv}");
+    drop(run);
+
+    // DiLoCo on the two nodes left: each share is 4 local AdamW steps.
+    let config = write_config(
+        h,
+        "diloco.toml",
+        "diloco",
+        3,
+        "inner_steps = 4\n[train.adamw]\nlr = 0.003\nweight_decay = 0.0\n",
+    );
+    let mut run = Run::start(h, &config, &h.join("diloco"), &all[..2], 2);
+    let done = run.until(Duration::from_secs(60), |v| v["event"] == "done");
+    let got = final_params(&done);
+    let global = Model::new(ModelConfig::tiny(corpus.vocab_size()), SEED, &Device::Cpu).unwrap();
+    let mut outer = OuterNesterov::new(global.params(), OuterNesterovConfig::default()).unwrap();
+    let inner = AdamWConfig {
+        lr: 0.003,
+        weight_decay: 0.0,
+        ..AdamWConfig::default()
+    };
+    let n = shards.len() as u64;
+    for round in 0..3u64 {
+        let start = global.params().snapshot().unwrap();
+        let mut deltas: Vec<Vec<Tensor>> = Vec::new();
+        for share in 0..u64::from(SHARES) {
+            let shard = &shards[((round * u64::from(SHARES) + share) % n) as usize];
+            let batches: Vec<_> = (0..4)
+                .map(|k| {
+                    shard
+                        .sample_batch(&corpus, SEED + share, round * 4 + k, BATCH, SEQ)
+                        .unwrap()
+                })
+                .collect();
+            let mut worker = DilocoWorker::new(&global, inner).unwrap();
+            deltas.push(worker.round(&start, &batches).unwrap().0);
+        }
+        let averaged = commons_train::grad::average(&deltas).unwrap();
+        outer.step(global.params(), &averaged).unwrap();
+    }
+    let expected = flatten(&global.params().tensors()).unwrap();
+    let err = relative(&got, &expected);
+    let losses: Vec<f64> = run
+        .events("round")
+        .iter()
+        .map(|v| v["val_loss"].as_f64().unwrap())
+        .collect();
+    println!(
+        "DiLoCo, 2 nodes, 3 rounds of 4 local steps: ‖Δθ‖/‖θ‖ = {err:.3e}; validation loss {losses:?}"
+    );
+    assert!(err < 1e-5, "{err}");
+    assert!(losses[2] < losses[0], "{losses:?}");
+    println!("whole test: {:.2?}", started.elapsed());
+    drop((a, b));
+}
