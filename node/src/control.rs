@@ -130,6 +130,11 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             c.units_served,
         ),
         (
+            "peers_dropped",
+            "Peers disconnected for an oversized, malformed or trickled request",
+            c.peers_dropped,
+        ),
+        (
             "coalitions_served",
             "Coalitions this node serves (0: open work only)",
             s.coalitions.len() as u64,

@@ -1399,6 +1399,29 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
                 ..
             })) => self.publish_soon(),
+            // An empty request is one the codec refused to read (oversized or
+            // trickled): the peer goes, with every stream it holds.
+            SwarmEvent::Behaviour(
+                BehaviourEvent::Work(libp2p::request_response::Event::Message {
+                    peer,
+                    message: libp2p::request_response::Message::Request { request, .. },
+                    ..
+                })
+                | BehaviourEvent::Jobs(libp2p::request_response::Event::Message {
+                    peer,
+                    message: libp2p::request_response::Message::Request { request, .. },
+                    ..
+                })
+                | BehaviourEvent::Blobs(libp2p::request_response::Event::Message {
+                    peer,
+                    message: libp2p::request_response::Message::Request { request, .. },
+                    ..
+                }),
+            ) if request.is_empty() => {
+                tracing::info!(%peer, "dropping a peer that sent an oversized or trickled request");
+                self.counters.peers_dropped += 1;
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Work(
                 libp2p::request_response::Event::Message {
                     message:

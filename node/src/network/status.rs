@@ -127,6 +127,8 @@ pub struct Counters {
     pub advert_bytes: u64,
     /// Work units answered with a signed result.
     pub units_served: u64,
+    /// Peers disconnected for an oversized, malformed or trickled request.
+    pub peers_dropped: u64,
     /// Work units refused, by error code name (`unauthorized`, `overloaded`…).
     pub units_refused: BTreeMap<String, u64>,
     /// Job requests a coordinator refused, by error code name.

@@ -2,8 +2,17 @@
 //! work unit. The request is a signed `WorkUnit` envelope; the response a
 //! signed `WorkResult` or `ErrorReply` envelope. Frames carry a 4-byte length
 //! and are refused past the largest envelope their kind allows.
+//!
+//! A request must also arrive at a pace: its header within
+//! [`REQUEST_GRACE`], and the whole frame within that plus its length at
+//! [`MIN_REQUEST_RATE`]. A request that breaks the pace or announces more
+//! than the limit is read as an empty request (no real request is empty),
+//! on which the node drops the peer's connection, with every stream it holds;
+//! other peers' streams are not touched. (A failed read reaches no one:
+//! request-response reports nothing for a request it never read.)
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use commons_protocol::envelope::MessageKind;
 use futures::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -38,6 +47,47 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io
     Ok(buf)
 }
 
+/// Time a peer has to start a request, and the slack on top of its pace.
+pub const REQUEST_GRACE: Duration = Duration::from_secs(10);
+/// The slowest a request's bytes may arrive, bytes per second.
+pub const MIN_REQUEST_RATE: u64 = 256 * 1024;
+
+fn too_slow(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what)
+}
+
+/// [`read_frame`] for a request from a peer, at [`MIN_REQUEST_RATE`] or faster.
+async fn read_request_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> io::Result<Vec<u8>> {
+    let start = Instant::now();
+    let mut header = [0u8; 4];
+    tokio::time::timeout(REQUEST_GRACE, io.read_exact(&mut header))
+        .await
+        .map_err(|_| too_slow(format!("no request within {REQUEST_GRACE:?}")))??;
+    let len = u32::from_be_bytes(header) as usize;
+    let budget = REQUEST_GRACE + Duration::from_secs_f64(len as f64 / MIN_REQUEST_RATE as f64);
+    let rest = budget.saturating_sub(start.elapsed());
+    let mut framed = (&header[..]).chain(io);
+    tokio::time::timeout(rest, read_frame(&mut framed, limit))
+        .await
+        .map_err(|_| {
+            too_slow(format!(
+                "a request of {len} bytes did not arrive within {budget:?}"
+            ))
+        })?
+}
+
+/// Whether a failed read shows a misbehaving peer (an oversized or trickled
+/// frame), not a mishap such as a closed connection.
+fn misbehaved(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::InvalidData | io::ErrorKind::TimedOut
+    )
+}
+
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
     let len = u32::try_from(bytes.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
@@ -69,7 +119,13 @@ impl<L: FrameLimits> libp2p::request_response::Codec for FrameCodec<L> {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Vec<u8>> {
-        read_frame(io, L::request()).await
+        match read_request_frame(io, L::request()).await {
+            Err(e) if misbehaved(&e) => {
+                tracing::debug!(error = %e, "request refused unread");
+                Ok(Vec::new())
+            }
+            other => other,
+        }
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
