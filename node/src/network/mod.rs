@@ -1399,8 +1399,8 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
                 ..
             })) => self.publish_soon(),
-            // An empty request is one the codec refused to read (oversized or
-            // trickled): the peer goes, with every stream it holds.
+            // A request the codec refused to read (oversized or trickled): the
+            // peer goes, with every stream it holds.
             SwarmEvent::Behaviour(
                 BehaviourEvent::Work(libp2p::request_response::Event::Message {
                     peer,
@@ -1417,7 +1417,7 @@ impl EventLoop {
                     message: libp2p::request_response::Message::Request { request, .. },
                     ..
                 }),
-            ) if request.is_empty() => {
+            ) if request == work::REFUSED_UNREAD => {
                 tracing::info!(%peer, "dropping a peer that sent an oversized or trickled request");
                 self.counters.peers_dropped += 1;
                 let _ = self.swarm.disconnect_peer_id(peer);

@@ -6,8 +6,8 @@
 //! A request must also arrive at a pace: its header within
 //! [`REQUEST_GRACE`], and the whole frame within that plus its length at
 //! [`MIN_REQUEST_RATE`]. A request that breaks the pace or announces more
-//! than the limit is read as an empty request (no real request is empty),
-//! on which the node drops the peer's connection, with every stream it holds;
+//! than the limit is read as [`REFUSED_UNREAD`], on which the node drops the
+//! peer's connection, with every stream it holds;
 //! other peers' streams are not touched. (A failed read reaches no one:
 //! request-response reports nothing for a request it never read.)
 
@@ -46,6 +46,11 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io
     }
     Ok(buf)
 }
+
+/// What the codec hands on in place of a request it refused to read (too
+/// slow or too large). No unit, job request or blob request has these bytes;
+/// a peer that sends them anyway is dropped as well.
+pub const REFUSED_UNREAD: &[u8] = b"\0commons: request refused unread\0";
 
 /// Time a peer has to start a request, and the slack on top of its pace.
 pub const REQUEST_GRACE: Duration = Duration::from_secs(10);
@@ -122,7 +127,7 @@ impl<L: FrameLimits> libp2p::request_response::Codec for FrameCodec<L> {
         match read_request_frame(io, L::request()).await {
             Err(e) if misbehaved(&e) => {
                 tracing::debug!(error = %e, "request refused unread");
-                Ok(Vec::new())
+                Ok(REFUSED_UNREAD.to_vec())
             }
             other => other,
         }
