@@ -1,5 +1,8 @@
-//! `commons coalition create | add-member | remove-member | sign | show`, and
-//! reading the charter files a node serves (`commons node join --coalition FILE`).
+//! `commons coalition create | add-member | remove-member | sign | show |
+//! publish`, reading the charter files a node serves (`commons node join
+//! --coalition FILE`), and the node's [`Charters`]: the charters it has
+//! heard of through files, its control API and the swarm, kept in its data
+//! directory.
 //!
 //! A charter file holds exactly the wire bytes of a signed envelope (see
 //! [`commons_protocol::envelope`]) carrying a [`CoalitionCharter`]: the
@@ -12,9 +15,11 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use commons_coordinator::trust::Coalitions;
+use commons_coordinator::trust::{CharterBook, Coalitions, Learned, NotLearned};
 use commons_protocol::envelope::{Envelope, OpenError, SealError};
 use commons_protocol::messages::CoalitionCharter;
 use commons_protocol::{CoalitionId, Identity, NodeId, UnixMillis};
@@ -107,24 +112,210 @@ pub fn write(
     std::fs::rename(&tmp, path).map_err(write_err)
 }
 
-/// The coalitions of the charter files given to `commons node join
-/// --coalition`: each must be valid (signed by its admins' threshold).
-pub fn serve_charters(paths: &[PathBuf]) -> anyhow::Result<Coalitions> {
-    let mut charters = Vec::with_capacity(paths.len());
-    for path in paths {
-        let charter = read(path).context("--coalition")?;
-        charter.verify().with_context(|| {
-            format!(
-                "--coalition {}: coalition {} ({}) version {} is not signed by enough admins yet (add signatures with `commons coalition sign`)",
-                path.display(),
-                charter.name,
-                charter.id,
-                charter.version
-            )
-        })?;
-        charters.push(charter);
+/// A charter offered to a node that it did not take.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OfferError {
+    /// Not a charter envelope sealed by one of its admins.
+    #[error("not a coalition charter sealed by one of its admins")]
+    Open(#[source] OpenError),
+    /// Not valid, not newer, or changing what no version may change.
+    #[error(transparent)]
+    NotLearned(#[from] NotLearned),
+}
+
+impl OfferError {
+    /// True for a version already superseded (nothing wrong with it).
+    #[must_use]
+    pub fn is_stale(&self) -> bool {
+        matches!(self, Self::NotLearned(e) if e.is_stale())
     }
-    Ok(Coalitions::new(charters)?)
+}
+
+/// A node's charters: the pure [`CharterBook`] (the latest valid version of
+/// each coalition heard of, and which are served), the sealed bytes each
+/// came in (passed on as they are: only an admin can seal a charter), and a
+/// copy of each served coalition's latest charter in the data directory, so
+/// a restart never falls back to an older membership.
+#[derive(Debug, Clone)]
+pub struct Charters {
+    book: CharterBook,
+    sealed: BTreeMap<CoalitionId, Vec<u8>>,
+    dir: Option<PathBuf>,
+}
+
+impl Default for Charters {
+    fn default() -> Self {
+        Self::in_memory()
+    }
+}
+
+impl Charters {
+    /// Charters kept in memory only.
+    #[must_use]
+    pub fn in_memory() -> Self {
+        Self {
+            book: CharterBook::default(),
+            sealed: BTreeMap::new(),
+            dir: None,
+        }
+    }
+
+    /// The charters kept in `dir` (created if missing). A file that is not a
+    /// valid charter is skipped with a warning.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut this = Self::in_memory();
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "charter"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let outcome = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|bytes| this.offer(&bytes, now()).map_err(anyhow::Error::from));
+            match outcome {
+                Ok(_) => {}
+                Err(e)
+                    if e.downcast_ref::<OfferError>()
+                        .is_some_and(OfferError::is_stale) => {}
+                Err(e) => tracing::warn!(path = %path.display(), "skipping a kept charter: {e:#}"),
+            }
+        }
+        this.dir = Some(dir.to_owned());
+        Ok(this)
+    }
+
+    /// Takes a sealed charter (from a file, the control API or the swarm) if
+    /// it is valid and newer than the version known; keeps it on disk when
+    /// its coalition is served.
+    pub fn offer(
+        &mut self,
+        bytes: &[u8],
+        now: UnixMillis,
+    ) -> Result<(CoalitionCharter, Learned), OfferError> {
+        let charter: CoalitionCharter =
+            Envelope::open_bytes(bytes, now).map_err(OfferError::Open)?;
+        let learned = self.book.learn(charter.clone())?;
+        self.sealed.insert(charter.id, bytes.to_vec());
+        // The book may have forgotten old coalitions to make room.
+        self.sealed.retain(|id, _| self.book.get(id).is_some());
+        if self.book.is_served(&charter.id) {
+            self.keep(&charter.id);
+        }
+        Ok((charter, learned))
+    }
+
+    /// Serves `id` (pending until its charter is known); false if it was served.
+    pub fn serve(&mut self, id: CoalitionId) -> bool {
+        let new = self.book.serve(id);
+        self.keep(&id);
+        new
+    }
+
+    /// Stops serving `id`; false if it was not served.
+    pub fn drop_coalition(&mut self, id: &CoalitionId) -> bool {
+        self.book.drop_coalition(id)
+    }
+
+    /// Serves the coalition `arg` names: a charter file (taken unless a
+    /// newer version is known) or a coalition id (pending until its charter
+    /// reaches this node through the swarm).
+    pub fn serve_arg(&mut self, arg: &str) -> anyhow::Result<CoalitionId> {
+        if arg.len() == 64
+            && let Ok(id) = arg.parse::<CoalitionId>()
+        {
+            self.serve(id);
+            return Ok(id);
+        }
+        let path = Path::new(arg);
+        let bytes = std::fs::read(path).map_err(|source| {
+            if path.exists() {
+                anyhow::Error::from(CharterFileError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            } else {
+                anyhow::anyhow!(
+                    "--coalition {arg}: neither a coalition id (64 hex digits) nor a charter file"
+                )
+            }
+        })?;
+        let id = match self.offer(&bytes, now()) {
+            Ok((charter, _)) => charter.id,
+            Err(e) if e.is_stale() => {
+                let charter: CoalitionCharter =
+                    Envelope::open_bytes(&bytes, now()).map_err(|source| {
+                        CharterFileError::Open {
+                            path: path.to_owned(),
+                            source,
+                        }
+                    })?;
+                if let Some(newer) = self.book.get(&charter.id) {
+                    tracing::info!(
+                        coalition = %charter.id,
+                        file = charter.version,
+                        kept = newer.version,
+                        "a newer version of this charter is known; serving that"
+                    );
+                }
+                charter.id
+            }
+            Err(e) => {
+                let short = matches!(
+                    &e,
+                    OfferError::NotLearned(NotLearned::Invalid(invalid))
+                        if matches!(invalid.source, commons_protocol::messages::CharterError::NotEnoughSignatures { .. })
+                );
+                let why = if short {
+                    "the charter is not signed by enough admins yet (add signatures with `commons coalition sign`)"
+                } else {
+                    "not a charter this node can serve"
+                };
+                return Err(anyhow::Error::from(e)
+                    .context(format!("--coalition {}: {why}", path.display())));
+            }
+        };
+        self.serve(id);
+        Ok(id)
+    }
+
+    /// What is served now.
+    #[must_use]
+    pub fn coalitions(&self) -> Coalitions {
+        self.book.coalitions()
+    }
+
+    /// The book.
+    #[must_use]
+    pub fn book(&self) -> &CharterBook {
+        &self.book
+    }
+
+    /// The sealed bytes of the served coalitions' charters, to pass on.
+    pub fn served_sealed(&self) -> impl Iterator<Item = &[u8]> {
+        self.sealed
+            .iter()
+            .filter(|(id, _)| self.book.is_served(id))
+            .map(|(_, b)| b.as_slice())
+    }
+
+    /// Writes `id`'s sealed charter to the data directory, if both exist.
+    fn keep(&self, id: &CoalitionId) {
+        let (Some(dir), Some(bytes)) = (&self.dir, self.sealed.get(id)) else {
+            return;
+        };
+        let path = dir.join(format!("{id}.charter"));
+        let tmp = dir.join(format!("{id}.charter.tmp"));
+        let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), %e, "cannot keep the charter");
+        }
+    }
 }
 
 /// The coalition named by `arg`: its id (64 hex digits) or a charter file.
@@ -154,6 +345,23 @@ pub enum CoalitionCommand {
     Sign(SignArgs),
     /// Show a charter: its members, admins, signatures, and whether it is valid.
     Show(ShowArgs),
+    /// Hand a charter to a running node, which takes it if it is valid and
+    /// newer than the version it knows, and passes it on to the swarm: every
+    /// node serving the coalition then serves the new membership.
+    Publish(PublishArgs),
+}
+
+/// Arguments of `commons coalition publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The charter file.
+    pub file: PathBuf,
+    /// The node's control API. Default: the address the node in the data directory recorded.
+    #[arg(long, value_name = "ADDR")]
+    pub control: Option<std::net::SocketAddr>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `commons coalition create`.
@@ -235,7 +443,44 @@ pub fn run(settings: &Settings, command: CoalitionCommand) -> anyhow::Result<Exi
             print(&charter, &args.file, args.json);
             Ok(ExitCode::SUCCESS)
         }
+        CoalitionCommand::Publish(args) => publish(settings, &args),
     }
+}
+
+fn publish(settings: &Settings, args: &PublishArgs) -> anyhow::Result<ExitCode> {
+    let charter = read(&args.file)?;
+    charter.verify().with_context(|| {
+        format!(
+            "{}: version {} is not signed by enough admins yet (add signatures with `commons coalition sign`)",
+            args.file.display(),
+            charter.version
+        )
+    })?;
+    let bytes = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let addr = crate::join::control_addr(settings, args.control)?;
+    let answer = crate::control::post_to(addr, "/v1/charters", &bytes)?;
+    if args.json {
+        println!("{answer}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if answer["changed"] == true {
+        println!(
+            "the node at {addr} took coalition {} version {}",
+            charter.name, charter.version
+        );
+    } else {
+        println!(
+            "the node at {addr} knows coalition {} at version {} already",
+            charter.name, answer["version"]
+        );
+    }
+    if answer["published"] == true {
+        println!("passed on to the swarm");
+    } else {
+        println!("not passed on: the node has no peers subscribed to charters yet");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn create(settings: &Settings, args: CreateArgs) -> anyhow::Result<ExitCode> {
@@ -430,8 +675,12 @@ mod tests {
         let path = dir.path().join("riverside.charter");
         write(&path, &charter, &admin).unwrap();
         assert_eq!(read(&path).unwrap(), charter);
-        let served = serve_charters(std::slice::from_ref(&path)).unwrap();
-        assert_eq!(served.ids().into_iter().collect::<Vec<_>>(), [charter.id]);
+        let mut served = Charters::in_memory();
+        served.serve_arg(path.to_str().unwrap()).unwrap();
+        assert_eq!(
+            served.coalitions().ids().into_iter().collect::<Vec<_>>(),
+            [charter.id]
+        );
         assert_eq!(resolve_id(path.to_str().unwrap()).unwrap(), charter.id);
         assert_eq!(resolve_id(&charter.id.to_string()).unwrap(), charter.id);
         assert!(resolve_id("nope").is_err());
@@ -457,10 +706,56 @@ mod tests {
         let bytes = Envelope::seal(&admin, &unsigned).unwrap().to_bytes();
         std::fs::write(&path, bytes).unwrap();
         assert_eq!(read(&path).unwrap().version, 2);
-        let e = serve_charters(&[path]).unwrap_err();
-        assert!(
-            format!("{e:#}").contains("not signed by enough admins"),
-            "{e:#}"
-        );
+        let e = Charters::in_memory()
+            .serve_arg(path.to_str().unwrap())
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("valid admin signatures"), "{e:#}");
+    }
+
+    #[test]
+    fn kept_charters_outlive_a_restart_and_older_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = Identity::from_secret([1; 32]);
+        let (m1, m2) = (NodeId([5; 32]), NodeId([6; 32]));
+        let mut v1 =
+            CoalitionCharter::found("riverside", &[admin.node_id()], 1, &[m1], now()).unwrap();
+        v1.sign_as(&admin).unwrap();
+        let mut v2 = v1.next_version(now());
+        v2.remove_member(&m1);
+        v2.add_member(m2).unwrap();
+        v2.sign_as(&admin).unwrap();
+        let (f1, f2) = (dir.path().join("v1.charter"), dir.path().join("v2.charter"));
+        write(&f1, &v1, &admin).unwrap();
+        write(&f2, &v2, &admin).unwrap();
+        let kept = dir.path().join("kept");
+
+        let mut node = Charters::load(&kept).unwrap();
+        node.serve_arg(f1.to_str().unwrap()).unwrap();
+        let (_, learned) = node.offer(&std::fs::read(&f2).unwrap(), now()).unwrap();
+        assert_eq!(learned, Learned::Newer { from: 1 });
+        assert!(node.coalitions().authorize(Some(v1.id), &m1).is_err());
+
+        // Restarted with the old file: the newer version kept wins.
+        let mut node = Charters::load(&kept).unwrap();
+        node.serve_arg(f1.to_str().unwrap()).unwrap();
+        assert_eq!(node.coalitions().get(&v1.id).unwrap().version, 2);
+        node.coalitions().authorize(Some(v1.id), &m2).unwrap();
+        assert!(node.coalitions().authorize(Some(v1.id), &m1).is_err());
+        assert_eq!(node.served_sealed().count(), 1);
+
+        // By id alone: pending until the charter is offered.
+        let mut fresh = Charters::in_memory();
+        fresh.serve_arg(&v1.id.to_string()).unwrap();
+        assert_eq!(fresh.coalitions().pending().len(), 1);
+        fresh.offer(&std::fs::read(&f2).unwrap(), now()).unwrap();
+        fresh.coalitions().authorize(Some(v1.id), &m2).unwrap();
+        assert!(fresh.drop_coalition(&v1.id));
+        assert!(fresh.coalitions().is_open());
+        // Garbage is refused, not a panic.
+        assert!(matches!(
+            fresh.offer(b"not a charter", now()),
+            Err(OfferError::Open(_))
+        ));
+        assert!(Charters::in_memory().serve_arg("nope").is_err());
     }
 }

@@ -1,13 +1,16 @@
 //! The control API, on loopback only: `GET /v1/status` (JSON), `GET /metrics`
-//! (Prometheus text), `POST /v1/leave`; and the client `commons node status`
-//! and `commons node leave` use.
+//! (Prometheus text), `POST /v1/leave`, `POST /v1/charters` (a sealed
+//! charter to take and pass on), `POST /v1/coalitions/{id}/serve` and
+//! `/drop`; and the client `commons node status | leave | serve | drop` and
+//! `commons coalition publish` use.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use axum::Router;
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,7 +21,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::network::{Command, Status};
+use commons_protocol::CoalitionId;
+
+use crate::network::{
+    CoalitionAnswer, CoalitionCommand, CoalitionRequest, Command, MAX_GOSSIP_BYTES, Status,
+};
 
 #[derive(Clone)]
 struct AppState {
@@ -53,6 +60,9 @@ pub async fn serve(
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics_text))
         .route("/v1/leave", post(leave_now))
+        .route("/v1/charters", post(take_charter))
+        .route("/v1/coalitions/{id}/{action}", post(change_coalition))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_GOSSIP_BYTES))
         .with_state(AppState { commands, leave });
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     Ok((bound, async move { server.await }))
@@ -75,6 +85,49 @@ async fn status(State(state): State<AppState>) -> Response {
 async fn leave_now(State(state): State<AppState>) -> Response {
     state.leave.notify_one();
     (StatusCode::ACCEPTED, "leaving").into_response()
+}
+
+async fn coalition_request(state: &AppState, request: CoalitionRequest) -> Response {
+    let (reply, rx) = oneshot::channel();
+    let command = Command::Coalition(CoalitionCommand { request, reply });
+    if state.commands.send(command).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping").into_response();
+    }
+    let answer: Option<CoalitionAnswer> = rx.await.ok();
+    match answer {
+        Some(Ok(json)) => axum::Json(json).into_response(),
+        Some(Err(why)) => (StatusCode::UNPROCESSABLE_ENTITY, why).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "the node is stopping").into_response(),
+    }
+}
+
+async fn take_charter(State(state): State<AppState>, body: Bytes) -> Response {
+    coalition_request(&state, CoalitionRequest::Charter(body.to_vec())).await
+}
+
+async fn change_coalition(
+    State(state): State<AppState>,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    let Ok(id) = id.parse::<CoalitionId>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("{id} is not a coalition id (64 hex digits)"),
+        )
+            .into_response();
+    };
+    let request = match action.as_str() {
+        "serve" => CoalitionRequest::Serve(id),
+        "drop" => CoalitionRequest::Drop(id),
+        other => {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("no action {other:?} (serve or drop)"),
+            )
+                .into_response();
+        }
+    };
+    coalition_request(&state, request).await
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
@@ -133,6 +186,16 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             "peers_dropped",
             "Peers disconnected for an oversized, malformed or trickled request",
             c.peers_dropped,
+        ),
+        (
+            "charters_accepted",
+            "Coalition charters taken (new coalitions and newer versions)",
+            c.charters_accepted,
+        ),
+        (
+            "charters_rejected",
+            "Coalition charters refused as invalid",
+            c.charters_rejected,
         ),
         (
             "coalitions_served",
@@ -199,6 +262,30 @@ pub fn fetch_status(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
         .body_mut()
         .read_json()
         .context("the node answered with invalid JSON")
+}
+
+/// Posts `body` to `path` of the node's control API; the JSON answer, or the
+/// node's reason for refusing.
+pub fn post_to(addr: SocketAddr, path: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+    check_loopback(&addr)?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut response = agent
+        .post(&format!("http://{addr}{path}"))
+        .send(body)
+        .with_context(|| format!("no node answers on {addr}"))?;
+    let status = response.status();
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .context("cannot read the node's answer")?;
+    if !status.is_success() {
+        bail!("the node refused: {text}");
+    }
+    serde_json::from_str(&text).context("the node answered with invalid JSON")
 }
 
 /// Asks a node to leave.

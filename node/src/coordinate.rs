@@ -335,6 +335,12 @@ impl<C> Coordinating<C> {
         self.quotas = per_member.map(|l| Quotas::new(l, MAX_TRACKED_SUBMITTERS));
     }
 
+    /// Serves `coalitions` from now on, keeping the members' quotas: jobs
+    /// already accepted run on; new ones are checked against these charters.
+    pub fn set_coalitions(&mut self, coalitions: Coalitions) {
+        self.coalitions = coalitions;
+    }
+
     /// Job requests refused so far, by error code name.
     #[must_use]
     pub fn refusals(&self) -> BTreeMap<String, u64> {

@@ -30,6 +30,23 @@ pub enum NodeCommand {
     Status(ControlArgs),
     /// Ask a running node to announce its leave and stop.
     Leave(ControlArgs),
+    /// Serve a coalition from now on, without a restart: a charter file
+    /// (taken and passed on to the swarm) or a coalition id (its charter
+    /// comes from the swarm).
+    Serve(CoalitionArgs),
+    /// Stop serving a coalition at once: its units and jobs are refused
+    /// from now on, and the node's adverts no longer list it.
+    Drop(CoalitionArgs),
+}
+
+/// A coalition to serve or drop, and where to reach the node.
+#[derive(Debug, Args)]
+pub struct CoalitionArgs {
+    /// A coalition id (64 hex digits) or a charter file.
+    #[arg(value_name = "ID|CHARTER")]
+    pub coalition: String,
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 /// Arguments of `commons node join`.
@@ -79,11 +96,14 @@ pub struct JoinArgs {
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub rebalance_secs: u64,
     /// Serve this coalition (repeatable): a charter file from `commons
-    /// coalition create`, signed by its admins. The node then runs only units
-    /// of the coalitions it serves, issued by their members, and a coordinator
-    /// accepts only their members' jobs. Without it: open work only.
-    #[arg(long, value_name = "CHARTER")]
-    pub coalition: Vec<PathBuf>,
+    /// coalition create`, signed by its admins, or a coalition id whose
+    /// charter comes from the swarm. The node then runs only units of the
+    /// coalitions it serves, issued by their members, and a coordinator
+    /// accepts only their members' jobs. Without it: open work only. Newer
+    /// versions of a served charter reach the node through the swarm; `commons
+    /// node serve | drop` change what it serves while it runs.
+    #[arg(long, value_name = "CHARTER|ID")]
+    pub coalition: Vec<String>,
     /// Work units this node runs per issuer and minute, sustained (0: no limit).
     #[arg(long, default_value_t = 120_000, value_name = "N")]
     pub issuer_units_per_min: u32,
@@ -140,10 +160,46 @@ pub fn run(settings: &Settings, command: NodeCommand) -> anyhow::Result<ExitCode
             println!("asked the node at {addr} to leave");
             Ok(ExitCode::SUCCESS)
         }
+        NodeCommand::Serve(args) => change_coalition(settings, &args, true),
+        NodeCommand::Drop(args) => change_coalition(settings, &args, false),
     }
 }
 
-fn control_addr(settings: &Settings, given: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
+fn change_coalition(
+    settings: &Settings,
+    args: &CoalitionArgs,
+    serve: bool,
+) -> anyhow::Result<ExitCode> {
+    let addr = control_addr(settings, args.control.control)?;
+    let path = std::path::Path::new(&args.coalition);
+    let id = crate::coalition::resolve_id(&args.coalition)?;
+    // A charter file: the node takes it (and passes it on) before serving it.
+    if serve && path.exists() {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        crate::control::post_to(addr, "/v1/charters", &bytes)?;
+    }
+    let action = if serve { "serve" } else { "drop" };
+    let answer = crate::control::post_to(addr, &format!("/v1/coalitions/{id}/{action}"), &[])?;
+    if args.control.json {
+        println!("{answer}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let name = answer["name"].as_str().unwrap_or("(charter pending)");
+    if serve {
+        println!("serving coalition {name} {id}");
+        if answer["pending"] == true {
+            println!("its charter has not reached the node yet: its work is refused until it does");
+        }
+    } else {
+        println!("no longer serving coalition {name} {id}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The control address: `given`, or the one the node in the data directory
+/// recorded, or the default.
+pub fn control_addr(settings: &Settings, given: Option<SocketAddr>) -> anyhow::Result<SocketAddr> {
     if let Some(a) = given {
         return Ok(a);
     }
@@ -189,6 +245,13 @@ fn status(settings: &Settings, args: &ControlArgs) -> anyhow::Result<ExitCode> {
         println!("coalitions: none (open work only)");
     }
     for c in coalitions {
+        if c["pending"] == true {
+            println!(
+                "coalition: {} (charter not received yet)",
+                c["id"].as_str().unwrap_or("?")
+            );
+            continue;
+        }
         println!(
             "coalition: {} {} (version {}, {} members)",
             c["name"].as_str().unwrap_or("?"),
@@ -236,13 +299,25 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
             settings.data_dir.display()
         )
     })?;
+    // Charters heard of before, so a restart never falls back to an older
+    // membership than the newest this node has seen.
+    let mut charters = crate::coalition::Charters::load(&settings.data_dir.join("charters"))?;
+    for arg in &args.coalition {
+        charters.serve_arg(arg)?;
+    }
     let trust = crate::network::Trust {
-        coalitions: crate::coalition::serve_charters(&args.coalition)?,
+        charters,
         units_per_issuer: RateLimit::new(args.issuer_units_burst, args.issuer_units_per_min),
         jobs_per_member: RateLimit::new(args.member_jobs_burst, args.member_jobs_per_min),
     };
     // The API's jobs run for the coalition, when the node serves exactly one.
-    let api_coalition = match trust.coalitions.ids().into_iter().collect::<Vec<_>>()[..] {
+    let api_coalition = match trust
+        .charters
+        .coalitions()
+        .ids()
+        .into_iter()
+        .collect::<Vec<_>>()[..]
+    {
         [one] => Some(one),
         _ => None,
     };

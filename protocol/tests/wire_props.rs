@@ -317,20 +317,21 @@ fn work_result() -> impl Strategy<Value = WorkResult> {
 
 fn charter() -> impl Strategy<Value = CoalitionCharter> {
     (
-        hash(),
         text(40),
         any::<u64>(),
         vec(node(), 0..20),
         vec(any::<[u8; 32]>(), 1..4),
         time(),
     )
-        .prop_map(|(id, name, version, members, admin_secrets, issued_at)| {
+        .prop_map(|(name, version, members, admin_secrets, issued_at)| {
             let admins: Vec<Identity> = admin_secrets
                 .into_iter()
                 .map(Identity::from_secret)
                 .collect();
+            let ids: Vec<_> = admins.iter().map(Identity::node_id).collect();
             let mut c = CoalitionCharter {
-                id: CoalitionId(id),
+                // The id a coalition of this name and these admins has.
+                id: CoalitionCharter::genesis_id(&name, &ids),
                 name,
                 version,
                 members: BoundedVec::try_from_vec(members).unwrap(),

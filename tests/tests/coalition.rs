@@ -631,3 +631,194 @@ fn a_coalitions_coordinator_runs_its_members_jobs_on_its_nodes_only() {
     );
     assert_eq!(counters(&open, h)["units_served"], 0);
 }
+
+/// The coalition entry of `node`'s status for `id`, once it satisfies `ok`.
+fn coalition_status(
+    node: &Node,
+    home: &Path,
+    id: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    let mut found = None;
+    wait_until(Duration::from_secs(30), || {
+        found = node.status(home).and_then(|s| {
+            s["coalitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["id"] == id)
+                .filter(|c| ok(c))
+                .cloned()
+        });
+        found.is_some()
+    });
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charters_travel_through_the_swarm_and_coalitions_change_without_restart() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let model_path = h.join("tiny.gguf");
+    write_tiny_gguf(&model_path, &TinySpec::default()).unwrap();
+    let model = model_id(&model_path).unwrap();
+    let m = model_path.to_str().unwrap();
+    let (first, second, outsider) = (
+        Identity::from_secret([81; 32]),
+        Identity::from_secret([82; 32]),
+        Identity::from_secret([83; 32]),
+    );
+    let _ = member(h, "admin");
+    let (file, id_text) = found(h, "riverside", &[&first.node_id().to_string()]);
+    let id: CoalitionId = id_text.parse().unwrap();
+
+    // One node has the charter file; the other names the coalition by id only.
+    let a = Node::start_with(
+        h,
+        &h.join("a"),
+        &[],
+        Transports::Tcp,
+        10,
+        &["--model", m, "--coalition", &file],
+    );
+    let b = Node::start_with(
+        h,
+        &h.join("b"),
+        std::slice::from_ref(&a.addrs[0]),
+        Transports::Tcp,
+        10,
+        &["--model", m, "--coalition", &id_text],
+    );
+    let got = coalition_status(&b, h, &id_text, |c| c["version"] == 1);
+    assert!(
+        got.is_some(),
+        "the charter never reached the node that named the coalition by id: {:?}",
+        b.status(h).map(|s| s["coalitions"].clone())
+    );
+    assert_eq!(got.unwrap()["name"], "riverside");
+
+    let mut client = Client::new();
+    let b_peer: PeerId = b.peer_id.parse().unwrap();
+    client
+        .swarm
+        .add_peer_address(b_peer, b.addrs[0].parse::<Multiaddr>().unwrap());
+    let unit = client.unit(&first, model, Some(id));
+    client.send(b_peer, unit).await.unwrap().verify().unwrap();
+    let unit = client.unit(&second, model, Some(id));
+    refused(
+        client.send(b_peer, unit).await,
+        ErrorCode::UNAUTHORIZED,
+        "is not a member of coalition riverside",
+    );
+
+    // The admin adds a member and hands the new version to node a; node b
+    // serves it without a restart.
+    let out = coalition(
+        h,
+        "admin",
+        &["add-member", &file, &second.node_id().to_string(), "--json"],
+    );
+    assert_eq!(json(&out)["version"], 2);
+    let published = output(
+        commons(h)
+            .args(["coalition", "publish", &file, "--control", &a.control])
+            .arg("--json"),
+    );
+    let published = json(&published);
+    assert_eq!(published["changed"], true, "{published}");
+    assert_eq!(published["version"], 2, "{published}");
+    assert!(
+        coalition_status(&b, h, &id_text, |c| c["version"] == 2).is_some(),
+        "version 2 never reached node b"
+    );
+    let unit = client.unit(&second, model, Some(id));
+    client.send(b_peer, unit).await.unwrap().verify().unwrap();
+    // The old file again: nothing changes.
+    let v1_again = output(
+        commons(h)
+            .args(["coalition", "publish", &file, "--control", &a.control])
+            .arg("--json"),
+    );
+    assert_eq!(json(&v1_again)["changed"], false);
+
+    // A charter claiming riverside's id, signed by someone who is not its
+    // admin, at a higher version: refused and counted, nothing changes.
+    let mut forged = commons_protocol::messages::CoalitionCharter::found(
+        "riverside",
+        &[outsider.node_id()],
+        1,
+        &[outsider.node_id()],
+        now(),
+    )
+    .unwrap();
+    forged.id = id;
+    forged.version = 9;
+    forged.sign_as(&outsider).unwrap();
+    let forged_file = h.join("forged.charter");
+    std::fs::write(
+        &forged_file,
+        Envelope::seal(&outsider, &forged).unwrap().to_bytes(),
+    )
+    .unwrap();
+    let out = commons(h)
+        .args(["coalition", "publish"])
+        .arg(&forged_file)
+        .args(["--control", &a.control])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not the one founded by this name and these admins"),
+        "{}",
+        stderr(&out)
+    );
+    let sealed = std::fs::read(&forged_file).unwrap();
+    let answer = ureq::post(&format!("http://{}/v1/charters", a.control))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(&sealed[..])
+        .unwrap();
+    assert_eq!(answer.status(), 422);
+    assert_eq!(counters(&a, h)["charters_rejected"], 1);
+    assert_eq!(
+        coalition_status(&a, h, &id_text, |_| true).unwrap()["version"],
+        2
+    );
+
+    // Node b drops the coalition while running: its work is refused from
+    // then on, and node a sees b's advert without it.
+    let out = output(
+        commons(h)
+            .args(["node", "drop", &id_text, "--control", &b.control])
+            .arg("--json"),
+    );
+    assert_eq!(json(&out)["served"], false);
+    let unit = client.unit(&first, model, Some(id));
+    refused(
+        client.send(b_peer, unit).await,
+        ErrorCode::UNAUTHORIZED,
+        &format!("coalition {id_text} is not served here"),
+    );
+    let seen = wait_until(Duration::from_secs(20), || {
+        a.status(h).is_some_and(|s| {
+            s["peers"].as_array().into_iter().flatten().any(|p| {
+                p["peer_id"] == b.peer_id.as_str() && p["coalitions"] == serde_json::json!([])
+            })
+        })
+    });
+    assert!(seen.is_some(), "node a still sees b serving riverside");
+    // And takes it up again, from the charter it kept: version 2.
+    let out = output(
+        commons(h)
+            .args(["node", "serve", &id_text, "--control", &b.control])
+            .arg("--json"),
+    );
+    let out = json(&out);
+    assert_eq!(
+        (out["served"].clone(), out["version"].clone()),
+        (true.into(), 2.into())
+    );
+    let unit = client.unit(&second, model, Some(id));
+    client.send(b_peer, unit).await.unwrap().verify().unwrap();
+}

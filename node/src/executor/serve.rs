@@ -67,6 +67,12 @@ impl Admission {
     pub fn coalitions(&self) -> &Coalitions {
         &self.coalitions
     }
+
+    /// Serves `coalitions` from now on (a charter updated, a coalition
+    /// taken or dropped), keeping the nonces seen and the issuers' quotas.
+    pub fn set_coalitions(&mut self, coalitions: Coalitions) {
+        self.coalitions = coalitions;
+    }
 }
 
 /// A unit refused before it ran.

@@ -11,11 +11,15 @@
 
 pub mod bandwidth;
 pub mod blobs;
+mod charters;
 mod peers;
 mod status;
 mod units;
 pub mod work;
 
+pub use charters::{
+    CHARTER_TOPIC, CoalitionAnswer, CoalitionCommand, CoalitionRequest, MAX_GOSSIP_BYTES,
+};
 pub use peers::{AdvertError, PeerEntry, PeerTable, Update};
 pub use status::{
     CoalitionStatus, Counters, ExcludedStatus, PeerStatus, RecordStatus, Status, VerificationStatus,
@@ -45,7 +49,6 @@ use crate::coordinate::{Answer, Coordinating, KnownModel, Outgoing, Pending};
 use crate::executor::serve;
 use crate::jobstore::JobStore;
 use commons_coordinator::quota::RateLimit;
-use commons_coordinator::trust::Coalitions;
 use commons_coordinator::verify::Profile;
 
 /// Kademlia protocol id of the Commons DHT.
@@ -87,8 +90,9 @@ pub struct NetworkConfig {
 /// Whom a node works for, and how much each may ask of it.
 #[derive(Debug, Clone, Default)]
 pub struct Trust {
-    /// Coalitions served (none: open work only), for units and jobs alike.
-    pub coalitions: Coalitions,
+    /// The charters known and the coalitions served (none: open work
+    /// only), for units and jobs alike; both change while the node runs.
+    pub charters: crate::coalition::Charters,
     /// Work units this node runs per issuer (`None`: no limit).
     pub units_per_issuer: Option<RateLimit>,
     /// Jobs a coordinating node accepts per submitter (`None`: no limit).
@@ -143,7 +147,7 @@ pub fn build_swarm(
                 .heartbeat_interval(Duration::from_millis(700))
                 .validation_mode(gossipsub::ValidationMode::Strict)
                 .validate_messages()
-                .max_transmit_size(64 * 1024)
+                .max_transmit_size(MAX_GOSSIP_BYTES)
                 .build()
                 .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
             let gossipsub = gossipsub::Behaviour::new(
@@ -253,6 +257,8 @@ pub enum Command {
     UnshareFile(commons_protocol::ModelId),
     /// Connected peers whose adverts say they run gradient units.
     Trainers(oneshot::Sender<Vec<NodeId>>),
+    /// Takes a charter, or changes the coalitions served.
+    Coalition(CoalitionCommand),
 }
 
 type Channel = libp2p::request_response::ResponseChannel<Vec<u8>>;
@@ -276,6 +282,10 @@ pub struct EventLoop {
     peers: PeerTable,
     commands: mpsc::Receiver<Command>,
     topic: gossipsub::IdentTopic,
+    charter_topic: gossipsub::IdentTopic,
+    charters: crate::coalition::Charters,
+    /// A peer subscribed to charters: the next sweep publishes ours.
+    charters_due: bool,
     sequence: u64,
     listen_addrs: Vec<Multiaddr>,
     counters: Counters,
@@ -461,6 +471,12 @@ impl EventLoop {
             .gossipsub
             .subscribe(&topic)
             .map_err(|e| anyhow::anyhow!("cannot subscribe to adverts: {e}"))?;
+        let charter_topic = gossipsub::IdentTopic::new(CHARTER_TOPIC);
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&charter_topic)
+            .map_err(|e| anyhow::anyhow!("cannot subscribe to charters: {e}"))?;
         for addr in &config.bootstrap {
             swarm
                 .dial(addr.clone())
@@ -474,6 +490,9 @@ impl EventLoop {
             peers: PeerTable::new(),
             commands,
             topic,
+            charter_topic,
+            charters: crate::coalition::Charters::in_memory(),
+            charters_due: false,
             sequence: 0,
             listen_addrs: Vec::new(),
             counters: Counters::default(),
@@ -481,7 +500,7 @@ impl EventLoop {
             publish_pending: false,
             served,
             // Units may be valid for up to ten minutes; their nonces are kept that long.
-            admission: serve::Admission::new(Coalitions::open(), None),
+            admission: serve::Admission::new(commons_coordinator::trust::Coalitions::open(), None),
             responses_tx,
             responses_rx,
             in_progress: Arc::new(AtomicU64::new(0)),
@@ -647,17 +666,26 @@ impl EventLoop {
             },
             capacity: self.capacity.clone(),
             bandwidth_bytes_per_sec: self.bandwidth.bytes_per_sec(),
-            coalitions: self
-                .admission
-                .coalitions()
-                .charters()
-                .map(|c| CoalitionStatus {
-                    id: c.id.to_string(),
-                    name: c.name.clone(),
-                    version: c.version,
-                    members: c.members.len(),
-                })
-                .collect(),
+            coalitions: {
+                let served = self.admission.coalitions();
+                served
+                    .charters()
+                    .map(|c| CoalitionStatus {
+                        id: c.id.to_string(),
+                        name: c.name.clone(),
+                        version: c.version,
+                        members: c.members.len(),
+                        pending: false,
+                    })
+                    .chain(served.pending().iter().map(|id| CoalitionStatus {
+                        id: id.to_string(),
+                        name: String::new(),
+                        version: 0,
+                        members: 0,
+                        pending: true,
+                    }))
+                    .collect()
+            },
             verification: self.coordinating.as_ref().map(Coordinating::verification),
         }
     }
@@ -665,6 +693,7 @@ impl EventLoop {
     /// Runs until `shutdown` resolves; then publishes a leave notice and returns.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         let mut republish = tokio::time::interval(self.config.advert_ttl / 3);
+        let mut republish_charters = tokio::time::interval(self.config.advert_ttl);
         let mut sweep = tokio::time::interval(Duration::from_millis(500));
         let mut rebootstrap = tokio::time::interval(Duration::from_secs(30));
         let mut redial = tokio::time::interval(Duration::from_secs(2));
@@ -691,9 +720,13 @@ impl EventLoop {
                 Some(command) = self.commands.recv() => self.on_command(command),
                 Some(request) = self.fetch_rx.recv() => self.on_fetch_request(request),
                 _ = republish.tick() => self.publish_advert(),
+                _ = republish_charters.tick() => self.publish_charters(),
                 _ = sweep.tick() => {
                     if self.publish_pending {
                         self.publish_soon();
+                    }
+                    if std::mem::take(&mut self.charters_due) {
+                        self.publish_charters();
                     }
                     for gone in self.peers.expire(now()) {
                         tracing::info!(peer_id = %gone, "peer's advert expired");
@@ -782,6 +815,7 @@ impl EventLoop {
                     }
                 }
             }
+            Command::Coalition(command) => self.on_coalition_command(command),
             Command::ShareFile { id, path } => self.blob_server.share_unlisted(id, path),
             Command::UnshareFile(id) => self.blob_server.unshare(&id),
             Command::Trainers(reply) => {
@@ -812,13 +846,18 @@ impl EventLoop {
     /// serves open work, unlimited.
     #[must_use]
     pub fn with_trust(mut self, trust: Trust) -> Self {
-        for c in trust.coalitions.charters() {
+        let coalitions = trust.charters.coalitions();
+        for c in coalitions.charters() {
             tracing::info!(coalition = %c.id, name = %c.name, version = c.version, "serving coalition");
         }
-        if let Some(c) = self.coordinating.as_mut() {
-            c.set_trust(trust.coalitions.clone(), trust.jobs_per_member);
+        for id in coalitions.pending() {
+            tracing::info!(coalition = %id, "serving coalition once its charter arrives");
         }
-        self.admission = serve::Admission::new(trust.coalitions, trust.units_per_issuer);
+        if let Some(c) = self.coordinating.as_mut() {
+            c.set_trust(coalitions.clone(), trust.jobs_per_member);
+        }
+        self.admission = serve::Admission::new(coalitions, trust.units_per_issuer);
+        self.charters = trust.charters;
         self
     }
 
@@ -1397,8 +1436,15 @@ impl EventLoop {
             // A newcomer learns about us at once instead of at our next round
             // (at most one extra advert a second: later ones wait for the sweep).
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
+                topic,
                 ..
-            })) => self.publish_soon(),
+            })) => {
+                if topic == self.charter_topic.hash() {
+                    self.charters_due = true;
+                } else {
+                    self.publish_soon();
+                }
+            }
             // A request the codec refused to read (oversized or trickled): the
             // peer goes, with every stream it holds.
             SwarmEvent::Behaviour(
@@ -1526,6 +1572,17 @@ impl EventLoop {
                 ..
             })) => {
                 self.rtts.insert(peer, rtt);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) if message.topic == self.charter_topic.hash() => {
+                let acceptance = self.on_charter_gossip(&message.data);
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,

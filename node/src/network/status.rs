@@ -81,6 +81,8 @@ pub struct CoalitionStatus {
     pub version: u64,
     /// Members.
     pub members: usize,
+    /// Served, but its charter has not reached this node yet.
+    pub pending: bool,
 }
 
 /// A peer in the status.
@@ -129,6 +131,11 @@ pub struct Counters {
     pub units_served: u64,
     /// Peers disconnected for an oversized, malformed or trickled request.
     pub peers_dropped: u64,
+    /// Charters taken (new coalitions and newer versions).
+    pub charters_accepted: u64,
+    /// Charters refused: not sealed by an admin, short of the threshold,
+    /// claiming another coalition's id, or changing the threshold.
+    pub charters_rejected: u64,
     /// Work units refused, by error code name (`unauthorized`, `overloaded`…).
     pub units_refused: BTreeMap<String, u64>,
     /// Job requests a coordinator refused, by error code name.

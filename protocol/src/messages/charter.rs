@@ -72,6 +72,13 @@ pub enum CharterError {
     /// Too many members, admins or signatures.
     #[error("the charter is too large")]
     TooLarge,
+    /// The id is not the one its name and admins found: a charter claiming
+    /// another coalition's id.
+    #[error("the id {id} is not the one founded by this name and these admins")]
+    WrongId {
+        /// The id it claims.
+        id: CoalitionId,
+    },
     /// The name is empty or too long.
     #[error("a coalition's name must be 1 to {MAX_NAME_BYTES} bytes, not {len}")]
     BadName {
@@ -211,8 +218,13 @@ impl CoalitionCharter {
             .map_err(|_| CharterError::TooLarge)
     }
 
-    /// Checks the threshold and that at least `threshold` distinct admins signed.
+    /// Checks that the id is the one this name and these admins founded (so
+    /// no one can sign a charter for someone else's coalition), the threshold,
+    /// and that at least `threshold` distinct admins signed.
     pub fn verify(&self) -> Result<(), CharterError> {
+        if Self::genesis_id(&self.name, &self.admins) != self.id {
+            return Err(CharterError::WrongId { id: self.id });
+        }
         let admins: BTreeSet<&NodeId> = self.admins.iter().collect();
         if self.threshold == 0 || usize::from(self.threshold) > admins.len() {
             return Err(CharterError::BadThreshold {
@@ -314,6 +326,26 @@ mod tests {
                 threshold: 2
             })
         );
+    }
+
+    #[test]
+    fn no_one_can_sign_for_another_coalitions_id() {
+        let (a, x) = (
+            Identity::from_secret([1; 32]),
+            Identity::from_secret([7; 32]),
+        );
+        let real = charter(&[&a], 1);
+        // An outsider lists itself as the admin of a higher version of the
+        // same id, and signs it: valid signatures, wrong coalition.
+        let mut forged = charter(&[&x], 1);
+        forged.id = real.id;
+        forged.version = 99;
+        forged.sign_as(&x).unwrap();
+        assert_eq!(forged.verify(), Err(CharterError::WrongId { id: real.id }));
+        let mut honest = charter(&[&x], 1);
+        honest.sign_as(&x).unwrap();
+        honest.verify().unwrap();
+        assert_ne!(honest.id, real.id);
     }
 
     #[test]
