@@ -40,6 +40,12 @@ pub struct VerifyConfig {
     /// Largest difference tolerated between nodes of different determinism
     /// classes, relative to the larger of the two outputs' largest magnitude.
     pub tolerance: f32,
+    /// A dispute no referee decides excludes nobody, but it is remembered:
+    /// a node that has disagreed, undecided, with this many distinct
+    /// operators in good standing is the odd one out, and is excluded as if
+    /// it had lost (0: never). A liar out of a referee's reach meets a new
+    /// checker at each lie; an honest node rarely meets two liars.
+    pub undecided_limit: u32,
 }
 
 impl Default for VerifyConfig {
@@ -51,6 +57,7 @@ impl Default for VerifyConfig {
             sampling: Sampling::Step,
             compare_replays: true,
             tolerance: DEFAULT_TOLERANCE,
+            undecided_limit: 2,
         }
     }
 }
@@ -136,6 +143,8 @@ pub struct Ledger {
     records: BTreeMap<NodeId, Record>,
     profiles: BTreeMap<NodeId, Profile>,
     excluded: BTreeMap<NodeId, BTreeSet<Scope>>,
+    /// The nodes each node disagreed with in disputes no referee decided.
+    disagreed: BTreeMap<NodeId, BTreeSet<NodeId>>,
     /// What verification did.
     pub stats: VerifyStats,
 }
@@ -219,6 +228,32 @@ impl Ledger {
         if self.excluded.entry(node).or_default().insert(scope) {
             self.stats.exclusions += 1;
         }
+    }
+
+    /// `a` and `b` disagreed and no referee decided. Returns those of the two
+    /// that have now disagreed, undecided, with
+    /// [`VerifyConfig::undecided_limit`] distinct operators not excluded from
+    /// `scope`: the ones to exclude.
+    pub fn disagreed(&mut self, a: NodeId, b: NodeId, scope: Scope) -> Vec<NodeId> {
+        self.disagreed.entry(a).or_default().insert(b);
+        self.disagreed.entry(b).or_default().insert(a);
+        let limit = self.config.undecided_limit as usize;
+        if limit == 0 {
+            return Vec::new();
+        }
+        [a, b]
+            .into_iter()
+            .filter(|n| !self.is_excluded(n, scope))
+            .filter(|n| {
+                let operators: BTreeSet<NodeId> = self.disagreed[n]
+                    .iter()
+                    .filter(|other| !self.is_excluded(other, scope))
+                    .map(|other| self.operator(other))
+                    .filter(|op| *op != self.operator(n))
+                    .collect();
+                operators.len() >= limit
+            })
+            .collect()
     }
 
     /// Whether `node` is off `scope`'s work.

@@ -16,7 +16,8 @@
 //! it that no check confirmed goes back to the first of them and generates
 //! again on other nodes. When no referee can decide, both nodes leave the job
 //! and it goes back all the same: nothing that failed verification reaches
-//! the submitter.
+//! the submitter. A node that disagrees, undecided, with two operators in
+//! good standing is excluded as the odd one out.
 
 use super::*;
 use crate::verify::Scope;
@@ -247,15 +248,24 @@ impl Scheduler {
 
     /// No majority: neither node serves the job again, and it goes back to
     /// before the first result of the hop's node that no check confirmed.
+    /// Both are back on probation; one that keeps disagreeing with distinct
+    /// operators is excluded all the same ([`VerifyConfig::undecided_limit`]).
+    ///
+    /// [`VerifyConfig::undecided_limit`]: crate::verify::VerifyConfig::undecided_limit
     fn undecided(&mut self, now: UnixMillis, id: JobId, original: NodeId, checker: NodeId) {
         self.ledger.stats.undecided += 1;
         self.ledger.invalid(original);
         self.ledger.invalid(checker);
+        let mut scope = None;
         if let Some(job) = self.jobs.get_mut(&id) {
+            scope = job.coalition;
             job.banned.insert(checker);
             forget_checker(job, checker, &mut self.tickets);
         }
         self.rollback(now, id, original);
+        for odd in self.ledger.disagreed(original, checker, scope) {
+            self.punish(now, odd, scope);
+        }
     }
 
     /// Excludes `loser` from `scope`'s work and re-executes every result of

@@ -745,6 +745,65 @@ fn with_no_referee_both_sides_leave_the_job_and_nothing_wrong_is_released() {
 }
 
 #[test]
+fn a_liar_out_of_a_referees_reach_is_excluded_after_disagreeing_with_two_operators() {
+    // Nodes 3 and 5 both hold 10..20, but never at the same time: no dispute
+    // of node 2's ever finds a referee.
+    let spans = [
+        (1, 0, 10),
+        (2, 10, 20),
+        (3, 10, 20),
+        (5, 10, 20),
+        (4, 20, 30),
+    ];
+    let mut swarm = Swarm::new(&spans);
+    swarm.nodes.get_mut(&node(2)).unwrap().corrupt = Some((3, 1.0, 1));
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    let all = swarm.offers();
+    let without = |gone: u8| -> Vec<SpanOffer> {
+        all.iter()
+            .filter(|o| o.node != node(gone))
+            .cloned()
+            .collect()
+    };
+    let (without_5, without_3) = (without(5), without(3));
+    s.set_offers(MODEL, 30, 256, without_5);
+    s.submit(UnixMillis(0), job(1, 1, &[1, 2, 3], 20)).unwrap();
+    swarm.drive(&mut s, 100_000);
+    assert_eq!(s.verify_stats().undecided, 1);
+    assert!(!s.ledger().is_excluded(&node(2), None), "one disagreement");
+    assert!(!s.ledger().is_excluded(&node(3), None));
+
+    s.set_offers(MODEL, 30, 256, without_3);
+    s.submit(UnixMillis(0), job(2, 1, &[1, 2, 3], 20)).unwrap();
+    swarm.drive(&mut s, 100_000);
+    assert_eq!(s.verify_stats().undecided, 2);
+    assert!(
+        s.ledger().is_excluded(&node(2), None),
+        "disagreed with two operators: the odd one out"
+    );
+    assert!(!s.ledger().is_excluded(&node(3), None));
+    assert!(!s.ledger().is_excluded(&node(5), None));
+
+    // The same history with the rule off excludes nobody.
+    let mut swarm = Swarm::new(&spans);
+    swarm.nodes.get_mut(&node(2)).unwrap().corrupt = Some((3, 1.0, 1));
+    let mut s = swarm.scheduler(SchedulerConfig {
+        verify: VerifyConfig {
+            undecided_limit: 0,
+            ..VerifyConfig::default()
+        },
+        ..SchedulerConfig::default()
+    });
+    for (i, offers) in [(1, without(5)), (2, without(3))] {
+        s.set_offers(MODEL, 30, 256, offers);
+        s.submit(UnixMillis(0), job(i, 1, &[1, 2, 3], 20)).unwrap();
+        swarm.drive(&mut s, 100_000);
+    }
+    assert_eq!(s.verify_stats().undecided, 2);
+    assert!(!s.ledger().is_excluded(&node(2), None));
+}
+
+#[test]
 fn a_node_caught_after_probation_has_its_unchecked_work_redone_in_every_running_job() {
     let prompts: [&[u32]; 3] = [&[4, 4, 2], &[7, 1], &[3, 3, 3, 3]];
     let expected: Vec<Vec<u32>> = prompts.iter().map(|p| honest(&TRIPLES, p, 40)).collect();
