@@ -491,6 +491,13 @@ impl Scheduler {
         &self.ledger
     }
 
+    /// Takes back verification records, exclusions and counts kept across a
+    /// restart, so that a restart neither forgives an excluded node nor puts
+    /// trusted ones back on probation.
+    pub fn restore_ledger(&mut self, state: crate::verify::LedgerState) {
+        self.ledger.restore(state);
+    }
+
     /// What verification did.
     #[must_use]
     pub fn verify_stats(&self) -> VerifyStats {

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use commons_protocol::messages::DeterminismClass;
 use commons_protocol::tensor::DType;
 use commons_protocol::{CoalitionId, NodeId, Tensor};
+use serde::{Deserialize, Serialize};
 
 /// Tunables of verification.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,7 +100,7 @@ pub struct Profile {
 }
 
 /// A node's verification record.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// Consecutive results that agreed with a re-execution.
     pub valid_streak: u32,
@@ -110,7 +111,7 @@ pub struct Record {
 }
 
 /// Counts of what verification did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyStats {
     /// Steps sampled for a check.
     pub sampled: u64,
@@ -145,6 +146,23 @@ pub struct Ledger {
     excluded: BTreeMap<NodeId, BTreeSet<Scope>>,
     /// The nodes each node disagreed with in disputes no referee decided.
     disagreed: BTreeMap<NodeId, BTreeSet<NodeId>>,
+    /// Bumped by every change of a record, an exclusion or a disagreement.
+    revision: u64,
+    /// What verification did.
+    pub stats: VerifyStats,
+}
+
+/// What a [`Ledger`] keeps across a coordinator's restart: records,
+/// exclusions, undecided disagreements and counts. (Profiles come back
+/// with the swarm's adverts.) Lists rather than maps, for any format.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerState {
+    /// Each node's record.
+    pub records: Vec<(NodeId, Record)>,
+    /// Each excluded node's scopes.
+    pub excluded: Vec<(NodeId, Vec<Scope>)>,
+    /// The nodes each node disagreed with, undecided.
+    pub disagreed: Vec<(NodeId, Vec<NodeId>)>,
     /// What verification did.
     pub stats: VerifyStats,
 }
@@ -209,8 +227,51 @@ impl Ledger {
         (draw as f64) < p * 18_446_744_073_709_551_616.0
     }
 
+    /// What to keep across a restart.
+    #[must_use]
+    pub fn state(&self) -> LedgerState {
+        LedgerState {
+            records: self.records.iter().map(|(n, r)| (*n, *r)).collect(),
+            excluded: self
+                .excluded
+                .iter()
+                .map(|(n, s)| (*n, s.iter().copied().collect()))
+                .collect(),
+            disagreed: self
+                .disagreed
+                .iter()
+                .map(|(n, s)| (*n, s.iter().copied().collect()))
+                .collect(),
+            stats: self.stats,
+        }
+    }
+
+    /// Takes back what [`Ledger::state`] kept (the policy and profiles stay).
+    pub fn restore(&mut self, state: LedgerState) {
+        self.records = state.records.into_iter().collect();
+        self.excluded = state
+            .excluded
+            .into_iter()
+            .map(|(n, s)| (n, s.into_iter().collect()))
+            .collect();
+        self.disagreed = state
+            .disagreed
+            .into_iter()
+            .map(|(n, s)| (n, s.into_iter().collect()))
+            .collect();
+        self.stats = state.stats;
+        self.revision += 1;
+    }
+
+    /// Changes so far: a new value means there is something new to keep.
+    #[must_use]
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
     /// A result of `node` agreed with a re-execution.
     pub fn valid(&mut self, node: NodeId) {
+        self.revision += 1;
         let r = self.records.entry(node).or_default();
         r.valid_streak = r.valid_streak.saturating_add(1);
         r.valid += 1;
@@ -218,6 +279,7 @@ impl Ledger {
 
     /// `node` lost a dispute (or could not win one): its streak restarts.
     pub fn invalid(&mut self, node: NodeId) {
+        self.revision += 1;
         let r = self.records.entry(node).or_default();
         r.valid_streak = 0;
         r.invalid += 1;
@@ -225,6 +287,7 @@ impl Ledger {
 
     /// Takes `node` off `scope`'s work for good.
     pub fn exclude(&mut self, node: NodeId, scope: Scope) {
+        self.revision += 1;
         if self.excluded.entry(node).or_default().insert(scope) {
             self.stats.exclusions += 1;
         }
@@ -235,6 +298,7 @@ impl Ledger {
     /// [`VerifyConfig::undecided_limit`] distinct operators not excluded from
     /// `scope`: the ones to exclude.
     pub fn disagreed(&mut self, a: NodeId, b: NodeId, scope: Scope) -> Vec<NodeId> {
+        self.revision += 1;
         self.disagreed.entry(a).or_default().insert(b);
         self.disagreed.entry(b).or_default().insert(a);
         let limit = self.config.undecided_limit as usize;
@@ -335,6 +399,30 @@ mod tests {
             kernel: kernel.into(),
             build: "b".into(),
         }
+    }
+
+    #[test]
+    fn a_restored_ledger_forgets_nothing() {
+        let mut l = Ledger::new(VerifyConfig::default());
+        for _ in 0..12 {
+            l.valid(n(1));
+        }
+        l.invalid(n(2));
+        l.exclude(n(2), None);
+        l.disagreed(n(3), n(4), None);
+        l.stats.sampled = 7;
+        let state = l.state();
+        let mut back = Ledger::new(VerifyConfig::default());
+        let before = back.revision();
+        back.restore(state.clone());
+        assert_ne!(back.revision(), before);
+        assert_eq!(back.state(), state);
+        assert_eq!(back.probability(&n(1)), l.probability(&n(1)));
+        assert!(back.is_excluded(&n(2), None));
+        assert_eq!(back.stats.sampled, 7);
+        // One more undecided disagreement of node 3, with another operator:
+        // the one before the restart counts.
+        assert_eq!(back.disagreed(n(3), n(5), None), vec![n(3)]);
     }
 
     #[test]

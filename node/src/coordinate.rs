@@ -139,7 +139,13 @@ pub struct Coordinating<C> {
     rejected: BTreeMap<String, u64>,
     /// Receipts taken and not yet committed to the audit log.
     audit_pending: Vec<AuditEntry>,
+    /// The ledger's revision and exclusion count last kept in the store, and when.
+    ledger_kept: (u64, u64, std::time::Instant),
 }
+
+/// How often a changed verification ledger is written at most, unless a
+/// node was excluded (written at once).
+const LEDGER_KEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<C> std::fmt::Debug for Coordinating<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,9 +196,36 @@ impl<C> Coordinating<C> {
             refusals: BTreeMap::new(),
             rejected: BTreeMap::new(),
             audit_pending: Vec::new(),
+            ledger_kept: (0, 0, std::time::Instant::now()),
         };
+        this.restore_ledger();
         this.resume_stored(now);
         this
+    }
+
+    /// Takes back the verification ledger kept in the store: exclusions and
+    /// records outlive a restart.
+    fn restore_ledger(&mut self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        match store.ledger() {
+            Ok(Some(state)) => {
+                tracing::info!(
+                    nodes = state.records.len(),
+                    excluded = state.excluded.len(),
+                    "verification ledger restored"
+                );
+                self.scheduler.restore_ledger(state);
+                let l = self.scheduler.ledger();
+                self.ledger_kept = (l.revision(), l.stats.exclusions, std::time::Instant::now());
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "cannot restore the verification ledger; every node starts on probation"
+            ),
+        }
     }
 
     fn resume_stored(&mut self, now: UnixMillis) {
@@ -707,8 +740,19 @@ impl<C> Coordinating<C> {
                 })
             })
             .collect();
-        match store.commit(&records, &self.audit_pending) {
-            Ok(()) => self.audit_pending.clear(),
+        let ledger = self.scheduler.ledger();
+        let (revision, exclusions, at) = self.ledger_kept;
+        let keep_ledger = ledger.revision() != revision
+            && (ledger.stats.exclusions != exclusions || at.elapsed() >= LEDGER_KEEP_INTERVAL);
+        let state = keep_ledger.then(|| ledger.state());
+        let kept = (ledger.revision(), ledger.stats.exclusions);
+        match store.commit_with(&records, &self.audit_pending, state.as_ref()) {
+            Ok(()) => {
+                self.audit_pending.clear();
+                if keep_ledger {
+                    self.ledger_kept = (kept.0, kept.1, std::time::Instant::now());
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "cannot record jobs and receipts");
                 // Kept for the next commit; past the bound, the oldest are
@@ -1348,5 +1392,47 @@ mod tests {
         assert!(store.audit(&other).unwrap().is_empty());
         let stored_other = store.get(&other).unwrap().unwrap();
         assert!(crate::audit::check(&stored_other, Vec::new()).passed());
+    }
+
+    #[test]
+    fn exclusions_and_records_outlive_a_restart() {
+        use commons_coordinator::verify::{LedgerState, Record, VerifyStats};
+        let dir = tempfile::tempdir().unwrap();
+        let liar = NodeId([66; 32]);
+        let trusted = executor().node_id();
+        let state = LedgerState {
+            records: vec![(
+                trusted,
+                Record {
+                    valid_streak: 40,
+                    valid: 40,
+                    invalid: 0,
+                },
+            )],
+            excluded: vec![(liar, vec![None])],
+            disagreed: Vec::new(),
+            stats: VerifyStats {
+                exclusions: 1,
+                ..VerifyStats::default()
+            },
+        };
+        {
+            let mut c = rig(dir.path());
+            c.scheduler.restore_ledger(state.clone());
+            // An exclusion is kept at once, not at the next interval.
+            c.persist(&[], NOW);
+            assert_eq!(c.store.as_ref().unwrap().ledger().unwrap(), Some(state));
+        }
+        let c = rig(dir.path());
+        let ledger = c.scheduler.ledger();
+        assert!(ledger.is_excluded(&liar, None));
+        assert_eq!(ledger.record(&trusted).valid_streak, 40);
+        assert!(ledger.probability(&trusted) < 0.1, "not back on probation");
+        assert!(
+            c.verification()
+                .excluded
+                .iter()
+                .any(|e| e.peer_id == liar.to_string() && e.coalition.is_none())
+        );
     }
 }

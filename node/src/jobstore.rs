@@ -21,6 +21,7 @@
 use std::path::Path;
 
 use anyhow::Context as _;
+use commons_coordinator::verify::LedgerState;
 use commons_protocol::codec::{self, Limit};
 use commons_protocol::messages::JobSpec;
 use commons_protocol::{Hash, JobId, NodeId};
@@ -31,6 +32,10 @@ use crate::audit::{AuditEntry, AuditHead, AuditRecord};
 
 const JOBS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("jobs");
 const AUDIT: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("audit");
+/// The coordinator's verification ledger (one entry, JSON): records,
+/// exclusions and disagreements outlive a restart.
+const LEDGER: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("ledger");
+const LEDGER_KEY: &str = "ledger";
 
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +121,7 @@ impl JobStore {
         let tx = db.begin_write()?;
         tx.open_table(JOBS)?;
         tx.open_table(AUDIT)?;
+        tx.open_table(LEDGER)?;
         tx.commit()?;
         Ok(Self { db })
     }
@@ -132,10 +138,26 @@ impl JobStore {
     /// must be among `jobs`, so that its record's transcript and head move
     /// with its log.
     pub fn commit(&self, jobs: &[StoredJob], entries: &[AuditEntry]) -> anyhow::Result<()> {
-        if jobs.is_empty() && entries.is_empty() {
+        self.commit_with(jobs, entries, None)
+    }
+
+    /// As [`JobStore::commit`], and replaces the verification ledger with
+    /// `ledger` when given, in the same transaction.
+    pub fn commit_with(
+        &self,
+        jobs: &[StoredJob],
+        entries: &[AuditEntry],
+        ledger: Option<&LedgerState>,
+    ) -> anyhow::Result<()> {
+        if jobs.is_empty() && entries.is_empty() && ledger.is_none() {
             return Ok(());
         }
         let tx = self.db.begin_write()?;
+        if let Some(state) = ledger {
+            let value = serde_json::to_vec(state)?;
+            tx.open_table(LEDGER)?
+                .insert(LEDGER_KEY, value.as_slice())?;
+        }
         {
             let mut audit = tx.open_table(AUDIT)?;
             for entry in entries {
@@ -164,6 +186,18 @@ impl JobStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The verification ledger kept, if any.
+    pub fn ledger(&self) -> anyhow::Result<Option<LedgerState>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(LEDGER)?;
+        let Some(value) = table.get(LEDGER_KEY)? else {
+            return Ok(None);
+        };
+        let state = serde_json::from_slice(value.value())
+            .context("the verification ledger in the job database is unreadable")?;
+        Ok(Some(state))
     }
 
     /// One job.
