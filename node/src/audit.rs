@@ -22,14 +22,15 @@
 //! and exports the entries as JSON lines ([`check`], [`entry_json`]).
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Args;
 use commons_protocol::codec::{self, EncodeError};
+use commons_protocol::envelope::Envelope;
 use commons_protocol::keys::VerifyError;
-use commons_protocol::messages::{LayerRange, Receipt};
+use commons_protocol::messages::{AuditAnchor, JobReport, LayerRange, Receipt};
 use commons_protocol::{Hash, JobId, NodeId, UnitId, UnixMillis};
 use serde::{Deserialize, Serialize};
 
@@ -241,6 +242,20 @@ pub enum AuditProblem {
     /// The job record predates transcripts: nothing to compare with.
     #[error("the job record carries no transcript (written by an older version)")]
     NoTranscript,
+    /// The log does not pass through the head a signed report gave: it was
+    /// rewritten (or cut short) after that report.
+    #[error(
+        "the signed report anchors the log at {entries} entries ending at {head}, but the log \
+         {found}"
+    )]
+    AnchorMissed {
+        /// Entries the report counted.
+        entries: u64,
+        /// The chain value it gave.
+        head: Hash,
+        /// What the log has there, for people.
+        found: String,
+    },
 }
 
 /// An entry with what the audit found of it.
@@ -402,6 +417,35 @@ pub fn check(job: &StoredJob, records: Vec<RawRecord>) -> AuditReport {
     }
 }
 
+/// Holds `report`'s log to a signed job report's anchor: the entry the
+/// anchor ends at must be there, chained as recorded, with the anchor's
+/// value. A log rewritten consistently after the report (chains recomputed,
+/// the job record's head updated) passes [`check`] but fails here.
+pub fn check_anchor(report: &mut AuditReport, anchor: &AuditAnchor) {
+    if anchor.entries == 0 {
+        return;
+    }
+    let at = report
+        .entries
+        .iter()
+        .find(|c| c.record.entry.seq == anchor.entries - 1);
+    let found = match at {
+        None => format!("has no entry {}", anchor.entries - 1),
+        Some(c) if c.record.chain != anchor.head => {
+            format!("reaches {} there", c.record.chain)
+        }
+        Some(c) if !c.chain_ok || !c.in_place => {
+            format!("is broken at or before entry {}", c.record.entry.seq)
+        }
+        Some(_) => return,
+    };
+    report.problems.push(AuditProblem::AnchorMissed {
+        entries: anchor.entries,
+        head: anchor.head,
+        found,
+    });
+}
+
 /// One exported JSON line.
 #[must_use]
 pub fn entry_json(c: &CheckedEntry) -> serde_json::Value {
@@ -441,6 +485,41 @@ pub struct AuditArgs {
     /// Write the entries as JSON lines to this file instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// A signed report of the job (`commons job submit --save-report`): the
+    /// log must pass through the head it anchors.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+}
+
+/// The audit anchor of the signed report in `path`, which must be this data
+/// directory's coordinator's report on `job`.
+fn read_anchor(
+    settings: &Settings,
+    path: &Path,
+    job: &JobId,
+) -> anyhow::Result<Option<AuditAnchor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let envelope = Envelope::from_bytes(&bytes)
+        .and_then(|e| e.open_archived::<JobReport>().map(|r| (e.signer(), r)))
+        .with_context(|| format!("{} is not a signed job report", path.display()))?;
+    let (signer, report) = envelope;
+    if report.job != *job {
+        anyhow::bail!(
+            "{} reports on job {}, not {job}",
+            path.display(),
+            report.job
+        );
+    }
+    let me = crate::identity::load(&settings.key)
+        .with_context(|| "cannot load this data directory's node key")?
+        .node_id();
+    if signer != me {
+        anyhow::bail!(
+            "{} is signed by {signer}, but this data directory's coordinator is {me}",
+            path.display()
+        );
+    }
+    Ok(report.audit)
 }
 
 /// `commons job audit`: offline, on the coordinator's data directory
@@ -460,7 +539,19 @@ pub fn run(settings: &Settings, args: &AuditArgs) -> anyhow::Result<ExitCode> {
         .job_and_audit(&args.job)
         .with_context(|| format!("cannot read {}", path.display()))?
         .with_context(|| format!("no job {} in {}", args.job, path.display()))?;
-    let report = check(&job, records);
+    let mut report = check(&job, records);
+    if let Some(path) = &args.report {
+        match read_anchor(settings, path, &args.job)? {
+            Some(anchor) => {
+                check_anchor(&mut report, &anchor);
+                eprintln!(
+                    "signed report: anchors {} entries ending at {}",
+                    anchor.entries, anchor.head
+                );
+            }
+            None => eprintln!("signed report: it anchors no log (nothing was logged yet)"),
+        }
+    }
     write_lines(&report, args.out.as_ref())?;
     print_summary(&job, &report);
     if report.passed() {
@@ -670,6 +761,59 @@ mod tests {
         assert_eq!(line["seq"], 3);
         assert_eq!(line["verified"], true);
         assert_eq!(line["layers"], "15..30");
+    }
+
+    #[test]
+    fn a_consistent_rewrite_passes_the_chain_but_not_a_signed_anchor() {
+        let (job, records) = log();
+        let mut records: Vec<AuditRecord> =
+            records.into_iter().map(|r| r.record.unwrap()).collect();
+        let anchor = AuditAnchor {
+            entries: 5,
+            head: records[4].chain,
+        };
+        let mut report = check(&job, raw(records.clone()));
+        check_anchor(&mut report, &anchor);
+        assert!(report.passed(), "{:?}", report.problems);
+
+        // Whoever can write the database changes entry 2's layers (not
+        // signed by its executor) and recomputes every chain value after it.
+        records[2].entry.layers.end += 1;
+        let mut previous = records[1].chain;
+        for r in &mut records[2..] {
+            r.chain = chain_value(&previous, &r.entry).unwrap();
+            previous = r.chain;
+        }
+        let job = StoredJob {
+            audit: records.last().map(AuditRecord::head),
+            ..job
+        };
+        let mut report = check(&job, raw(records.clone()));
+        assert!(report.passed(), "a consistent rewrite passes on its own");
+        check_anchor(&mut report, &anchor);
+        assert!(
+            matches!(
+                report.problems.as_slice(),
+                [AuditProblem::AnchorMissed { entries: 5, .. }]
+            ),
+            "{:?}",
+            report.problems
+        );
+        // Cut short before the anchor: missed too.
+        let mut report = check(
+            &StoredJob {
+                audit: records[2].head().into(),
+                ..job
+            },
+            raw(records[..3].to_vec()),
+        );
+        check_anchor(&mut report, &anchor);
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.to_string().contains("has no entry 4"))
+        );
     }
 
     #[test]
@@ -892,6 +1036,7 @@ mod tests {
         let args = AuditArgs {
             job: JOB,
             out: Some(out.clone()),
+            report: None,
         };
         assert_eq!(
             run(&settings(dir.path()), &args).unwrap(),
@@ -901,6 +1046,87 @@ mod tests {
         assert_eq!(lines.len(), 7);
         assert!(lines.iter().all(|l| l["verified"] == true), "{lines:?}");
         assert_eq!(lines[0]["job"], JOB.to_string());
+    }
+
+    /// A report on `job`, anchored at `anchor`, sealed by `by`.
+    fn signed_report(by: &Identity, job: JobId, anchor: AuditAnchor) -> Vec<u8> {
+        let report = JobReport {
+            coordinator: by.node_id(),
+            job,
+            model: ModelId(Hash::of(b"model")),
+            state: commons_protocol::messages::JobState::Length,
+            prompt_tokens: 3,
+            from_token: 0,
+            tokens: Default::default(),
+            total_tokens: 6,
+            text: String::new(),
+            route: Default::default(),
+            failovers: 0,
+            receipts: 6,
+            transcript: Hash([0; 32]),
+            verified: 0,
+            check_units: 0,
+            revisions: 0,
+            prefill_ms: 0,
+            decode_ms: 0,
+            audit: Some(anchor),
+            issued_at: UnixMillis(1_000),
+            expires_at: UnixMillis(2_000),
+        };
+        Envelope::seal(by, &report).unwrap().to_bytes()
+    }
+
+    #[test]
+    fn the_command_holds_the_log_to_a_signed_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let (job, store) = database(dir.path());
+        drop(store);
+        let settings = settings(dir.path());
+        let (me, _) = crate::identity::load_or_create(&settings.key).unwrap();
+        let head = job.audit.unwrap();
+        let anchor = AuditAnchor {
+            entries: head.entries,
+            head: head.head,
+        };
+        let path = dir.path().join("report.bin");
+        let args = |report: &Path| AuditArgs {
+            job: JOB,
+            out: Some(dir.path().join("audit.jsonl")),
+            report: Some(report.to_owned()),
+        };
+        // Long expired, still evidence.
+        std::fs::write(&path, signed_report(&me, JOB, anchor)).unwrap();
+        assert_eq!(run(&settings, &args(&path)).unwrap(), ExitCode::SUCCESS);
+
+        // An anchor the log does not reach: the audit fails and says why.
+        let other = AuditAnchor {
+            entries: 3,
+            head: Hash([9; 32]),
+        };
+        std::fs::write(&path, signed_report(&me, JOB, other)).unwrap();
+        let e = run(&settings, &args(&path)).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("anchors the log at 3 entries"),
+            "{e:#}"
+        );
+
+        // Another job's report, or another coordinator's: refused.
+        std::fs::write(&path, signed_report(&me, JobId([6; 16]), anchor)).unwrap();
+        let e = run(&settings, &args(&path)).unwrap_err();
+        assert!(format!("{e:#}").contains("not 05050505"), "{e:#}");
+        let stranger = Identity::from_secret([44; 32]);
+        std::fs::write(&path, signed_report(&stranger, JOB, anchor)).unwrap();
+        let e = run(&settings, &args(&path)).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("this data directory's coordinator"),
+            "{e:#}"
+        );
+        std::fs::write(&path, b"garbage").unwrap();
+        let e = run(&settings, &args(&path)).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("is not a signed job report"),
+            "{e:#}"
+        );
     }
 
     #[test]
@@ -922,6 +1148,7 @@ mod tests {
         let args = AuditArgs {
             job: JOB,
             out: Some(out.clone()),
+            report: None,
         };
         let err = run(&settings(dir.path()), &args).unwrap_err();
         let message = format!("{err:#}");
@@ -961,6 +1188,7 @@ mod tests {
         let args = AuditArgs {
             job: JOB,
             out: None,
+            report: None,
         };
         let err = run(&settings(dir.path()), &args).unwrap_err();
         let message = format!("{err:#}");
@@ -972,6 +1200,7 @@ mod tests {
         let args = AuditArgs {
             job: JobId([6; 16]),
             out: None,
+            report: None,
         };
         let err = run(&settings(dir.path()), &args).unwrap_err();
         assert!(format!("{err:#}").contains("no job"), "{err:#}");

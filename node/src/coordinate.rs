@@ -27,8 +27,8 @@ use commons_coordinator::verify::Profile;
 use commons_protocol::envelope::{Envelope, MessageKind, OpenError};
 use commons_protocol::keys::VerifyError;
 use commons_protocol::messages::{
-    ErrorCode, ErrorReply, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, LayerRange,
-    Receipt, ResultError, RouteHop, WorkBody, WorkResult, WorkUnit,
+    AuditAnchor, ErrorCode, ErrorReply, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState,
+    LayerRange, Receipt, ResultError, RouteHop, WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::replay::ReplayGuard;
 use commons_protocol::{
@@ -141,6 +141,8 @@ pub struct Coordinating<C> {
     audit_pending: Vec<AuditEntry>,
     /// The ledger's revision and exclusion count last kept in the store, and when.
     ledger_kept: (u64, u64, std::time::Instant),
+    /// Each job's audit log head as last committed, for its reports.
+    anchors: HashMap<JobId, AuditAnchor>,
 }
 
 /// How often a changed verification ledger is written at most, unless a
@@ -197,6 +199,7 @@ impl<C> Coordinating<C> {
             rejected: BTreeMap::new(),
             audit_pending: Vec::new(),
             ledger_kept: (0, 0, std::time::Instant::now()),
+            anchors: HashMap::new(),
         };
         this.restore_ledger();
         this.resume_stored(now);
@@ -747,8 +750,17 @@ impl<C> Coordinating<C> {
         let state = keep_ledger.then(|| ledger.state());
         let kept = (ledger.revision(), ledger.stats.exclusions);
         match store.commit_with(&records, &self.audit_pending, state.as_ref()) {
-            Ok(()) => {
+            Ok(heads) => {
                 self.audit_pending.clear();
+                for (job, head) in heads {
+                    self.anchors.insert(
+                        job,
+                        AuditAnchor {
+                            entries: head.entries,
+                            head: head.head,
+                        },
+                    );
+                }
                 if keep_ledger {
                     self.ledger_kept = (kept.0, kept.1, std::time::Instant::now());
                 }
@@ -948,6 +960,10 @@ impl<C> Coordinating<C> {
             revisions: 0,
             prefill_ms: 0,
             decode_ms: 0,
+            audit: stored.audit.map(|h| AuditAnchor {
+                entries: h.entries,
+                head: h.head,
+            }),
             issued_at: now,
             expires_at: now.plus_millis(REPORT_TTL_MS),
         })
@@ -995,6 +1011,7 @@ impl<C> Coordinating<C> {
             revisions: v.revisions,
             prefill_ms: v.prefill_ms,
             decode_ms: v.decode_ms,
+            audit: self.anchors.get(job).copied(),
             issued_at: now,
             expires_at: now.plus_millis(REPORT_TTL_MS),
         })

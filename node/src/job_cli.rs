@@ -92,6 +92,10 @@ pub struct SubmitArgs {
     /// it. Default: open work.
     #[arg(long, value_name = "FILE|ID")]
     pub coalition: Option<String>,
+    /// Keep the coordinator's final signed report here: it anchors the job's
+    /// audit log (`commons job audit ID --report FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub save_report: Option<PathBuf>,
     #[command(flatten)]
     pub target: CoordinatorArg,
 }
@@ -101,8 +105,23 @@ pub struct SubmitArgs {
 pub struct JobRef {
     /// The job id.
     pub job: JobId,
+    /// Keep the coordinator's signed report here (see `job submit --save-report`).
+    #[arg(long, value_name = "FILE")]
+    pub save_report: Option<PathBuf>,
     #[command(flatten)]
     pub target: CoordinatorArg,
+}
+
+/// Writes the client's last signed report to `path`, if asked.
+fn save_report(client: &JobClient, path: Option<&PathBuf>) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    if client.last_report_bytes().is_empty() {
+        anyhow::bail!("no report was received to save to {}", path.display());
+    }
+    std::fs::write(path, client.last_report_bytes())
+        .with_context(|| format!("cannot write the report to {}", path.display()))
 }
 
 /// A coordinator's refusal or a broken exchange.
@@ -129,6 +148,8 @@ pub struct JobClient {
     address: Multiaddr,
     counter: u64,
     nonce_seed: [u8; 8],
+    /// The signed envelope of the last report received.
+    last_report: Vec<u8>,
 }
 
 impl std::fmt::Debug for JobClient {
@@ -184,6 +205,7 @@ impl JobClient {
             address,
             counter: 0,
             nonce_seed: seed,
+            last_report: Vec::new(),
         })
     }
 
@@ -251,9 +273,13 @@ impl JobClient {
             ));
         }
         match envelope.kind() {
-            MessageKind::JobReport => envelope
-                .open::<JobReport>(now())
-                .map_err(|e| JobError::Transport(e.to_string())),
+            MessageKind::JobReport => {
+                let report = envelope
+                    .open::<JobReport>(now())
+                    .map_err(|e| JobError::Transport(e.to_string()))?;
+                self.last_report = response;
+                Ok(report)
+            }
             MessageKind::ErrorReply => {
                 let e: ErrorReply = envelope
                     .open(now())
@@ -265,6 +291,14 @@ impl JobClient {
             }
             other => Err(JobError::Transport(format!("unexpected {other:?} answer"))),
         }
+    }
+
+    /// The signed envelope of the last report received (empty before one):
+    /// evidence of what the coordinator reported, its audit log's head
+    /// included, for `commons job audit --report`.
+    #[must_use]
+    pub fn last_report_bytes(&self) -> &[u8] {
+        &self.last_report
     }
 
     /// Submits `spec`, then follows it to its end, calling `on_report` with
@@ -431,6 +465,10 @@ pub fn report_json(r: &JobReport) -> serde_json::Value {
         "failovers": r.failovers,
         "receipts": r.receipts,
         "transcript": r.transcript.to_string(),
+        "audit": r.audit.map(|a| serde_json::json!({
+            "entries": a.entries,
+            "head": a.head.to_string(),
+        })),
         "verified": r.verified,
         "check_units": r.check_units,
         "revisions": r.revisions,
@@ -536,6 +574,7 @@ async fn submit(settings: &Settings, args: SubmitArgs) -> anyhow::Result<ExitCod
             }
         })
         .await?;
+    save_report(&client, args.save_report.as_ref())?;
     if json {
         let mut value = report_json(&report);
         value["tokens"] = serde_json::json!(tokens);
@@ -562,6 +601,7 @@ async fn status(settings: &Settings, r: JobRef, cancel: bool) -> anyhow::Result<
         }
     };
     let report = client.request(op).await?;
+    save_report(&client, r.save_report.as_ref())?;
     if r.target.json {
         println!("{}", report_json(&report));
     } else {

@@ -138,19 +138,21 @@ impl JobStore {
     /// must be among `jobs`, so that its record's transcript and head move
     /// with its log.
     pub fn commit(&self, jobs: &[StoredJob], entries: &[AuditEntry]) -> anyhow::Result<()> {
-        self.commit_with(jobs, entries, None)
+        self.commit_with(jobs, entries, None).map(drop)
     }
 
     /// As [`JobStore::commit`], and replaces the verification ledger with
-    /// `ledger` when given, in the same transaction.
+    /// `ledger` when given, in the same transaction. Returns the audit log
+    /// head of each job written that has one.
     pub fn commit_with(
         &self,
         jobs: &[StoredJob],
         entries: &[AuditEntry],
         ledger: Option<&LedgerState>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<(JobId, AuditHead)>> {
+        let mut heads = Vec::new();
         if jobs.is_empty() && entries.is_empty() && ledger.is_none() {
-            return Ok(());
+            return Ok(heads);
         }
         let tx = self.db.begin_write()?;
         if let Some(state) = ledger {
@@ -176,6 +178,9 @@ impl JobStore {
             let mut table = tx.open_table(JOBS)?;
             for job in jobs {
                 let head = last_record(&audit, &job.spec.job)?.map(|r| r.head());
+                if let Some(head) = head {
+                    heads.push((job.spec.job, head));
+                }
                 let job = StoredJob {
                     audit: head,
                     ..job.clone()
@@ -185,7 +190,7 @@ impl JobStore {
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(heads)
     }
 
     /// The verification ledger kept, if any.

@@ -385,6 +385,14 @@ impl Envelope {
         Ok(message)
     }
 
+    /// Verifies and decodes a message kept for the record, as of its own
+    /// issue time: a signed report stays evidence after it expires.
+    pub fn open_archived<M: Message>(&self) -> Result<M, OpenError> {
+        let issued_at =
+            codec::decode::<M>(&self.payload, M::LIMIT).map_or(UnixMillis(0), |m| m.validity().0);
+        self.open(issued_at)
+    }
+
     /// Parses, verifies and decodes wire bytes in one step.
     pub fn open_bytes<M: Message>(bytes: &[u8], now: UnixMillis) -> Result<M, OpenError> {
         Self::from_bytes(bytes)?.open(now)

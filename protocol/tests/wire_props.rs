@@ -7,11 +7,11 @@ use commons_protocol::codec::{self, Limit};
 use commons_protocol::envelope::Envelope;
 use commons_protocol::ids::{CoalitionId, JobId, ModelId, Nonce, SessionId, UnitId};
 use commons_protocol::messages::{
-    AdamWParams, BatchSpec, CapacityAdvert, ChatTurn, CoalitionCharter, CpuInfo, DataShardRef,
-    DeterminismClass, ErrorCode, ErrorReply, ExecMetrics, GpuBackend, GpuInfo, GradientEncoding,
-    GradientMode, GradientUnit, HeldModel, InferenceOptions, InferenceUnit, JobInput, JobOp,
-    JobReport, JobRequest, JobSpec, JobState, LayerRange, Leave, ParamsRef, Receipt, RouteHop,
-    SamplingParams, WorkBody, WorkResult, WorkUnit,
+    AdamWParams, AuditAnchor, BatchSpec, CapacityAdvert, ChatTurn, CoalitionCharter, CpuInfo,
+    DataShardRef, DeterminismClass, ErrorCode, ErrorReply, ExecMetrics, GpuBackend, GpuInfo,
+    GradientEncoding, GradientMode, GradientUnit, HeldModel, InferenceOptions, InferenceUnit,
+    JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, LayerRange, Leave, ParamsRef,
+    Receipt, RouteHop, SamplingParams, WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::{BoundedVec, DType, Hash, Identity, Message, NodeId, Tensor, UnixMillis};
 use proptest::collection::vec;
@@ -452,6 +452,7 @@ fn job_report() -> impl Strategy<Value = JobReport> {
         (bounded(hop, 6), any::<u32>(), any::<u32>(), hash()),
         (any::<u64>(), any::<u64>(), time(), time()),
         (any::<u32>(), any::<u32>(), any::<u32>()),
+        proptest::option::of((any::<u64>(), hash())),
     )
         .prop_map(
             |(
@@ -460,6 +461,7 @@ fn job_report() -> impl Strategy<Value = JobReport> {
                 (route, failovers, receipts, transcript),
                 (prefill_ms, decode_ms, issued_at, expires_at),
                 (verified, check_units, revisions),
+                audit,
             )| JobReport {
                 coordinator,
                 job: JobId(job),
@@ -479,6 +481,7 @@ fn job_report() -> impl Strategy<Value = JobReport> {
                 revisions,
                 prefill_ms,
                 decode_ms,
+                audit: audit.map(|(entries, head)| AuditAnchor { entries, head }),
                 issued_at,
                 expires_at,
             },

@@ -101,13 +101,18 @@ fn a_stopped_coordinators_receipts_audit_offline() {
                 "6",
                 "--job-id",
                 JOB,
-            ]),
+                "--save-report",
+            ])
+            .arg(home.join("report.bin")),
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     let receipts = report["receipts"].as_u64().unwrap();
     // Two hops, a prompt step and a step per token after the first.
     assert!(receipts >= 2 * report["generated_tokens"].as_u64().unwrap());
+    // The final report anchors the whole log: every receipt was committed
+    // before the job's end was reported.
+    assert_eq!(report["audit"]["entries"], receipts, "{report}");
 
     // While the coordinator runs, its database is locked: said plainly.
     let lines = home.join("audit.jsonl");
@@ -129,6 +134,22 @@ fn a_stopped_coordinators_receipts_audit_offline() {
     assert!(summary.contains("audit passed"), "{summary}");
     let transcript = report["transcript"].as_str().unwrap();
     assert!(summary.contains(transcript), "{summary}");
+    // Held to the signed report the submitter kept.
+    let anchored = output(
+        commons(home)
+            .arg("--data-dir")
+            .arg(&coordinator_dir)
+            .args(["job", "audit", JOB, "--report"])
+            .arg(home.join("report.bin"))
+            .arg("--out")
+            .arg(home.join("anchored.jsonl")),
+    );
+    let summary = stderr(&anchored);
+    assert!(anchored.status.success(), "{summary}");
+    assert!(
+        summary.contains(&format!("anchors {receipts} entries")),
+        "{summary}"
+    );
 
     let entries: Vec<serde_json::Value> = std::fs::read_to_string(&lines)
         .unwrap()

@@ -153,6 +153,18 @@ pub struct RouteHop {
     pub results: u32,
 }
 
+/// Where a job's audit log stood when a report was made: the entries it
+/// held and the last one's chain value. A submitter who keeps the signed
+/// report can hold the coordinator's log to it later: a log rewritten since
+/// no longer reaches this value after this many entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditAnchor {
+    /// Entries in the log.
+    pub entries: u64,
+    /// The chain value after the last of them.
+    pub head: Hash,
+}
+
 /// A coordinator's report on a job, signed by the coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobReport {
@@ -193,6 +205,9 @@ pub struct JobReport {
     pub prefill_ms: u64,
     /// Milliseconds for the tokens after the first.
     pub decode_ms: u64,
+    /// The job's audit log as committed when the report was made (`None`:
+    /// the coordinator keeps no log, or has logged nothing yet).
+    pub audit: Option<AuditAnchor>,
     /// Issue time.
     pub issued_at: UnixMillis,
     /// After this instant the report is stale.

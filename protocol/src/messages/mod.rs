@@ -15,7 +15,9 @@ pub use advert::{
 };
 pub use charter::{AdminSignature, CharterError, CoalitionCharter, MAX_NAME_BYTES};
 pub use error::{ErrorCode, ErrorReply};
-pub use job::{ChatTurn, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop};
+pub use job::{
+    AuditAnchor, ChatTurn, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop,
+};
 pub use work::{
     AdamWParams, BatchSpec, DataShardRef, ExecMetrics, GradientEncoding, GradientMode,
     GradientUnit, InferenceOptions, InferenceUnit, LayerRange, ParamsRef, Receipt, ResultError,
