@@ -132,3 +132,84 @@ async fn plain_rust_libp2p_identifies_pings_and_queries_a_node() {
         "identify {identified}, ping {pinged}, kademlia found b {found_b}"
     );
 }
+
+/// One ping on `stream`: 32 bytes out, the same 32 back.
+async fn ping_on(stream: &mut libp2p::Stream, fill: u8) -> std::io::Result<()> {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+    let ping = [fill; 32];
+    stream.write_all(&ping).await?;
+    stream.flush().await?;
+    let mut pong = [0u8; 32];
+    stream.read_exact(&mut pong).await?;
+    assert_eq!(pong, ping, "the pong is not the ping");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answers_two_concurrent_ping_streams_of_a_peer() {
+    let home = tempfile::tempdir().unwrap();
+    let a = Node::start(
+        home.path(),
+        &home.path().join("a"),
+        &[],
+        Transports::Tcp,
+        10,
+    );
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    let mut control = swarm.behaviour().new_control();
+    let addr: Multiaddr = a.addrs[0].parse().unwrap();
+    let peer: PeerId = a.peer_id.parse().unwrap();
+    swarm.dial(addr).unwrap();
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    const PING: StreamProtocol = StreamProtocol::new("/ipfs/ping/1.0.0");
+    let outcome = tokio::time::timeout(Duration::from_secs(30), async move {
+        let mut first = control.open_stream(peer, PING).await.unwrap();
+        let mut second = control.open_stream(peer, PING).await.unwrap();
+        // Both answered, interleaved, several times each.
+        for round in 0..3u8 {
+            ping_on(&mut first, round).await.unwrap();
+            ping_on(&mut second, 100 + round).await.unwrap();
+        }
+        // A third at the same time is closed unanswered…
+        let mut third = control.open_stream(peer, PING).await.unwrap();
+        assert!(
+            ping_on(&mut third, 7).await.is_err(),
+            "a third stream answered"
+        );
+        // …while the two go on, and a new one is answered once one closes.
+        ping_on(&mut first, 9).await.unwrap();
+        drop(first);
+        ping_on(&mut second, 10).await.unwrap();
+        let mut fourth = None;
+        for _ in 0..50 {
+            let mut s = control.open_stream(peer, PING).await.unwrap();
+            if ping_on(&mut s, 11).await.is_ok() {
+                fourth = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            fourth.is_some(),
+            "no stream answered after the first closed"
+        );
+        ping_on(&mut second, 12).await.unwrap();
+    })
+    .await;
+    assert!(outcome.is_ok(), "pings did not complete within 30 s");
+}

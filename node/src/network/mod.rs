@@ -13,6 +13,7 @@ pub mod bandwidth;
 pub mod blobs;
 mod charters;
 mod peers;
+pub mod ping;
 mod status;
 mod units;
 pub mod work;
@@ -38,7 +39,7 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, connection_limits, gossipsub, identify, kad, mdns,
-    noise, ping, tcp, yamux,
+    noise, tcp, yamux,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -170,7 +171,7 @@ pub fn build_swarm(
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
                 identify,
-                ping: ping::Behaviour::new(ping::Config::new()),
+                ping: ping::Behaviour::new(ping::Config::default()),
                 kad,
                 gossipsub,
                 mdns: Toggle::from(mdns),
