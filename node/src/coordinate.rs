@@ -143,6 +143,8 @@ pub struct Coordinating<C> {
     ledger_kept: (u64, u64, std::time::Instant),
     /// Each job's audit log head as last committed, for its reports.
     anchors: HashMap<JobId, AuditAnchor>,
+    /// Jobs changed since the last [`Coordinating::settle`].
+    changed: Vec<JobId>,
 }
 
 /// How often a changed verification ledger is written at most, unless a
@@ -200,6 +202,7 @@ impl<C> Coordinating<C> {
             audit_pending: Vec::new(),
             ledger_kept: (0, 0, std::time::Instant::now()),
             anchors: HashMap::new(),
+            changed: Vec::new(),
         };
         this.restore_ledger();
         this.resume_stored(now);
@@ -641,8 +644,17 @@ impl<C> Coordinating<C> {
 
     /// Drains the scheduler: units to send, tokens to sample, watchers to answer.
     pub fn drain(&mut self, now: UnixMillis) -> (Vec<Outgoing>, Vec<(C, Vec<u8>)>) {
+        let sends = self.drain_sends(now);
+        let answers = self.settle(now);
+        (sends, answers)
+    }
+
+    /// The units to send now (tokens to sample are sampled on the way). The
+    /// jobs that changed wait for [`Coordinating::settle`], so that the next
+    /// hop's unit leaves before the previous result is written to disk: a
+    /// durable commit per step would otherwise sit between every two hops.
+    pub fn drain_sends(&mut self, now: UnixMillis) -> Vec<Outgoing> {
         let mut sends = Vec::new();
-        let mut changed = Vec::new();
         while let Some(out) = self.scheduler.poll_output() {
             match out {
                 Output::Send {
@@ -698,14 +710,21 @@ impl<C> Coordinating<C> {
                         ),
                     }
                 }
-                Output::Changed { job } => changed.push(job),
+                Output::Changed { job } => self.changed.push(job),
             }
         }
+        sends
+    }
+
+    /// Records the jobs that changed since the last call, with their
+    /// receipts, in one transaction; then answers their watchers (never
+    /// before their progress is on disk).
+    pub fn settle(&mut self, now: UnixMillis) -> Vec<(C, Vec<u8>)> {
+        let mut changed = std::mem::take(&mut self.changed);
         changed.sort();
         changed.dedup();
         self.persist(&changed, now);
-        let answers = self.answer_watchers(&changed, now);
-        (sends, answers)
+        self.answer_watchers(&changed, now)
     }
 
     /// Records the current state of `jobs`, and appends the receipts taken

@@ -34,7 +34,7 @@ use anyhow::Context as _;
 use commons_protocol::envelope::Envelope;
 use commons_protocol::messages::{CapacityAdvert, Leave};
 use commons_protocol::{BoundedVec, Identity, NodeId, UnixMillis};
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
@@ -1268,12 +1268,29 @@ impl EventLoop {
         let Some(c) = self.coordinating.as_mut() else {
             return;
         };
-        let (sends, answers) = c.drain(now());
-        for (reply, bytes) in answers {
-            self.respond(reply, bytes);
-        }
+        // Units first: the next hop computes while this node writes the
+        // previous step to disk and answers the job's watchers.
+        let sends = c.drain_sends(now());
+        let sent = !sends.is_empty();
         for out in sends {
             self.send_unit(out);
+        }
+        if sent {
+            // Poll the swarm once, so the units reach their connections'
+            // tasks (which write them out) before the disk write below. The
+            // main loop polls it again with its own waker right after.
+            for _ in 0..16 {
+                match self.swarm.select_next_some().now_or_never() {
+                    Some(event) => self.on_swarm_event(event),
+                    None => break,
+                }
+            }
+        }
+        let Some(c) = self.coordinating.as_mut() else {
+            return;
+        };
+        for (reply, bytes) in c.settle(now()) {
+            self.respond(reply, bytes);
         }
     }
 
