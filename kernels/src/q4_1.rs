@@ -1,8 +1,19 @@
 //! A faster Q4_1 matmul for candle's CPU backend, bit-identical to candle's own.
 //!
 //! candle 0.11 runs Q4_1 weights through a scalar loop. This module plugs a
-//! SIMD kernel in through candle's public `QuantizedType` extension point: the
-//! weights keep their GGUF block layout, `QMatMul` calls our `matmul_t`.
+//! SIMD kernel in through candle's public `QuantizedType` extension point:
+//! `QMatMul` calls our `matmul_t`.
+//!
+//! The weights are laid out again at load, with the same bytes: rows go in
+//! groups of eight, and for each block position a group holds the eight rows'
+//! blocks interleaved (160 bytes, the size of eight GGUF blocks), so that
+//! SIMD lane `r` computes row `r`: the four-byte runs of the rows' quants
+//! alternate (`qs[4t..4t + 4]` of rows 0..8, for t = 0..4), then come the
+//! rows' eight scales and eight minimums. One pass over a group's blocks
+//! gives eight dot products with no horizontal sums, and each weight block
+//! read serves every activation row of a tile. The last group is padded with
+//! zero rows when the row count is not a multiple of eight. The GGUF bytes
+//! are rebuilt on demand for `data()`.
 //!
 //! The result is bit-identical to candle's scalar kernel on every CPU, so
 //! a node's determinism class does not depend on which path it runs:
@@ -10,21 +21,30 @@
 //!   f16 operations in the same order);
 //! - the integer dot product of a block is exact whatever the SIMD order;
 //! - each block's float term, `sumi·d_x·d_y + m_x·s_y`, is computed with the
-//!   same IEEE operations (lane-wise, no fused multiply-add), and the terms
-//!   are summed in block order, as the scalar loop does.
+//!   same IEEE operations (lane-wise, no fused multiply-add), and each row's
+//!   terms are summed in block order, as the scalar loop does;
+//! - which thread computes a row does not change how it is computed.
 //!
 //! The tests compare against candle's kernel bit for bit.
 #![allow(unsafe_code)]
 
+use std::sync::OnceLock;
+
 use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use candle_core::{CpuStorage, Result};
 use half::f16;
-use rayon::prelude::*;
+
+use crate::pages::Pages;
+use crate::par::{self, SharedOut};
 
 const QK: usize = 32;
+/// Rows per interleaved group.
+const ROWS: usize = 8;
+/// Activation rows computed per pass over a group's weights.
+const TILE: usize = 4;
 
 /// One Q4_1 block in GGUF layout: scale, minimum (f16 bits), 32 four-bit values.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 struct BlockQ4_1 {
     d: u16,
@@ -33,61 +53,191 @@ struct BlockQ4_1 {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 
-/// Q4_1 weights `(n, k)` with a SIMD matmul.
-#[derive(Debug)]
-pub struct FastQ4_1 {
-    blocks: Vec<BlockQ4_1>,
-    /// Copies of each block's scale and minimum (f16 bits), contiguous so that
-    /// the kernel loads eight at once.
-    d: Vec<u16>,
-    m: Vec<u16>,
+impl BlockQ4_1 {
+    fn from_bytes(b: &[u8]) -> Self {
+        let mut qs = [0u8; QK / 2];
+        qs.copy_from_slice(&b[4..20]);
+        Self {
+            d: u16::from_le_bytes([b[0], b[1]]),
+            m: u16::from_le_bytes([b[2], b[3]]),
+            qs,
+        }
+    }
+
+    fn write_bytes(&self, out: &mut [u8]) {
+        out[0..2].copy_from_slice(&self.d.to_le_bytes());
+        out[2..4].copy_from_slice(&self.m.to_le_bytes());
+        out[4..20].copy_from_slice(&self.qs);
+    }
 }
 
-/// One weight row: its blocks and their scales and minimums.
-#[derive(Clone, Copy)]
-struct Row<'a> {
-    blocks: &'a [BlockQ4_1],
-    d: &'a [u16],
-    m: &'a [u16],
+/// The blocks at one position of eight consecutive rows, interleaved (see
+/// the module docs). Aligned so that no 32-byte load crosses a cache line.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+struct Group {
+    qs: [u8; ROWS * QK / 2],
+    d: [u16; ROWS],
+    m: [u16; ROWS],
+}
+const _: () = assert!(std::mem::size_of::<Group>() == ROWS * 20);
+
+impl Group {
+    fn new(blocks: &[BlockQ4_1; ROWS]) -> Self {
+        let mut g = Self {
+            qs: [0; ROWS * QK / 2],
+            d: [0; ROWS],
+            m: [0; ROWS],
+        };
+        for (r, b) in blocks.iter().enumerate() {
+            for t in 0..4 {
+                let at = t * 4 * ROWS + r * 4;
+                g.qs[at..at + 4].copy_from_slice(&b.qs[4 * t..4 * t + 4]);
+            }
+            g.d[r] = b.d;
+            g.m[r] = b.m;
+        }
+        g
+    }
+
+    /// Row `r`'s block.
+    fn block(&self, r: usize) -> BlockQ4_1 {
+        let mut qs = [0u8; QK / 2];
+        for t in 0..4 {
+            let at = t * 4 * ROWS + r * 4;
+            qs[4 * t..4 * t + 4].copy_from_slice(&self.qs[at..at + 4]);
+        }
+        BlockQ4_1 {
+            d: self.d[r],
+            m: self.m[r],
+            qs,
+        }
+    }
+}
+
+/// Q4_1 weights `(n, k)` with a SIMD matmul.
+pub struct FastQ4_1 {
+    rows: usize,
+    /// Blocks per row.
+    kb: usize,
+    /// `rows.div_ceil(8)` groups of rows, each `kb` [`Group`]s in block order.
+    groups: Pages<Group>,
+    /// The GGUF bytes, built when first asked for.
+    gguf: OnceLock<Vec<u8>>,
+}
+
+impl std::fmt::Debug for FastQ4_1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastQ4_1")
+            .field("rows", &self.rows)
+            .field("blocks_per_row", &self.kb)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FastQ4_1 {
-    fn new(blocks: Vec<BlockQ4_1>) -> Self {
-        let d = blocks.iter().map(|b| b.d).collect();
-        let m = blocks.iter().map(|b| b.m).collect();
-        Self { blocks, d, m }
+    /// Lays out `blocks`, `rows` rows of `kb` blocks in GGUF order.
+    fn new(blocks: &[BlockQ4_1], rows: usize, kb: usize) -> Self {
+        debug_assert_eq!(blocks.len(), rows * kb);
+        let groups = Pages::from_fn(rows.div_ceil(ROWS) * kb, |i| {
+            let (g, b) = (i / kb, i % kb);
+            Group::new(&std::array::from_fn(|r| {
+                let row = g * ROWS + r;
+                if row < rows {
+                    blocks[row * kb + b]
+                } else {
+                    BlockQ4_1::default()
+                }
+            }))
+        });
+        Self {
+            rows,
+            kb,
+            groups,
+            gguf: OnceLock::new(),
+        }
     }
 
-    fn row(&self, c: usize, kb: usize) -> Row<'_> {
-        let r = c * kb..(c + 1) * kb;
-        Row {
-            blocks: &self.blocks[r.clone()],
-            d: &self.d[r.clone()],
-            m: &self.m[r],
+    /// Block `b` of row `row`.
+    fn block(&self, row: usize, b: usize) -> BlockQ4_1 {
+        self.groups[(row / ROWS) * self.kb + b].block(row % ROWS)
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = BlockQ4_1> + '_ {
+        (0..self.rows).flat_map(move |r| (0..self.kb).map(move |b| self.block(r, b)))
+    }
+
+    fn n_blocks(&self) -> usize {
+        self.rows * self.kb
+    }
+}
+
+impl FastQ4_1 {
+    /// The rows of `parts`, stacked in order (one matrix for several
+    /// projections of the same input); `None` unless every part is a CPU
+    /// Q4_1 matrix of the same width.
+    pub fn from_qtensors(parts: &[&QTensor]) -> Result<Option<Self>> {
+        let mut width = None;
+        let mut blocks = Vec::new();
+        let mut rows = 0;
+        for t in parts {
+            if t.dtype() != GgmlDType::Q4_1 || !t.device().is_cpu() || t.rank() != 2 {
+                return Ok(None);
+            }
+            let (n, k) = t.shape().dims2()?;
+            if !k.is_multiple_of(QK) || width.is_some_and(|w| w != k) {
+                return Ok(None);
+            }
+            width = Some(k);
+            let data = t.data()?;
+            if data.len() != n * (k / QK) * 20 {
+                candle_core::bail!("q4_1: {} bytes for a ({n}, {k}) tensor", data.len());
+            }
+            blocks.extend(data.chunks_exact(20).map(BlockQ4_1::from_bytes));
+            rows += n;
         }
+        Ok(width.map(|k| Self::new(&blocks, rows, k / QK)))
+    }
+
+    /// Output rows (`n`).
+    #[must_use]
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input width (`k`).
+    #[must_use]
+    pub fn cols(&self) -> usize {
+        self.kb * QK
+    }
+
+    /// `dst = lhs · selfᵀ` for `m` rows of `lhs`, bit-identical to candle's
+    /// `QMatMul` on the same weights.
+    pub fn forward(&self, lhs: &[f32], m: usize, dst: &mut [f32]) -> Result<()> {
+        self.matmul((m, self.cols(), self.rows), lhs, dst, Level::detect())
+    }
+
+    /// Row `row` dequantized as candle does (its embedding lookup).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        if row >= self.rows || out.len() != self.cols() {
+            candle_core::bail!("q4_1: row {row} of {} into {} values", self.rows, out.len());
+        }
+        for (b, chunk) in out.chunks_exact_mut(QK).enumerate() {
+            block_to_f32(&self.block(row, b), chunk);
+        }
+        Ok(())
     }
 }
 
 /// Replaces a CPU Q4_1 tensor's storage with [`FastQ4_1`]; other tensors are returned as they are.
 pub fn accelerate(t: QTensor) -> Result<QTensor> {
-    if t.dtype() != GgmlDType::Q4_1 || !t.device().is_cpu() || t.rank() != 2 {
-        return Ok(t);
+    match FastQ4_1::from_qtensors(&[&t])? {
+        Some(fast) => {
+            let shape = t.shape().clone();
+            QTensor::new(QStorage::Cpu(Box::new(fast)), shape)
+        }
+        None => Ok(t),
     }
-    let data = t.data()?;
-    let blocks = data
-        .chunks_exact(20)
-        .map(|b| {
-            let mut qs = [0u8; QK / 2];
-            qs.copy_from_slice(&b[4..20]);
-            BlockQ4_1 {
-                d: u16::from_le_bytes([b[0], b[1]]),
-                m: u16::from_le_bytes([b[2], b[3]]),
-                qs,
-            }
-        })
-        .collect();
-    let shape = t.shape().clone();
-    QTensor::new(QStorage::Cpu(Box::new(FastQ4_1::new(blocks))), shape)
 }
 
 /// Activations quantized to Q8_1: values, and the scale and sum terms as f32
@@ -100,253 +250,242 @@ struct Q8_1Rows {
 
 /// Quantizes rows of `k` floats to Q8_1 exactly as candle's `BlockQ8_1::from_float` does.
 fn quantize_q8_1(xs: &[f32]) -> Q8_1Rows {
-    let nb = xs.len() / QK;
-    let mut out = Q8_1Rows {
-        qs: vec![[0i8; QK]; nb],
-        d: vec![0.0; nb],
-        s: vec![0.0; nb],
-    };
-    for (i, block) in xs.chunks_exact(QK).enumerate() {
-        let mut amax = 0f32;
-        for &x in block {
-            amax = amax.max(x.abs());
-        }
-        let d = amax / ((1 << 7) - 1) as f32;
-        let id = if d != 0f32 { 1. / d } else { 0. };
-        let d16 = f16::from_f32(d);
-        let q = &mut out.qs[i];
-        let mut sum = 0i32;
-        for j in 0..QK / 2 {
-            let v0 = block[j] * id;
-            let v1 = block[j + QK / 2] * id;
-            q[j] = f32::round(v0) as i8;
-            q[j + QK / 2] = f32::round(v1) as i8;
-            sum += q[j] as i32 + q[j + QK / 2] as i32;
-        }
-        out.d[i] = d16.to_f32();
-        out.s[i] = (f16::from_f32(sum as f32) * d16).to_f32();
+    let blocks = crate::quant::quantize(xs);
+    let s = blocks
+        .qs
+        .iter()
+        .zip(&blocks.d)
+        .map(|(q, &d16)| {
+            let sum: i32 = q.iter().map(|&v| v as i32).sum();
+            (f16::from_f32(sum as f32) * d16).to_f32()
+        })
+        .collect();
+    Q8_1Rows {
+        d: blocks.d.iter().map(|d| d.to_f32()).collect(),
+        qs: blocks.qs,
+        s,
     }
-    out
-}
-
-/// The exact integer dot product of one block.
-fn block_sumi(x: &BlockQ4_1, y: &[i8; QK]) -> i32 {
-    let mut sumi = 0i32;
-    for j in 0..QK / 2 {
-        let v0 = (x.qs[j] & 0x0F) as i32;
-        let v1 = (x.qs[j] >> 4) as i32;
-        sumi += v0 * y[j] as i32 + v1 * y[j + QK / 2] as i32;
-    }
-    sumi
 }
 
 /// A block's float term, in candle's order of operations.
 #[inline(always)]
-fn block_term(sumi: i32, x: &BlockQ4_1, yd: f32, ys: f32) -> f32 {
-    sumi as f32 * f16::from_bits(x.d).to_f32() * yd + f16::from_bits(x.m).to_f32() * ys
+fn block_term(sumi: i32, d: u16, m: u16, yd: f32, ys: f32) -> f32 {
+    sumi as f32 * f16::from_bits(d).to_f32() * yd + f16::from_bits(m).to_f32() * ys
 }
 
-/// Portable kernel: the reference the SIMD one must equal.
-fn dot_scalar(row: Row<'_>, y: &Q8_1Rows, y0: usize) -> f32 {
-    let mut sumf = 0f32;
-    for (b, xb) in row.blocks.iter().enumerate() {
-        sumf += block_term(block_sumi(xb, &y.qs[y0 + b]), xb, y.d[y0 + b], y.s[y0 + b]);
+/// Portable kernel for one group: candle's scalar loop (`vec_dot_q4_1_q8_1`)
+/// on each of its eight rows, read from the interleaved layout.
+fn group_dot_scalar(group: &[Group], y: &Q8_1Rows, y0: usize) -> [f32; ROWS] {
+    let mut sumf = [0f32; ROWS];
+    for (b, g) in group.iter().enumerate() {
+        let yq = &y.qs[y0 + b];
+        for (r, acc) in sumf.iter_mut().enumerate() {
+            let mut sumi = 0i32;
+            for t in 0..4 {
+                for j in 0..4 {
+                    let q = g.qs[t * 4 * ROWS + r * 4 + j];
+                    let e = 4 * t + j;
+                    sumi += (q & 0x0F) as i32 * yq[e] as i32 + (q >> 4) as i32 * yq[e + 16] as i32;
+                }
+            }
+            *acc += block_term(sumi, g.d[r], g.m[r], y.d[y0 + b], y.s[y0 + b]);
+        }
     }
     sumf
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{BlockQ4_1, Q8_1Rows, QK, Row, block_term};
+    use super::{Group, Q8_1Rows, QK, ROWS};
 
-    /// The 8 i32 partial sums of one block's products.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn block_products(x: &BlockQ4_1, y: &[i8; QK]) -> __m256i {
-        // SAFETY: `x.qs` is 16 bytes and `y` 32 bytes: both loads stay in bounds (unaligned loads).
-        let (q, yv) = unsafe {
-            (
-                _mm_loadu_si128(x.qs.as_ptr().cast()),
-                _mm256_loadu_si256(y.as_ptr().cast()),
-            )
-        };
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(q, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-        let xv = _mm256_set_m128i(hi, lo);
-        // u8 (0..15) times i8, pairs summed: at most 2·15·128, no saturation.
-        let p16 = _mm256_maddubs_epi16(xv, yv);
-        _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+    /// Four consecutive activation quants, repeated in every 32-bit lane.
+    #[inline(always)]
+    fn quad(yq: &[i8; QK], at: usize) -> i32 {
+        i32::from_le_bytes([
+            yq[at] as u8,
+            yq[at + 1] as u8,
+            yq[at + 2] as u8,
+            yq[at + 3] as u8,
+        ])
     }
 
+    /// The low and high four-bit values of a block position of a group: lane
+    /// `r` of `lo[t]` holds row `r`'s values `4t..4t + 4`, of `hi[t]` values
+    /// `16 + 4t..16 + 4t + 4`.
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn hsum(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
-        _mm_cvtsi128_si32(s)
-    }
-
-    /// Eight blocks' integer sums, in block order.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn sums8(p: [__m256i; 8]) -> __m256i {
-        let s01 = _mm256_hadd_epi32(p[0], p[1]);
-        let s23 = _mm256_hadd_epi32(p[2], p[3]);
-        let s45 = _mm256_hadd_epi32(p[4], p[5]);
-        let s67 = _mm256_hadd_epi32(p[6], p[7]);
-        let s0123 = _mm256_hadd_epi32(s01, s23);
-        let s4567 = _mm256_hadd_epi32(s45, s67);
-        let lo = _mm256_permute2x128_si256(s0123, s4567, 0x20);
-        let hi = _mm256_permute2x128_si256(s0123, s4567, 0x31);
-        _mm256_add_epi32(lo, hi)
+    fn unpack(g: &Group) -> ([__m256i; 4], [__m256i; 4]) {
+        let mask = _mm256_set1_epi8(0x0F);
+        // SAFETY: `g.qs` is 128 bytes: four 32-byte loads in bounds (unaligned loads).
+        let w: [__m256i; 4] = std::array::from_fn(|t| unsafe {
+            _mm256_loadu_si256(g.qs.as_ptr().add(32 * t).cast())
+        });
+        (
+            w.map(|v| _mm256_and_si256(v, mask)),
+            w.map(|v| _mm256_and_si256(_mm256_srli_epi16(v, 4), mask)),
+        )
     }
 
     /// Eight f16 values (as bits) widened to f32.
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
-    fn widen8(h: &[u16]) -> __m256 {
-        assert!(h.len() >= 8);
-        // SAFETY: `h` holds at least 8 u16 (16 bytes); unaligned load.
-        let v = unsafe { _mm_loadu_si128(h.as_ptr().cast()) };
-        _mm256_cvtph_ps(v)
+    fn widen8(h: &[u16; 8]) -> __m256 {
+        // SAFETY: `h` is 8 u16 (16 bytes); unaligned load.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(h.as_ptr().cast()) })
     }
 
-    /// The dot product of a row of Q4_1 blocks with Q8_1 activations from block `y0`.
-    /// Callers must have checked that the CPU has AVX2 and F16C.
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) fn dot(row: Row<'_>, y: &Q8_1Rows, y0: usize) -> f32 {
-        let x = row.blocks;
-        let nb = x.len();
-        let (yq, yd, ys) = (&y.qs[y0..y0 + nb], &y.d[y0..y0 + nb], &y.s[y0..y0 + nb]);
-        let mut sumf = 0f32;
-        let mut b = 0;
-        while b + 8 <= nb {
-            let xs = &x[b..b + 8];
-            let p: [__m256i; 8] = std::array::from_fn(|t| block_products(&xs[t], &yq[b + t]));
-            let sumi = _mm256_cvtepi32_ps(sums8(p));
-            let xd = widen8(&row.d[b..b + 8]);
-            let xm = widen8(&row.m[b..b + 8]);
-            let (ydv, ysv) = (&yd[b..b + 8], &ys[b..b + 8]);
-            // SAFETY: both slices hold exactly 8 f32; unaligned loads.
-            let (ydv, ysv) =
-                unsafe { (_mm256_loadu_ps(ydv.as_ptr()), _mm256_loadu_ps(ysv.as_ptr())) };
-            // ((sumi · d_x) · d_y) + (m_x · s_y), lane by lane, as the scalar code.
-            let terms = _mm256_add_ps(
-                _mm256_mul_ps(_mm256_mul_ps(sumi, xd), ydv),
-                _mm256_mul_ps(xm, ysv),
-            );
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds 8 f32; unaligned store.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), terms) };
-            for term in lanes {
-                sumf += term;
-            }
-            b += 8;
+    /// Lane `r`: the exact integer dot product of row `r`'s block with `yq`.
+    /// Each `maddubs` lane is at most 2·15·128 in magnitude, so eight of them
+    /// summed in 16 bits (30 720) cannot overflow.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn sums_avx2(lo: &[__m256i; 4], hi: &[__m256i; 4], yq: &[i8; QK]) -> __m256i {
+        let mut p = _mm256_setzero_si256();
+        for t in 0..4 {
+            let a = _mm256_maddubs_epi16(lo[t], _mm256_set1_epi32(quad(yq, 4 * t)));
+            let b = _mm256_maddubs_epi16(hi[t], _mm256_set1_epi32(quad(yq, 16 + 4 * t)));
+            p = _mm256_add_epi16(p, _mm256_add_epi16(a, b));
         }
-        for t in b..nb {
-            sumf += block_term(hsum(block_products(&x[t], &yq[t])), &x[t], yd[t], ys[t]);
-        }
-        sumf
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
     }
 
-    /// The dot products of four rows of Q4_1 blocks with the same activations:
-    /// each exactly as [`dot`] computes it, but the four running sums are
-    /// independent, so their additions overlap instead of waiting on each other.
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) fn dot4(rows: [Row<'_>; 4], y: &Q8_1Rows, y0: usize) -> [f32; 4] {
-        let x = rows.map(|r| r.blocks);
-        let nb = x[0].len();
-        let (yq, yd, ys) = (&y.qs[y0..y0 + nb], &y.d[y0..y0 + nb], &y.s[y0..y0 + nb]);
-        let mut sumf = [0f32; 4];
-        let mut b = 0;
-        while b + 8 <= nb {
-            // SAFETY: both slices hold exactly 8 f32; unaligned loads.
-            let (ydv, ysv) = unsafe {
-                (
-                    _mm256_loadu_ps(yd[b..b + 8].as_ptr()),
-                    _mm256_loadu_ps(ys[b..b + 8].as_ptr()),
-                )
-            };
-            let mut lanes = [[0f32; 8]; 4];
-            for (c, out) in lanes.iter_mut().enumerate() {
-                let xs = &x[c][b..b + 8];
-                let p: [__m256i; 8] = std::array::from_fn(|t| block_products(&xs[t], &yq[b + t]));
-                let sumi = _mm256_cvtepi32_ps(sums8(p));
-                let xd = widen8(&rows[c].d[b..b + 8]);
-                let xm = widen8(&rows[c].m[b..b + 8]);
-                let terms = _mm256_add_ps(
-                    _mm256_mul_ps(_mm256_mul_ps(sumi, xd), ydv),
-                    _mm256_mul_ps(xm, ysv),
-                );
-                // SAFETY: `out` holds 8 f32; unaligned store.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), terms) };
+    /// [`sums_avx2`] with AVX-512 VNNI: four products summed into each lane at once.
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    #[inline]
+    fn sums_vnni(lo: &[__m256i; 4], hi: &[__m256i; 4], yq: &[i8; QK]) -> __m256i {
+        let mut a = _mm256_setzero_si256();
+        let mut b = _mm256_setzero_si256();
+        for t in 0..4 {
+            a = _mm256_dpbusd_epi32(a, lo[t], _mm256_set1_epi32(quad(yq, 4 * t)));
+            b = _mm256_dpbusd_epi32(b, hi[t], _mm256_set1_epi32(quad(yq, 16 + 4 * t)));
+        }
+        _mm256_add_epi32(a, b)
+    }
+
+    /// `((sumi · d_x) · d_y) + (m_x · s_y)` lane by lane, as the scalar code.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn term(sumi: __m256i, xd: __m256, xm: __m256, yd: f32, ys: f32) -> __m256 {
+        _mm256_add_ps(
+            _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), xd),
+                _mm256_set1_ps(yd),
+            ),
+            _mm256_mul_ps(xm, _mm256_set1_ps(ys)),
+        )
+    }
+
+    macro_rules! group_dots {
+        ($name:ident, $features:literal, $sums:ident) => {
+            /// The dot products of a group's eight rows with `M` activation
+            /// rows (starting at blocks `y0[i]`): row `r` of activation `i`
+            /// in lane `r` of the `i`-th result, summed in block order.
+            /// Callers must have checked the CPU features.
+            #[target_feature(enable = $features)]
+            pub(super) fn $name<const M: usize>(
+                group: &[Group],
+                y: &Q8_1Rows,
+                y0: [usize; M],
+            ) -> [[f32; ROWS]; M] {
+                let kb = group.len();
+                let yq: [&[[i8; QK]]; M] = y0.map(|s| &y.qs[s..s + kb]);
+                let yd: [&[f32]; M] = y0.map(|s| &y.d[s..s + kb]);
+                let ys: [&[f32]; M] = y0.map(|s| &y.s[s..s + kb]);
+                let mut acc = [_mm256_setzero_ps(); M];
+                for (b, g) in group.iter().enumerate() {
+                    let (lo, hi) = unpack(g);
+                    let xd = widen8(&g.d);
+                    let xm = widen8(&g.m);
+                    for i in 0..M {
+                        let sumi = $sums(&lo, &hi, &yq[i][b]);
+                        acc[i] = _mm256_add_ps(acc[i], term(sumi, xd, xm, yd[i][b], ys[i][b]));
+                    }
+                }
+                acc.map(|a| {
+                    let mut out = [0f32; ROWS];
+                    // SAFETY: `out` holds 8 f32; unaligned store.
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), a) };
+                    out
+                })
             }
-            // Block order within each row; the four rows interleave.
-            #[allow(clippy::needless_range_loop)]
-            for lane in 0..8 {
-                for c in 0..4 {
-                    sumf[c] += lanes[c][lane];
+        };
+    }
+
+    group_dots!(group_dots_avx2, "avx2,f16c", sums_avx2);
+    group_dots!(group_dots_vnni, "avx2,f16c,avx512vnni,avx512vl", sums_vnni);
+}
+
+/// The instruction sets a matmul may use, detected at run time. Every level
+/// gives the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+impl Level {
+    fn detect() -> Self {
+        static LEVEL: OnceLock<Level> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx2") && has!("f16c") {
+                    if has!("avx512vnni") && has!("avx512vl") {
+                        return Level::Vnni;
+                    }
+                    return Level::Avx2;
                 }
             }
-            b += 8;
-        }
-        for t in b..nb {
-            for c in 0..4 {
-                sumf[c] += block_term(
-                    hsum(block_products(&x[c][t], &yq[t])),
-                    &x[c][t],
-                    yd[t],
-                    ys[t],
-                );
+            Level::Scalar
+        })
+    }
+
+    /// All levels this CPU can run, for tests.
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        let mut all = vec![Level::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let best = Self::detect();
+            if best != Level::Scalar {
+                all.push(Level::Avx2);
+            }
+            if best == Level::Vnni {
+                all.push(Level::Vnni);
             }
         }
-        sumf
+        all
     }
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// [`group_dots`] for `M` activation rows.
+fn group_dots<const M: usize>(
+    level: Level,
+    group: &[Group],
+    y: &Q8_1Rows,
+    y0: [usize; M],
+) -> [[f32; ROWS]; M] {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Level::Avx2` is only chosen when AVX2 and F16C were detected at run time.
+        Level::Avx2 => unsafe { x86::group_dots_avx2(group, y, y0) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Level::Vnni` is only chosen when AVX2, F16C, AVX-512 VNNI
+        // and AVX-512 VL were detected at run time.
+        Level::Vnni => unsafe { x86::group_dots_vnni(group, y, y0) },
+        Level::Scalar => y0.map(|s| group_dot_scalar(group, y, s)),
     }
 }
 
-fn dot(simd: bool, x: Row<'_>, y: &Q8_1Rows, y0: usize) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true when AVX2 and F16C were detected at run time.
-        return unsafe { avx2::dot(x, y, y0) };
-    }
-    let _ = simd;
-    dot_scalar(x, y, y0)
-}
-
-/// Four dot products against the same activations (see [`avx2::dot4`]).
-fn dot4(simd: bool, x: [Row<'_>; 4], y: &Q8_1Rows, y0: usize) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true when AVX2 and F16C were detected at run time.
-        return unsafe { avx2::dot4(x, y, y0) };
-    }
-    x.map(|x| dot(simd, x, y, y0))
-}
-
-/// Columns per task: enough work to pay for scheduling, few enough to share out.
-const COLS_PER_TASK: usize = 32;
-
-/// Below this many block dot products a matmul runs on the calling thread.
-/// Measured on 2 cores: a decode step's projections (m = 1, at most ~28k block
-/// products) ran 10-20% faster on one thread than split over rayon's pool,
-/// whose wake-up latency outweighs the work.
-const PARALLEL_MIN_BLOCK_DOTS: usize = 64 * 1024;
+/// Below this many block dot products a matmul runs on the calling thread:
+/// waking the pool costs more than it saves.
+const PARALLEL_MIN_BLOCK_DOTS: usize = 4 * 1024;
 
 impl FastQ4_1 {
     fn matmul(
@@ -354,102 +493,86 @@ impl FastQ4_1 {
         (m, k, n): (usize, usize, usize),
         lhs: &[f32],
         dst: &mut [f32],
-        simd: bool,
+        level: Level,
     ) -> Result<()> {
-        if !k.is_multiple_of(QK) {
-            candle_core::bail!("q4_1 matmul: k = {k} is not a multiple of {QK}");
-        }
-        let kb = k / QK;
-        if self.blocks.len() != n * kb || lhs.len() != m * k || dst.len() != m * n {
-            candle_core::bail!("q4_1 matmul: shapes do not match ({m}, {k}, {n})");
+        let kb = self.kb;
+        if k != kb * QK || n != self.rows || lhs.len() != m * k || dst.len() != m * n {
+            candle_core::bail!(
+                "q4_1 matmul: ({m}, {k}, {n}) does not fit {} rows of {} blocks",
+                self.rows,
+                kb
+            );
         }
         let y = quantize_q8_1(lhs);
-        // Small products (a decode step's projections) cost less than waking
-        // another thread: run them here.
-        if m * n * kb < PARALLEL_MIN_BLOCK_DOTS {
-            for row in 0..m {
-                self.row_dots(
-                    simd,
-                    &y,
-                    row * kb,
-                    kb,
-                    0..n,
-                    &mut dst[row * n..(row + 1) * n],
-                );
-            }
-            return Ok(());
-        }
-        let chunks: Vec<Vec<f32>> = (0..n.div_ceil(COLS_PER_TASK))
-            .into_par_iter()
-            .map(|c| {
-                let cols = c * COLS_PER_TASK..((c + 1) * COLS_PER_TASK).min(n);
-                let width = cols.len();
-                let mut out = vec![0f32; m * width];
-                for row in 0..m {
-                    self.row_dots(
-                        simd,
-                        &y,
-                        row * kb,
-                        kb,
-                        cols.clone(),
-                        &mut out[row * width..(row + 1) * width],
-                    );
+        let groups = n.div_ceil(ROWS);
+        // Work items: (group, tile of activation rows), group-major, so that a
+        // run of items reads one group's weights for several tiles.
+        let tiles = m.div_ceil(TILE);
+        let out = SharedOut::new(dst);
+        let item = |it: usize| {
+            let (g, tile) = (it / tiles, it % tiles);
+            let w = &self.groups[g * kb..(g + 1) * kb];
+            let rows = tile * TILE..m.min((tile + 1) * TILE);
+            let cols = ROWS.min(n - g * ROWS);
+            let write = |i: usize, v: &[f32; ROWS]| {
+                // SAFETY: item (g, tile) alone writes columns 8g..8g + 8 of its
+                // tile's rows.
+                unsafe { out.write(i * n + g * ROWS, &v[..cols]) }
+            };
+            if rows.len() == TILE {
+                let y0 = std::array::from_fn(|j| (rows.start + j) * kb);
+                for (j, v) in group_dots::<TILE>(level, w, &y, y0).iter().enumerate() {
+                    write(rows.start + j, v);
                 }
-                out
-            })
-            .collect();
-        for (c, chunk) in chunks.iter().enumerate() {
-            let start = c * COLS_PER_TASK;
-            let width = chunk.len() / m.max(1);
-            for row in 0..m {
-                dst[row * n + start..row * n + start + width]
-                    .copy_from_slice(&chunk[row * width..(row + 1) * width]);
+            } else {
+                for i in rows {
+                    write(i, &group_dots::<1>(level, w, &y, [i * kb])[0]);
+                }
             }
-        }
+        };
+        par::run(
+            groups * tiles,
+            m * n * kb >= PARALLEL_MIN_BLOCK_DOTS,
+            |range| range.for_each(item),
+        );
         Ok(())
-    }
-
-    /// `out[i]` = dot of weight row `cols.start + i` with activation row at block `y0`.
-    fn row_dots(
-        &self,
-        simd: bool,
-        y: &Q8_1Rows,
-        y0: usize,
-        kb: usize,
-        cols: std::ops::Range<usize>,
-        out: &mut [f32],
-    ) {
-        let row = |c: usize| self.row(c, kb);
-        let mut c = cols.start;
-        let mut i = 0;
-        while c + 4 <= cols.end {
-            out[i..i + 4].copy_from_slice(&dot4(
-                simd,
-                [row(c), row(c + 1), row(c + 2), row(c + 3)],
-                y,
-                y0,
-            ));
-            c += 4;
-            i += 4;
-        }
-        while c < cols.end {
-            out[i] = dot(simd, row(c), y, y0);
-            c += 1;
-            i += 1;
-        }
     }
 }
 
-/// Dequantizes blocks as candle does: `q · d + m`.
-fn blocks_to_f32(blocks: &[BlockQ4_1], out: &mut [f32]) {
-    for (b, chunk) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
-        let d = f16::from_bits(b.d).to_f32();
-        let m = f16::from_bits(b.m).to_f32();
-        for j in 0..QK / 2 {
-            chunk[j] = (b.qs[j] & 0x0F) as f32 * d + m;
-            chunk[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
-        }
+/// Dequantizes a block as candle does: `q · d + m`.
+fn block_to_f32(b: &BlockQ4_1, out: &mut [f32]) {
+    let d = f16::from_bits(b.d).to_f32();
+    let m = f16::from_bits(b.m).to_f32();
+    for j in 0..QK / 2 {
+        out[j] = (b.qs[j] & 0x0F) as f32 * d + m;
+        out[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
     }
+}
+
+/// Quantizes blocks as candle and ggml do (`quantize_row_q4_1`).
+fn quantize_q4_1(xs: &[f32]) -> Vec<BlockQ4_1> {
+    xs.chunks_exact(QK)
+        .map(|block| {
+            let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
+            for &x in block {
+                min = f32::min(x, min);
+                max = f32::max(x, max);
+            }
+            let d = (max - min) / ((1 << 4) - 1) as f32;
+            let id = if d != 0f32 { 1. / d } else { 0. };
+            let mut b = BlockQ4_1 {
+                d: f16::from_f32(d).to_bits(),
+                m: f16::from_f32(min).to_bits(),
+                qs: [0; QK / 2],
+            };
+            for j in 0..QK / 2 {
+                let x0 = u8::min(15, ((block[j] - min) * id + 0.5) as u8);
+                let x1 = u8::min(15, ((block[QK / 2 + j] - min) * id + 0.5) as u8);
+                b.qs[j] = x0 | (x1 << 4);
+            }
+            b
+        })
+        .collect()
 }
 
 impl QuantizedType for FastQ4_1 {
@@ -458,7 +581,7 @@ impl QuantizedType for FastQ4_1 {
     }
 
     fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
-        self.matmul(mkn, lhs, dst, has_avx2())
+        self.matmul(mkn, lhs, dst, Level::detect())
     }
 
     fn matmul_t_f16(&self, mkn: (usize, usize, usize), lhs: &[f16], dst: &mut [f16]) -> Result<()> {
@@ -472,39 +595,50 @@ impl QuantizedType for FastQ4_1 {
     }
 
     fn embedding(&self, ids: &[u32], rows: usize, hidden: usize) -> Result<CpuStorage> {
-        if !hidden.is_multiple_of(QK) || self.blocks.len() != rows * (hidden / QK) {
+        if rows != self.rows || hidden != self.kb * QK {
             candle_core::bail!("q4_1 embedding: {rows} x {hidden} does not match the weights");
         }
-        let kb = hidden / QK;
         let mut out = vec![0f32; ids.len() * hidden];
         for (row_out, &id) in out.chunks_exact_mut(hidden).zip(ids) {
             let id = id as usize;
             if id >= rows {
                 candle_core::bail!("q4_1 embedding: id {id} out of {rows} rows");
             }
-            blocks_to_f32(&self.blocks[id * kb..(id + 1) * kb], row_out);
+            for (b, chunk) in row_out.chunks_exact_mut(QK).enumerate() {
+                block_to_f32(&self.block(id, b), chunk);
+            }
         }
         Ok(CpuStorage::F32(out))
     }
 
     fn dequantize(&self, elem_count: usize) -> Result<CpuStorage> {
-        if elem_count != self.blocks.len() * QK {
+        if elem_count != self.n_blocks() * QK {
             candle_core::bail!(
                 "q4_1 dequantize: {elem_count} elements, {} blocks",
-                self.blocks.len()
+                self.n_blocks()
             );
         }
         let mut out = vec![0f32; elem_count];
-        blocks_to_f32(&self.blocks, &mut out);
+        for (b, chunk) in self.blocks().zip(out.chunks_exact_mut(QK)) {
+            block_to_f32(&b, chunk);
+        }
         Ok(CpuStorage::F32(out))
     }
 
     fn storage_size_in_bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<BlockQ4_1>()
+        self.n_blocks() * std::mem::size_of::<BlockQ4_1>()
     }
 
     fn as_ptr(&self) -> *const u8 {
-        self.blocks.as_ptr().cast()
+        self.gguf
+            .get_or_init(|| {
+                let mut bytes = vec![0u8; self.storage_size_in_bytes()];
+                for (b, out) in self.blocks().zip(bytes.chunks_exact_mut(20)) {
+                    b.write_bytes(out);
+                }
+                bytes
+            })
+            .as_ptr()
     }
 
     fn block_size(&self) -> usize {
@@ -512,25 +646,14 @@ impl QuantizedType for FastQ4_1 {
     }
 
     fn from_float(&mut self, xs: &[f32]) {
-        // quantize_row_q4_1, as candle and ggml do it.
-        for (b, block) in self.blocks.iter_mut().zip(xs.chunks_exact(QK)) {
-            let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
-            for &x in block {
-                min = f32::min(x, min);
-                max = f32::max(x, max);
-            }
-            let d = (max - min) / ((1 << 4) - 1) as f32;
-            let id = if d != 0f32 { 1. / d } else { 0. };
-            b.d = f16::from_f32(d).to_bits();
-            b.m = f16::from_f32(min).to_bits();
-            for j in 0..QK / 2 {
-                let x0 = u8::min(15, ((block[j] - min) * id + 0.5) as u8);
-                let x1 = u8::min(15, ((block[QK / 2 + j] - min) * id + 0.5) as u8);
-                b.qs[j] = x0 | (x1 << 4);
-            }
-        }
-        self.d = self.blocks.iter().map(|b| b.d).collect();
-        self.m = self.blocks.iter().map(|b| b.m).collect();
+        let blocks = quantize_q4_1(xs);
+        let kb = if self.kb > 0 && blocks.len().is_multiple_of(self.kb) {
+            self.kb
+        } else {
+            blocks.len()
+        };
+        let rows = blocks.len().checked_div(kb).unwrap_or(0);
+        *self = Self::new(&blocks, rows, kb);
     }
 
     fn from_float_imatrix(&mut self, xs: &[f32], _imatrix_weights: &[f32], _n_per_row: usize) {
@@ -538,7 +661,7 @@ impl QuantizedType for FastQ4_1 {
     }
 
     fn size(&self) -> usize {
-        self.blocks.len()
+        self.n_blocks()
     }
 }
 
@@ -571,11 +694,24 @@ mod tests {
             .collect()
     }
 
+    fn fast(w: &Tensor) -> FastQ4_1 {
+        let (n, k) = w.dims2().unwrap();
+        let q = QTensor::quantize(w, GgmlDType::Q4_1).unwrap();
+        let blocks: Vec<BlockQ4_1> = q
+            .data()
+            .unwrap()
+            .chunks_exact(20)
+            .map(BlockQ4_1::from_bytes)
+            .collect();
+        FastQ4_1::new(&blocks, n, k / QK)
+    }
+
     #[test]
     fn equals_candles_kernel_bit_for_bit() {
-        // Block counts with and without a tail of fewer than 8 blocks, odd ones
-        // included; one row (decode) and many (prefill).
-        for (n, k) in [(40, 576), (64, 32), (33, 1536), (96, 256 + 32)] {
+        // Row counts with and without a tail past the last group of eight;
+        // one activation row (decode), a tile and a remainder, many (prefill,
+        // which runs on the pool).
+        for (n, k) in [(40, 576), (64, 32), (33, 1536), (96, 256 + 32), (7, 64)] {
             let w = weights(n, k, (n * k) as u64);
             let reference =
                 QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
@@ -583,7 +719,7 @@ mod tests {
                 accelerate(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap(),
             )
             .unwrap();
-            for m in [1, 3, 17] {
+            for m in [1, 3, 4, 17, 70] {
                 let x = (weights(m, k, 7 + m as u64) * 10.0)
                     .unwrap()
                     .unsqueeze(0)
@@ -596,44 +732,96 @@ mod tests {
     }
 
     #[test]
-    fn scalar_and_simd_paths_agree() {
+    fn every_instruction_set_gives_the_same_bits() {
         let (n, k) = (20, 800);
-        let q = QTensor::quantize(&weights(n, k, 3), GgmlDType::Q4_1).unwrap();
-        let fast = match accelerate(q).unwrap().data() {
-            Ok(bytes) => bytes
-                .chunks_exact(20)
-                .map(|b| BlockQ4_1 {
-                    d: u16::from_le_bytes([b[0], b[1]]),
-                    m: u16::from_le_bytes([b[2], b[3]]),
-                    qs: b[4..20].try_into().unwrap(),
-                })
-                .collect::<Vec<_>>(),
-            Err(e) => panic!("{e}"),
-        };
-        let w = FastQ4_1::new(fast);
+        let w = fast(&weights(n, k, 3));
         let x = weights(5, k, 9)
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let (mut a, mut b) = (vec![0f32; 5 * n], vec![0f32; 5 * n]);
-        w.matmul((5, k, n), &x, &mut a, false).unwrap();
-        w.matmul((5, k, n), &x, &mut b, has_avx2()).unwrap();
-        assert_eq!(
-            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-        );
+        let mut reference = vec![0f32; 5 * n];
+        w.matmul((5, k, n), &x, &mut reference, Level::Scalar)
+            .unwrap();
+        for level in Level::available() {
+            let mut out = vec![0f32; 5 * n];
+            w.matmul((5, k, n), &x, &mut out, level).unwrap();
+            assert_eq!(
+                reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{level:?}"
+            );
+        }
     }
 
     #[test]
-    fn dequantize_and_data_keep_the_gguf_layout() {
-        let q = QTensor::quantize(&weights(8, 64, 5), GgmlDType::Q4_1).unwrap();
-        let fast =
-            accelerate(QTensor::quantize(&weights(8, 64, 5), GgmlDType::Q4_1).unwrap()).unwrap();
-        assert_eq!(q.data().unwrap(), fast.data().unwrap());
-        assert_eq!(
-            bits(&q.dequantize(&Device::Cpu).unwrap()),
-            bits(&fast.dequantize(&Device::Cpu).unwrap())
-        );
+    fn the_split_between_threads_never_changes_the_bits() {
+        // The pool runs a loop size alone or split, as its timings say, and
+        // probes the other way every few hundred loops: 1,200 runs of the
+        // same product cover both, and each must give the same bits.
+        let (n, k, m) = (512, 576, 4);
+        let w = fast(&weights(n, k, 5));
+        let x = weights(m, k, 6)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut first = vec![0f32; m * n];
+        w.forward(&x, m, &mut first).unwrap();
+        let mut out = vec![0f32; m * n];
+        for _ in 0..1_200 {
+            w.forward(&x, m, &mut out).unwrap();
+            assert!(
+                first
+                    .iter()
+                    .zip(&out)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
+    }
+
+    #[test]
+    fn extreme_activations_do_not_overflow() {
+        // All-15 weights against ±127 activations: the largest block sums.
+        let (n, k) = (16, 64);
+        let w = Tensor::from_vec(
+            (0..n * k)
+                .map(|i| if i % 7 == 0 { 0.0 } else { 1.0 })
+                .collect::<Vec<f32>>(),
+            (n, k),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let reference =
+            QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
+        let fast = QMatMul::from_qtensor(
+            accelerate(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap(),
+        )
+        .unwrap();
+        for sign in [1f32, -1.0] {
+            let x = Tensor::from_vec(vec![sign; 2 * k], (1, 2, k), &Device::Cpu).unwrap();
+            assert_eq!(
+                bits(&reference.forward(&x).unwrap()),
+                bits(&fast.forward(&x).unwrap())
+            );
+        }
+    }
+
+    #[test]
+    fn dequantize_embedding_and_data_keep_the_gguf_layout() {
+        for n in [8, 13] {
+            let w = weights(n, 64, 5);
+            let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+            let fast = accelerate(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
+            assert_eq!(q.data().unwrap(), fast.data().unwrap());
+            assert_eq!(
+                bits(&q.dequantize(&Device::Cpu).unwrap()),
+                bits(&fast.dequantize(&Device::Cpu).unwrap())
+            );
+            let ids = Tensor::new(&[0u32, (n - 1) as u32, 3], &Device::Cpu).unwrap();
+            let a = candle_core::quantized::QTensor::embedding(&q, &ids).unwrap();
+            let b = fast.embedding(&ids).unwrap();
+            assert_eq!(bits(&a), bits(&b));
+        }
     }
 }

@@ -60,6 +60,26 @@ fn same_greedy_tokens_as_candle_quantized_llama() {
     }
 }
 
+/// Past 256 cached positions candle's matmul takes another path for the
+/// attention scores of a single position (its gemv instead of its horizontal
+/// kernel): a prompt just under that length, then greedy steps across it.
+#[test]
+fn bit_identical_to_candle_quantized_llama_across_256_positions() {
+    let path = real_model();
+    let model = ModelFile::open(&path).unwrap();
+    let tok = Tokenizer::for_model(&model).unwrap();
+    let text = "Peer-to-peer networks let communities pool their computers. ".repeat(24);
+    let mut ids = tok.encode(&text).unwrap();
+    ids.truncate(250);
+    assert_eq!(ids.len(), 250);
+    let (ours, our_logits) = greedy_logits(&pipeline(&model, &[0..30]), &ids, 12);
+    let (theirs, their_logits) = reference_greedy_logits(&path, &ids, 12);
+    assert_eq!(ours, theirs);
+    for (a, b) in our_logits.iter().zip(&their_logits) {
+        assert_eq!(bits(a), bits(b));
+    }
+}
+
 #[test]
 fn chat_prompt_uses_the_models_template() {
     let model = ModelFile::open(&real_model()).unwrap();

@@ -4,6 +4,10 @@
 //! GFLOP/s against the machine's estimated peak, and the peak RSS of a
 //! one-third stage against the whole model.
 //!
+//! Decode is timed twice: after the prompt (positions 256 to 384, the harder
+//! case: attention reads the whole cache), and from a one-token context, as
+//! `llama-bench`'s generation test runs (it clears the cache first).
+//!
 //! Run it with `scripts/bench-executor.sh` (release build).
 
 use std::process::{Command, ExitCode};
@@ -72,7 +76,8 @@ fn run() -> anyhow::Result<()> {
     println!();
 
     let p = prompt(opts.prompt_tokens);
-    let mut rows: Vec<(String, f64, f64)> = Vec::new();
+    // (name, prefill, decode after the prompt, decode from an empty context).
+    let mut rows: Vec<(String, f64, Option<f64>, f64)> = Vec::new();
     let mut engines: Vec<(&str, Box<dyn Engine>)> = vec![
         (
             "commons (1 stage)",
@@ -91,31 +96,49 @@ fn run() -> anyhow::Result<()> {
         time_run(engine.as_mut(), &p[..16], 4)?; // warm-up
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
+        let mut decode_empty = Vec::new();
         for _ in 0..opts.runs {
             let r = time_run(engine.as_mut(), &p, opts.decode_tokens)?;
             prefill.push(opts.prompt_tokens as f64 / r.prefill.as_secs_f64());
             decode.push(opts.decode_tokens as f64 / r.decode.as_secs_f64());
+            // As llama-bench's generation test: from a one-token context.
+            let r = time_run(engine.as_mut(), &p[..1], opts.decode_tokens)?;
+            decode_empty.push(opts.decode_tokens as f64 / r.decode.as_secs_f64());
         }
-        rows.push(((*name).to_owned(), median(prefill), median(decode)));
+        rows.push((
+            (*name).to_owned(),
+            median(prefill),
+            Some(median(decode)),
+            median(decode_empty),
+        ));
     }
     if let Some((pp, tg)) = llama_bench(&path, &opts) {
-        rows.push(("llama.cpp llama-bench".to_owned(), pp, tg));
+        rows.push(("llama.cpp llama-bench".to_owned(), pp, None, tg));
     }
     println!(
-        "{:<34} {:>14} {:>14}",
-        "system", "prefill tok/s", "decode tok/s"
+        "{:<34} {:>14} {:>20} {:>20}",
+        "system", "prefill tok/s", "decode tok/s", "decode tok/s"
     );
-    for (name, pp, tg) in &rows {
-        println!("{name:<34} {pp:>14.1} {tg:>14.1}");
+    println!(
+        "{:<34} {:>14} {:>20} {:>20}",
+        "", "", "(after the prompt)", "(empty context)"
+    );
+    for (name, pp, tg, tg0) in &rows {
+        let tg = tg.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        println!("{name:<34} {pp:>14.1} {tg:>20} {tg0:>20.1}");
     }
     println!();
     let ours = &rows[0];
     for other in &rows[2..] {
+        let after = match (ours.2, other.2) {
+            (Some(a), Some(b)) => format!(", decode after the prompt {:.2}x", a / b),
+            _ => String::new(),
+        };
         println!(
-            "ratio commons / {}: prefill {:.2}x, decode {:.2}x",
+            "ratio commons / {}: prefill {:.2}x{after}, decode from an empty context {:.2}x",
             other.0,
             ours.1 / other.1,
-            ours.2 / other.2
+            ours.3 / other.3
         );
     }
     if rows.len() < 4 {

@@ -4,15 +4,28 @@
 //! Follows candle's model convention (config, `load`, `forward(x, pos, cache)`)
 //! but reads only the tensors of its range from the file, so its memory is
 //! proportional to the range. Its arithmetic is candle's quantized llama op for
-//! op (same kernels, same order), so a model split into stages gives logits
-//! bit-identical to the whole model in one stage, and to candle-transformers'
-//! `quantized_llama` on the same kernel path.
+//! op (the same operations in the same order), so a model split into stages
+//! gives logits bit-identical to the whole model in one stage, and to
+//! candle-transformers' `quantized_llama` on the same file.
+//!
+//! A layer runs on plain `f32` rows rather than on a tensor per op: the
+//! per-element ops (RMS norm, rotary embedding, SwiGLU, residual sums) and the
+//! attention of a single position come from `commons_kernels`, each a replica
+//! of candle's arithmetic tested against candle bit for bit; the q/k/v and the
+//! gate/up projections each run as one matmul over stacked weights (every
+//! output row is still its own dot product); the key/value cache grows in
+//! place. Prompt attention (several positions at once) runs through candle's
+//! own ops, as `quantized_llama` does.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
+use candle_core::{D, DType, Device, Module, Tensor};
+use commons_kernels::attention::{self, Heads};
+use commons_kernels::ops;
+use commons_kernels::q4_1::FastQ4_1;
+use commons_kernels::q8_0::FastQ8_0;
 
 use super::model::{LlamaConfig, ModelError, ModelFile, Weight};
 
@@ -67,10 +80,19 @@ pub enum StageOutput {
     Logits(Tensor),
 }
 
+/// The keys and values of one layer: for each key/value head, `head_dim`
+/// values per position (keys after the rotary embedding), so that a head's
+/// attention reads one contiguous stream.
+#[derive(Debug, Clone, Default)]
+struct LayerCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
 /// The key/value cache of one session on one stage.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerCache>,
     len: usize,
 }
 
@@ -92,79 +114,167 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .flat_map(|l| l.k.iter().chain(&l.v))
+            .map(|h| h.len() * std::mem::size_of::<f32>())
             .sum()
     }
 
-    /// Drops everything cached.
+    /// Drops everything cached (and frees its memory).
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        for h in self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.k.iter_mut().chain(&mut l.v))
+        {
+            *h = Vec::new();
+        }
         self.len = 0;
+    }
+
+    /// Forgets positions from `len` on (after a step that failed half-way).
+    fn truncate(&mut self, len: usize, head_dim: usize) {
+        for h in self.layers.iter_mut().flat_map(|l| l.k.iter_mut().chain(&mut l.v)) {
+            h.truncate(len * head_dim);
+        }
+        self.len = len;
     }
 }
 
-/// RMS norm with an f32 weight, through the same candle op as
-/// candle-transformers' quantized models.
-struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
+/// One projection `x · Wᵀ` of rows of activations.
+enum Linear {
+    /// Commons' Q4_1 kernel.
+    Q4_1(Arc<FastQ4_1>),
+    /// Commons' Q8_0 kernel.
+    Q8_0(Arc<FastQ8_0>),
+    /// candle's own kernels (quantized or dense), `n` outputs.
+    Candle { w: QMatMul, n: usize },
 }
 
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+impl Linear {
+    fn outputs(&self) -> usize {
+        match self {
+            Linear::Q4_1(w) => w.rows(),
+            Linear::Q8_0(w) => w.rows(),
+            Linear::Candle { n, .. } => *n,
+        }
+    }
+
+    /// `out` (`m · outputs`) = `x` (`m` rows) · Wᵀ.
+    fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) -> candle_core::Result<()> {
+        match self {
+            Linear::Q4_1(w) => w.forward(x, m, out),
+            Linear::Q8_0(w) => w.forward(x, m, out),
+            Linear::Candle { w, .. } => {
+                let t = Tensor::from_slice(x, (1, m, x.len() / m.max(1)), &Device::Cpu)?;
+                let y = w.forward(&t)?.flatten_all()?.to_vec1::<f32>()?;
+                out.copy_from_slice(&y);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Projections of the same input whose outputs sit side by side in each row
+/// (q ‖ k ‖ v, gate ‖ up): one matmul when the kernels allow it.
+struct Projection {
+    parts: Vec<Linear>,
+    width: usize,
+}
+
+impl Projection {
+    fn new(parts: Vec<Linear>) -> Self {
+        let width = parts.iter().map(Linear::outputs).sum();
+        Self { parts, width }
+    }
+
+    /// `out` = `m` rows of `width` values.
+    fn forward(&self, x: &[f32], m: usize, out: &mut Vec<f32>) -> candle_core::Result<()> {
+        out.clear();
+        out.resize(m * self.width, 0.0);
+        if let [only] = self.parts.as_slice() {
+            return only.forward(x, m, out);
+        }
+        let mut col = 0;
+        let mut part = Vec::new();
+        for p in &self.parts {
+            let n = p.outputs();
+            part.clear();
+            part.resize(m * n, 0.0);
+            p.forward(x, m, &mut part)?;
+            for (row, src) in out.chunks_exact_mut(self.width).zip(part.chunks_exact(n)) {
+                row[col..col + n].copy_from_slice(src);
+            }
+            col += n;
+        }
+        Ok(())
     }
 }
 
 /// The token embedding table.
 enum Embedding {
-    /// GGUF blocks: only the rows looked up are dequantized.
+    Q4_1(Arc<FastQ4_1>),
+    Q8_0(Arc<FastQ8_0>),
+    /// GGUF blocks in candle's storage: only the rows looked up are dequantized.
     Quantized(Arc<QTensor>),
     /// A dense f32 table.
     Dense(Tensor),
 }
 
 impl Embedding {
-    fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+    /// The rows of `ids`, `hidden` values each.
+    fn lookup(&self, ids: &[u32], hidden: usize) -> candle_core::Result<Vec<f32>> {
+        let mut out = vec![0f32; ids.len() * hidden];
         match self {
-            Embedding::Quantized(q) => q.embedding(ids),
+            Embedding::Q4_1(e) => {
+                for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+                    e.dequantize_row(id as usize, row)?;
+                }
+            }
+            Embedding::Q8_0(e) => {
+                for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+                    e.dequantize_row(id as usize, row)?;
+                }
+            }
+            Embedding::Quantized(q) => {
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                out = q.embedding(&ids)?.flatten_all()?.to_vec1()?;
+            }
             Embedding::Dense(t) => {
-                let (b, seq) = ids.dims2()?;
-                let hidden = t.dim(1)?;
-                t.index_select(&ids.flatten_all()?, 0)?
-                    .reshape((b, seq, hidden))
+                let ids = Tensor::new(ids, &Device::Cpu)?;
+                out = t.index_select(&ids, 0)?.flatten_all()?.to_vec1()?;
             }
         }
+        Ok(out)
     }
 }
 
 struct Block {
-    attn_norm: RmsNorm,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    bias: Option<(Tensor, Tensor, Tensor)>,
-    ffn_norm: RmsNorm,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    attn_norm: Vec<f32>,
+    /// q ‖ k ‖ v.
+    qkv: Projection,
+    /// q ‖ k ‖ v biases (Qwen2).
+    bias: Option<Vec<f32>>,
+    wo: Projection,
+    ffn_norm: Vec<f32>,
+    /// gate ‖ up.
+    gate_up: Projection,
+    down: Projection,
 }
 
 struct Head {
-    norm: RmsNorm,
-    output: QMatMul,
+    norm: Vec<f32>,
+    output: Projection,
 }
 
 /// Which CPU kernels run the quantized matmuls.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Kernels {
-    /// Commons' SIMD kernels where they exist (Q4_1), candle's elsewhere.
+    /// Commons' SIMD kernels where they exist (Q4_1 and Q8_0 matmuls, the
+    /// attention of a single position), candle's elsewhere.
     /// Bit-identical to [`Kernels::Candle`].
     #[default]
     Fast,
-    /// candle's own kernels only.
+    /// candle's own matmul kernels and attention ops.
     Candle,
     /// Quantized weights expanded to f32 at load and multiplied densely, as
     /// accelerators often do: another determinism class, a few times the
@@ -180,9 +290,11 @@ pub struct Stage {
     embed: Option<Embedding>,
     blocks: Vec<Block>,
     head: Option<Head>,
-    cos: Tensor,
-    sin: Tensor,
-    neg_inf: Tensor,
+    /// Rotary tables, `head_dim / 2` values per position.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Single positions attend through `commons_kernels::attention`.
+    fast_attention: bool,
     device: Device,
     weight_bytes: usize,
 }
@@ -217,6 +329,25 @@ fn rope_tables(
     Ok((idx_theta.cos()?, idx_theta.sin()?))
 }
 
+/// The layer rows of one session in a step: rows `rows` of the step, at
+/// positions from `pos`.
+struct Segment {
+    rows: Range<usize>,
+    pos: usize,
+}
+
+/// Buffers reused by the layers of one step.
+#[derive(Default)]
+struct Scratch {
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    y: Vec<f32>,
+    o: Vec<f32>,
+    act: Vec<f32>,
+}
+
 impl Stage {
     /// Loads layers `layers` of `model` onto `device`, with the embedding if
     /// the range starts at 0 and the head if it ends at the last layer.
@@ -243,6 +374,11 @@ impl Stage {
                 n_layer: cfg.n_layer,
             });
         }
+        if !device.is_cpu() {
+            return Err(StageError::Input(
+                "stages run on the CPU device only".into(),
+            ));
+        }
         let mut reader = model.weights();
         let mut weight_bytes = 0usize;
         let mut load = |name: &str| -> Result<Weight, StageError> {
@@ -250,28 +386,80 @@ impl Stage {
             weight_bytes += w.bytes();
             Ok(w)
         };
-        let matmul = |w: Weight| -> candle_core::Result<QMatMul> {
-            match (w, kernels) {
+        let linear = |w: Weight| -> candle_core::Result<Linear> {
+            Ok(match (w, kernels) {
                 (Weight::Quantized(q), Kernels::Fast) => {
-                    QMatMul::from_qtensor(commons_kernels::q4_1::accelerate(q)?)
+                    if let Some(f) = FastQ4_1::from_qtensors(&[&q])? {
+                        Linear::Q4_1(Arc::new(f))
+                    } else if let Some(f) = FastQ8_0::from_qtensor(&q)? {
+                        Linear::Q8_0(Arc::new(f))
+                    } else {
+                        let n = q.shape().dims2()?.0;
+                        Linear::Candle {
+                            w: QMatMul::from_qtensor(q)?,
+                            n,
+                        }
+                    }
                 }
-                (Weight::Quantized(q), Kernels::Candle) => QMatMul::from_qtensor(q),
+                (Weight::Quantized(q), Kernels::Candle) => {
+                    let n = q.shape().dims2()?.0;
+                    Linear::Candle {
+                        w: QMatMul::from_qtensor(q)?,
+                        n,
+                    }
+                }
                 (Weight::Quantized(q), Kernels::Dequantized) => {
-                    Ok(QMatMul::Tensor(q.dequantize(device)?))
+                    let t = q.dequantize(device)?;
+                    Linear::Candle {
+                        n: t.dims2()?.0,
+                        w: QMatMul::Tensor(t),
+                    }
                 }
-                (Weight::Dense(t), _) => Ok(QMatMul::Tensor(t)),
-            }
-        };
-        let norm = |w: Weight| -> candle_core::Result<RmsNorm> {
-            Ok(RmsNorm {
-                weight: w.into_f32(device)?,
-                eps: cfg.rms_eps as f32,
+                (Weight::Dense(t), _) => Linear::Candle {
+                    n: t.dims2()?.0,
+                    w: QMatMul::Tensor(t),
+                },
             })
+        };
+        // Several projections of one input: a single Q4_1 matmul over their
+        // stacked rows when the fast kernels take them all.
+        let project = |ws: Vec<Weight>| -> candle_core::Result<Projection> {
+            if kernels == Kernels::Fast {
+                let qs: Option<Vec<&QTensor>> = ws
+                    .iter()
+                    .map(|w| match w {
+                        Weight::Quantized(q) => Some(q),
+                        Weight::Dense(_) => None,
+                    })
+                    .collect();
+                if let Some(qs) = qs
+                    && let Some(f) = FastQ4_1::from_qtensors(&qs)?
+                {
+                    return Ok(Projection::new(vec![Linear::Q4_1(Arc::new(f))]));
+                }
+            }
+            Ok(Projection::new(
+                ws.into_iter()
+                    .map(linear)
+                    .collect::<candle_core::Result<_>>()?,
+            ))
+        };
+        let vector = |w: Weight| -> candle_core::Result<Vec<f32>> {
+            w.into_f32(device)?.flatten_all()?.to_vec1::<f32>()
         };
         let first = layers.start == 0;
         let last = layers.end == cfg.n_layer;
         let embed = if first || (last && cfg.tied_embeddings) {
             Some(match load("token_embd.weight")? {
+                Weight::Quantized(q) if kernels == Kernels::Fast => {
+                    if let Some(f) = FastQ8_0::from_qtensor(&q)? {
+                        Embedding::Q8_0(Arc::new(f))
+                    } else if let Some(f) = FastQ4_1::from_qtensors(&[&q])? {
+                        Embedding::Q4_1(Arc::new(f))
+                    } else {
+                        Embedding::Quantized(Arc::new(q))
+                    }
+                }
                 Weight::Quantized(q) => Embedding::Quantized(Arc::new(q)),
                 Weight::Dense(t) => Embedding::Dense(t),
             })
@@ -283,36 +471,56 @@ impl Stage {
         for i in layers.clone() {
             let p = |t: &str| format!("blk.{i}.{t}");
             let bias = if cfg.qkv_bias {
-                Some((
-                    load(&p("attn_q.bias"))?.into_f32(device)?,
-                    load(&p("attn_k.bias"))?.into_f32(device)?,
-                    load(&p("attn_v.bias"))?.into_f32(device)?,
-                ))
+                let mut b = vector(load(&p("attn_q.bias"))?)?;
+                b.extend(vector(load(&p("attn_k.bias"))?)?);
+                b.extend(vector(load(&p("attn_v.bias"))?)?);
+                Some(b)
             } else {
                 None
             };
+            let attn_norm = vector(load(&p("attn_norm.weight"))?)?;
+            let qkv = project(vec![
+                load(&p("attn_q.weight"))?,
+                load(&p("attn_k.weight"))?,
+                load(&p("attn_v.weight"))?,
+            ])?;
+            let wo = project(vec![load(&p("attn_output.weight"))?])?;
+            let ffn_norm = vector(load(&p("ffn_norm.weight"))?)?;
+            let gate_up = project(vec![
+                load(&p("ffn_gate.weight"))?,
+                load(&p("ffn_up.weight"))?,
+            ])?;
+            let down = project(vec![load(&p("ffn_down.weight"))?])?;
             blocks.push(Block {
-                attn_norm: norm(load(&p("attn_norm.weight"))?)?,
-                wq: matmul(load(&p("attn_q.weight"))?)?,
-                wk: matmul(load(&p("attn_k.weight"))?)?,
-                wv: matmul(load(&p("attn_v.weight"))?)?,
-                wo: matmul(load(&p("attn_output.weight"))?)?,
+                attn_norm,
+                qkv,
                 bias,
-                ffn_norm: norm(load(&p("ffn_norm.weight"))?)?,
-                w_gate: matmul(load(&p("ffn_gate.weight"))?)?,
-                w_up: matmul(load(&p("ffn_up.weight"))?)?,
-                w_down: matmul(load(&p("ffn_down.weight"))?)?,
+                wo,
+                ffn_norm,
+                gate_up,
+                down,
             });
         }
 
         let head = if last {
-            let norm = norm(load("output_norm.weight")?)?;
+            let norm = vector(load("output_norm.weight")?)?;
             let output = match (&embed, cfg.tied_embeddings) {
-                (Some(Embedding::Quantized(e)), true) => QMatMul::from_arc(Arc::clone(e))?,
-                (Some(Embedding::Dense(e)), true) => QMatMul::Tensor(e.clone()),
-                _ => matmul(load("output.weight")?)?,
+                (Some(Embedding::Q8_0(e)), true) => Linear::Q8_0(Arc::clone(e)),
+                (Some(Embedding::Q4_1(e)), true) => Linear::Q4_1(Arc::clone(e)),
+                (Some(Embedding::Quantized(e)), true) => Linear::Candle {
+                    n: e.shape().dims2()?.0,
+                    w: QMatMul::from_arc(Arc::clone(e))?,
+                },
+                (Some(Embedding::Dense(e)), true) => Linear::Candle {
+                    n: e.dims2()?.0,
+                    w: QMatMul::Tensor(e.clone()),
+                },
+                _ => linear(load("output.weight")?)?,
             };
-            Some(Head { norm, output })
+            Some(Head {
+                norm,
+                output: Projection::new(vec![output]),
+            })
         } else {
             None
         };
@@ -320,16 +528,15 @@ impl Stage {
         // with tied embeddings keeps it through its lm head.
         let embed = if first { embed } else { None };
         let (cos, sin) = rope_tables(&cfg, cfg.context_length, device)?;
-        let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
         Ok(Self {
             config: cfg,
             layers,
             embed,
             blocks,
             head,
-            cos,
-            sin,
-            neg_inf,
+            cos: cos.flatten_all()?.to_vec1()?,
+            sin: sin.flatten_all()?.to_vec1()?,
+            fast_attention: kernels != Kernels::Candle && attention::available(),
             device: device.clone(),
             weight_bytes,
         })
@@ -374,10 +581,21 @@ impl Stage {
     /// An empty cache for a new session on this stage.
     #[must_use]
     pub fn new_cache(&self) -> KvCache {
+        let heads = vec![Vec::new(); self.config.n_kv_head];
         KvCache {
-            layers: vec![None; self.blocks.len()],
+            layers: vec![
+                LayerCache {
+                    k: heads.clone(),
+                    v: heads,
+                };
+                self.blocks.len()
+            ],
             len: 0,
         }
+    }
+
+    fn kv_width(&self) -> usize {
+        self.config.n_kv_head * self.config.head_dim
     }
 
     /// Runs one step of a session: the input's positions follow those in `cache`.
@@ -396,7 +614,8 @@ impl Stage {
             StageInput::Tokens(ids) => self.embed_tokens(&ids)?,
             StageInput::Hidden(h) => self.check_hidden(h)?,
         };
-        let seq_len = x.dim(1)?;
+        let hidden = self.config.hidden;
+        let seq_len = x.len() / hidden;
         let needed = index_pos + seq_len;
         if needed > self.config.context_length {
             return Err(StageError::ContextOverflow {
@@ -404,139 +623,160 @@ impl Stage {
                 max: self.config.context_length,
             });
         }
-        let mask = if seq_len == 1 {
-            None
-        } else {
-            Some(candle_transformers::utils::build_causal_mask(
-                seq_len,
-                index_pos,
-                &self.device,
-            )?)
-        };
-        for (block, kv) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = self.block_forward(block, &x, mask.as_ref(), index_pos, kv)?;
+        let segments = [Segment {
+            rows: 0..seq_len,
+            pos: index_pos,
+        }];
+        let mut scratch = Scratch::default();
+        for li in 0..self.blocks.len() {
+            let kv = std::slice::from_mut(&mut cache.layers[li]);
+            if let Err(e) = self.block_forward(li, &mut x, &segments, kv, &mut scratch) {
+                cache.truncate(index_pos, self.config.head_dim);
+                return Err(e.into());
+            }
         }
         cache.len = needed;
         match &self.head {
-            None => Ok(StageOutput::Hidden(x)),
+            None => Ok(StageOutput::Hidden(Tensor::from_vec(
+                x,
+                (1, seq_len, hidden),
+                &self.device,
+            )?)),
             Some(head) => {
-                let x = head.norm.forward(&x)?;
-                let x = x.i((.., seq_len - 1, ..))?.contiguous()?;
-                Ok(StageOutput::Logits(head.output.forward(&x)?.squeeze(0)?))
+                let last = &x[(seq_len - 1) * hidden..];
+                let logits = self.logits(head, last, 1)?;
+                let vocab = logits.len();
+                Ok(StageOutput::Logits(Tensor::from_vec(
+                    logits,
+                    vocab,
+                    &self.device,
+                )?))
             }
         }
     }
 
-    fn rope(&self, x: &Tensor, index_pos: usize) -> candle_core::Result<Tensor> {
-        let (_b, _h, seq_len, _d) = x.dims4()?;
-        let cos = self.cos.narrow(0, index_pos, seq_len)?;
-        let sin = self.sin.narrow(0, index_pos, seq_len)?;
-        let x = x.contiguous()?;
-        if self.config.rope_neox {
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope_i(&x, &cos, &sin)
-        }
+    /// The logits of `rows` rows of hidden states.
+    fn logits(&self, head: &Head, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        let mut h = vec![0f32; x.len()];
+        ops::rms_norm(x, &head.norm, self.config.rms_eps as f32, &mut h);
+        let mut logits = Vec::new();
+        head.output.forward(&h, rows, &mut logits)?;
+        Ok(logits)
     }
 
-    /// q, k, v projections of normed input `h` `(b, seq, hidden)`.
-    fn qkv(&self, b: &Block, h: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (mut q, mut k, mut v) = (b.wq.forward(h)?, b.wk.forward(h)?, b.wv.forward(h)?);
-        if let Some((bq, bk, bv)) = &b.bias {
-            q = q.broadcast_add(bq)?;
-            k = k.broadcast_add(bk)?;
-            v = v.broadcast_add(bv)?;
-        }
-        Ok((q, k, v))
-    }
-
-    /// Attention of one session: q, k, v `(1, seq, heads·hd)` at `index_pos`,
-    /// appending to its cache; returns `(1, seq, hidden)` before the output projection.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-        index_pos: usize,
-        kv: &mut Option<(Tensor, Tensor)>,
-    ) -> candle_core::Result<Tensor> {
-        let cfg = &self.config;
-        let (b_sz, seq_len, _) = q.dims3()?;
-        let q = q
-            .reshape((b_sz, seq_len, cfg.n_head, cfg.head_dim))?
-            .transpose(1, 2)?;
-        let k = k
-            .reshape((b_sz, seq_len, cfg.n_kv_head, cfg.head_dim))?
-            .transpose(1, 2)?;
-        let v = v
-            .reshape((b_sz, seq_len, cfg.n_kv_head, cfg.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = self.rope(&q, index_pos)?;
-        let k = self.rope(&k, index_pos)?;
-        let (k, v) = match kv.as_ref() {
-            Some((kc, vc)) if index_pos > 0 => {
-                (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?)
-            }
-            _ => (k, v),
-        };
-        *kv = Some((k.clone(), v.clone()));
-        let groups = cfg.n_head / cfg.n_kv_head;
-        if seq_len == 1 && groups > 1 {
-            // One position: the heads sharing a key/value head form one
-            // (groups × hd) query block, so the cache is used as it is instead
-            // of being copied `groups` times.
-            let q = q.reshape((b_sz, cfg.n_kv_head, groups, cfg.head_dim))?;
-            let att = (q.matmul(&k.t()?)? / (cfg.head_dim as f64).sqrt())?;
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v)?;
-            return y.reshape((b_sz, 1, cfg.n_head * cfg.head_dim));
-        }
-        let k = candle_transformers::utils::repeat_kv(k, groups)?;
-        let v = candle_transformers::utils::repeat_kv(v, groups)?;
-        let att = (q.matmul(&k.t()?)? / (cfg.head_dim as f64).sqrt())?;
-        let att = match mask {
-            None => att,
-            Some(mask) => {
-                let mask = mask.broadcast_as(att.shape())?;
-                mask.where_cond(&self.neg_inf.broadcast_as(mask.shape().dims())?, &att)?
-            }
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
-        y.transpose(1, 2)?
-            .reshape(&[b_sz, seq_len, cfg.n_head * cfg.head_dim])
-    }
-
-    /// Output projection, residual and MLP.
-    fn finish_block(
-        &self,
-        b: &Block,
-        y: &Tensor,
-        residual: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let x = (b.wo.forward(y)? + residual)?;
-        let residual = &x;
-        let h = b.ffn_norm.forward(&x)?;
-        let gate = b.w_gate.forward(&h)?;
-        let up = b.w_up.forward(&h)?;
-        let y = b.w_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
-        y + residual
-    }
-
+    /// One layer over the rows of a step, in place; `kvs` holds each
+    /// segment's cache of this layer.
     fn block_forward(
         &self,
-        b: &Block,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        index_pos: usize,
-        kv: &mut Option<(Tensor, Tensor)>,
-    ) -> candle_core::Result<Tensor> {
-        let h = b.attn_norm.forward(x)?;
-        let (q, k, v) = self.qkv(b, &h)?;
-        let y = self.attend(&q, &k, &v, mask, index_pos, kv)?;
-        self.finish_block(b, &y, x)
+        li: usize,
+        x: &mut [f32],
+        segments: &[Segment],
+        kvs: &mut [LayerCache],
+        s: &mut Scratch,
+    ) -> candle_core::Result<()> {
+        let cfg = &self.config;
+        let b = &self.blocks[li];
+        let (hidden, hd) = (cfg.hidden, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.n_head * hd, self.kv_width());
+        let m = x.len() / hidden;
+        let eps = cfg.rms_eps as f32;
+
+        s.h.resize(x.len(), 0.0);
+        ops::rms_norm(x, &b.attn_norm, eps, &mut s.h);
+        b.qkv.forward(&s.h, m, &mut s.qkv)?;
+        let width = q_dim + 2 * kv_dim;
+        if let Some(bias) = &b.bias {
+            for row in s.qkv.chunks_exact_mut(width) {
+                ops::add_assign(row, bias);
+            }
+        }
+        s.y.clear();
+        s.y.resize(m * q_dim, 0.0);
+        for (seg, kv) in segments.iter().zip(kvs.iter_mut()) {
+            let n = seg.rows.len();
+            let positions = seg.pos..seg.pos + n;
+            s.q.clear();
+            s.k.clear();
+            for r in seg.rows.clone() {
+                let row = &s.qkv[r * width..(r + 1) * width];
+                s.q.extend_from_slice(&row[..q_dim]);
+                s.k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
+            }
+            ops::rope(&mut s.q, hd, positions.clone(), &self.cos, &self.sin, cfg.rope_neox);
+            ops::rope(&mut s.k, hd, positions, &self.cos, &self.sin, cfg.rope_neox);
+            for (i, r) in seg.rows.clone().enumerate() {
+                let keys = &s.k[i * kv_dim..(i + 1) * kv_dim];
+                let values = &s.qkv[r * width + q_dim + kv_dim..(r + 1) * width];
+                for (h, (kh, vh)) in kv.k.iter_mut().zip(kv.v.iter_mut()).enumerate() {
+                    kh.extend_from_slice(&keys[h * hd..(h + 1) * hd]);
+                    vh.extend_from_slice(&values[h * hd..(h + 1) * hd]);
+                }
+            }
+            let y = &mut s.y[seg.rows.start * q_dim..seg.rows.end * q_dim];
+            let len = seg.pos + n;
+            if n == 1 && self.fast_attention {
+                let heads = Heads {
+                    n_head: cfg.n_head,
+                    n_kv_head: cfg.n_kv_head,
+                    head_dim: hd,
+                };
+                attention::attend_one(&s.q, &kv.k, &kv.v, len, heads, y);
+            } else {
+                y.copy_from_slice(&self.attend_candle(&s.q, kv, n, seg.pos)?);
+            }
+        }
+        b.wo.forward(&s.y, m, &mut s.o)?;
+        ops::add_assign(x, &s.o);
+
+        ops::rms_norm(x, &b.ffn_norm, eps, &mut s.h);
+        b.gate_up.forward(&s.h, m, &mut s.qkv)?;
+        s.act.resize(m * cfg.ffn, 0.0);
+        ops::silu_mul(&s.qkv, cfg.ffn, &mut s.act);
+        b.down.forward(&s.act, m, &mut s.o)?;
+        ops::add_assign(x, &s.o);
+        Ok(())
+    }
+
+    /// Attention of `seq` new positions from `pos` (queries `q`, `seq` rows
+    /// after the rotary embedding; keys and values already in `kv`) through
+    /// candle's ops, exactly as `quantized_llama` runs them.
+    fn attend_candle(
+        &self,
+        q: &[f32],
+        kv: &LayerCache,
+        seq: usize,
+        pos: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let cfg = &self.config;
+        let (hd, len) = (cfg.head_dim, pos + seq);
+        let dev = &self.device;
+        let q = Tensor::from_slice(q, (1, seq, cfg.n_head, hd), dev)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let cached = |heads: &[Vec<f32>]| -> candle_core::Result<Tensor> {
+            let mut all = Vec::with_capacity(cfg.n_kv_head * len * hd);
+            for h in heads {
+                all.extend_from_slice(&h[..len * hd]);
+            }
+            Tensor::from_vec(all, (1, cfg.n_kv_head, len, hd), dev)
+        };
+        let groups = cfg.n_head / cfg.n_kv_head;
+        let k = candle_transformers::utils::repeat_kv(cached(&kv.k)?, groups)?;
+        let v = candle_transformers::utils::repeat_kv(cached(&kv.v)?, groups)?;
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let att = if seq == 1 {
+            att
+        } else {
+            let mask = candle_transformers::utils::build_causal_mask(seq, pos, dev)?
+                .broadcast_as(att.shape())?;
+            let neg_inf = Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as(mask.shape().dims())?;
+            mask.where_cond(&neg_inf, &att)?
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        att.matmul(&v.contiguous()?)?
+            .transpose(1, 2)?
+            .flatten_all()?
+            .to_vec1()
     }
 
     /// One decode step (a single position) for each of several sessions, in
@@ -551,7 +791,8 @@ impl Stage {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let mut rows = Vec::with_capacity(n);
+        let hidden = self.config.hidden;
+        let mut x = Vec::with_capacity(n * hidden);
         let mut caches = Vec::with_capacity(n);
         for (input, cache) in steps {
             if cache.layers.len() != self.blocks.len() {
@@ -574,39 +815,65 @@ impl Stage {
                     ));
                 }
             };
-            rows.push(row);
+            x.extend_from_slice(&row);
             caches.push(cache);
         }
-        let mut x = Tensor::cat(&rows, 0)?;
-        for (li, block) in self.blocks.iter().enumerate() {
-            let h = block.attn_norm.forward(&x)?;
-            let (q, k, v) = self.qkv(block, &h)?;
-            let mut ys = Vec::with_capacity(n);
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let (qi, ki, vi) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
-                ys.push(self.attend(&qi, &ki, &vi, None, cache.len, &mut cache.layers[li])?);
+        let segments: Vec<Segment> = caches
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Segment {
+                rows: i..i + 1,
+                pos: c.len,
+            })
+            .collect();
+        let mut scratch = Scratch::default();
+        let mut kvs: Vec<LayerCache> = Vec::with_capacity(n);
+        for li in 0..self.blocks.len() {
+            kvs.clear();
+            kvs.extend(caches.iter_mut().map(|c| std::mem::take(&mut c.layers[li])));
+            let result = self.block_forward(li, &mut x, &segments, &mut kvs, &mut scratch);
+            for (c, kv) in caches.iter_mut().zip(kvs.drain(..)) {
+                c.layers[li] = kv;
             }
-            let y = Tensor::cat(&ys, 0)?;
-            x = self.finish_block(block, &y, &x)?;
+            if let Err(e) = result {
+                for (c, seg) in caches.iter_mut().zip(&segments) {
+                    c.truncate(seg.pos, self.config.head_dim);
+                }
+                return Err(e.into());
+            }
         }
         for cache in &mut caches {
             cache.len += 1;
         }
         match &self.head {
-            None => (0..n)
-                .map(|i| Ok(StageOutput::Hidden(x.narrow(0, i, 1)?)))
+            None => x
+                .chunks_exact(hidden)
+                .map(|row| {
+                    Ok(StageOutput::Hidden(Tensor::from_slice(
+                        row,
+                        (1, 1, hidden),
+                        &self.device,
+                    )?))
+                })
                 .collect(),
             Some(head) => {
-                let x = head.norm.forward(&x)?.squeeze(1)?.contiguous()?;
-                let logits = head.output.forward(&x)?;
-                (0..n)
-                    .map(|i| Ok(StageOutput::Logits(logits.get(i)?)))
+                let logits = self.logits(head, &x, n)?;
+                let vocab = head.output.width;
+                logits
+                    .chunks_exact(vocab)
+                    .map(|l| {
+                        Ok(StageOutput::Logits(Tensor::from_slice(
+                            l,
+                            vocab,
+                            &self.device,
+                        )?))
+                    })
                     .collect()
             }
         }
     }
 
-    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor, StageError> {
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Vec<f32>, StageError> {
         let embed = self.embed.as_ref().ok_or_else(|| {
             StageError::Input("token ids given to a stage that is not the first".into())
         })?;
@@ -619,11 +886,10 @@ impl Stage {
                 self.config.vocab
             )));
         }
-        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        Ok(embed.lookup(&ids)?)
+        Ok(embed.lookup(ids, self.config.hidden)?)
     }
 
-    fn check_hidden(&self, h: Tensor) -> Result<Tensor, StageError> {
+    fn check_hidden(&self, h: Tensor) -> Result<Vec<f32>, StageError> {
         if self.is_first() {
             return Err(StageError::Input(
                 "hidden states given to the first stage".into(),
@@ -642,7 +908,7 @@ impl Stage {
                 h.dtype()
             )));
         }
-        Ok(h.to_device(&self.device)?)
+        Ok(h.to_device(&self.device)?.flatten_all()?.to_vec1()?)
     }
 }
 
