@@ -455,3 +455,95 @@ fn bad_safetensors_folders_are_clear_errors() {
     std::fs::remove_file(&config_path).unwrap();
     assert!(matches!(ModelFile::open(&hf), Err(ModelError::Io { .. })));
 }
+
+#[test]
+fn part_of_a_stage_computes_as_a_stage_of_exactly_that_part() {
+    use commons_node::executor::{StageInput, StageOutput};
+    let (_dir, path) = tiny(&TinySpec::default());
+    let model = ModelFile::open(&path).unwrap();
+    let device = Device::Cpu;
+    let whole = Stage::load(&model, 0..6, &device).unwrap();
+    let hidden = |out: StageOutput| match out {
+        StageOutput::Hidden(h) => h,
+        StageOutput::Logits(_) => panic!("logits where hidden states were due"),
+    };
+    let logits = |out: StageOutput| match out {
+        StageOutput::Logits(l) => l,
+        StageOutput::Hidden(_) => panic!("hidden states where logits were due"),
+    };
+    // Exact stages 0..2, 2..5, 5..6 against parts of the whole one, over a
+    // prompt and three decode steps, every output bit for bit.
+    let exact: Vec<Stage> = [0..2, 2..5, 5..6]
+        .into_iter()
+        .map(|r| Stage::load(&model, r, &device).unwrap())
+        .collect();
+    let mut exact_caches: Vec<_> = exact.iter().map(Stage::new_cache).collect();
+    let mut part_caches: Vec<_> = (0..3).map(|_| whole.new_cache()).collect();
+    let mut input: Vec<u32> = (3..20).collect();
+    for _ in 0..4 {
+        let a = hidden(
+            exact[0]
+                .forward(StageInput::Tokens(input.clone()), &mut exact_caches[0])
+                .unwrap(),
+        );
+        let b = hidden(
+            whole
+                .forward_range(StageInput::Tokens(input.clone()), &mut part_caches[0], 0..2)
+                .unwrap(),
+        );
+        assert_eq!(bits(&a), bits(&b));
+        let a = hidden(
+            exact[1]
+                .forward(StageInput::Hidden(a), &mut exact_caches[1])
+                .unwrap(),
+        );
+        let b = hidden(
+            whole
+                .forward_range(StageInput::Hidden(b), &mut part_caches[1], 2..5)
+                .unwrap(),
+        );
+        assert_eq!(bits(&a), bits(&b));
+        let a = logits(
+            exact[2]
+                .forward(StageInput::Hidden(a), &mut exact_caches[2])
+                .unwrap(),
+        );
+        let b = logits(
+            whole
+                .forward_range(StageInput::Hidden(b), &mut part_caches[2], 5..6)
+                .unwrap(),
+        );
+        assert_eq!(bits(&a), bits(&b));
+        let next = a
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0 as u32;
+        input = vec![next];
+    }
+    // Outside the stage, another part for the same session, or token ids
+    // for a part that does not start at layer 0: clear errors.
+    let first_half = Stage::load(&model, 0..3, &device).unwrap();
+    let mut cache = first_half.new_cache();
+    let e = first_half
+        .forward_range(StageInput::Tokens(vec![3]), &mut cache, 2..5)
+        .unwrap_err();
+    assert!(e.to_string().contains("not within"), "{e}");
+    let e = first_half
+        .forward_range(StageInput::Tokens(vec![3]), &mut cache, 1..3)
+        .unwrap_err();
+    assert!(e.to_string().contains("do not start at the first"), "{e}");
+    first_half
+        .forward_range(StageInput::Tokens(vec![3]), &mut cache, 0..2)
+        .unwrap();
+    let e = first_half
+        .forward_range(StageInput::Tokens(vec![4]), &mut cache, 0..3)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("the session runs layers 0..2"),
+        "{e}"
+    );
+}

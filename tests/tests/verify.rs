@@ -179,3 +179,122 @@ fn a_corrupting_node_is_caught_excluded_and_the_text_is_the_honest_one() {
         assert!(!excluded.contains(&n.peer_id.as_str()));
     }
 }
+
+/// Serving nodes' ids as the coordinator sees them.
+fn serving(coordinator: &Node, home: &Path) -> Vec<String> {
+    coordinator
+        .status(home)
+        .map(|s| {
+            s["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["models"].as_array().is_some_and(|m| !m.is_empty()))
+                .filter_map(|p| p["peer_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn nodes_holding_more_layers_check_a_hop_and_catch_its_lies() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let m = model();
+    let reference = json(&output(commons(home).args([
+        "run",
+        "--json",
+        "--chat",
+        "--model",
+        &m,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        &TOKENS.to_string(),
+    ])));
+    let expected = tokens(&reference);
+    let coordinator = Node::start_with(
+        home,
+        &home.join("coordinator"),
+        &[],
+        Transports::Tcp,
+        30,
+        &["--coordinator", "--model", &m],
+    );
+    let boot = [coordinator.addrs[0].clone()];
+    let serve = |name: &str, mflops: u64, layers: &str, extra: &[&str]| {
+        let mut args = vec!["--model", m.as_str(), "--layers", layers];
+        args.extend_from_slice(extra);
+        Node::start_with(
+            home,
+            &data_dir(home, name, mflops),
+            &boot,
+            Transports::Tcp,
+            30,
+            &args,
+        )
+    };
+    // The fast chain is 0..15 then 15..30, which lies on every result. No
+    // other node holds 15..30 exactly: two slow ones hold the whole model.
+    let fault = "corrupt:1.0:3".to_owned();
+    let first = serve("first", 90_000, "0..15", &[]);
+    let cheat = serve("cheat", 90_000, "15..30", &["--fault", &fault]);
+    let wide = [
+        serve("wide1", 9_000, "0..30", &[]),
+        serve("wide2", 8_000, "0..30", &[]),
+    ];
+    let all: Vec<String> = [&first, &cheat, &wide[0], &wide[1]]
+        .iter()
+        .map(|n| n.peer_id.clone())
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let s = serving(&coordinator, home);
+            all.iter().all(|n| s.contains(n))
+        })
+        .is_some(),
+        "the coordinator did not see the four nodes"
+    );
+    let out = commons(home)
+        .arg("--data-dir")
+        .arg(home.join("member"))
+        .args([
+            "job",
+            "submit",
+            "--json",
+            "--chat",
+            "--coordinator",
+            &coordinator.addrs[0],
+            "--model",
+            &m,
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            &TOKENS.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let report = json(&out);
+    assert_eq!(tokens(&report), expected, "{report}");
+    let v = coordinator.status(home).unwrap()["verification"].clone();
+    let excluded: Vec<&str> = v["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["peer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(excluded, [cheat.peer_id.as_str()], "{v}");
+    assert!(v["decided"].as_u64().unwrap() >= 1, "{v}");
+    // The checks ran on the wide nodes, over 15..30 of their 0..30.
+    let checked: u64 = wide
+        .iter()
+        .map(|n| {
+            n.status(home).unwrap()["counters"]["units_served"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert!(checked > 0, "no wide node served a unit: {v}");
+}

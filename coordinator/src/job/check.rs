@@ -471,7 +471,8 @@ impl Scheduler {
     }
 
     /// The node that re-executes `hop`'s steps: another operator's node
-    /// holding exactly its layers, serving the job's coalition, neither
+    /// holding its layers (exactly, or within a larger span: a node runs
+    /// any part of what it holds), serving the job's coalition, neither
     /// excluded nor banned; of the hop node's determinism class if possible
     /// (bit-exact comparison), then the fastest.
     fn choose_checker(&self, job: &Job, hop: &Hop) -> Option<NodeId> {
@@ -483,12 +484,12 @@ impl Scheduler {
             .map(|d| self.ledger.operator(&d.checker));
         offers_for(info, &self.coalitions, &self.ledger, job.coalition)
             .into_iter()
-            .filter(|o| o.layers == hop.layers)
+            .filter(|o| o.layers.start <= hop.layers.start && hop.layers.end <= o.layers.end)
             .filter(|o| o.node != hop.node && self.ledger.operator(&o.node) != operator)
             .filter(|o| other != Some(self.ledger.operator(&o.node)))
             .filter(|o| !job.banned.contains(&o.node) && !hop.check_banned.contains(&o.node))
             .map(|o| {
-                let cost = o.ms_per_layer * f64::from(o.layers.len()) + o.rtt_ms + o.queue_ms;
+                let cost = o.ms_per_layer * f64::from(hop.layers.len()) + o.rtt_ms + o.queue_ms;
                 (!self.ledger.same_class(&o.node, &hop.node), cost, o.node)
             })
             .min_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal))

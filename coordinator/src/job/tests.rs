@@ -14,7 +14,8 @@ const STOP: u32 = 0;
 /// so a hop that lost or skipped a step gives different tokens.
 struct FakeNode {
     layers: LayerRange,
-    sessions: HashMap<SessionId, (u64, u32)>, // (state, next position)
+    /// Each session's state per layer (a KV cache's stand-in) and next position.
+    sessions: HashMap<SessionId, (HashMap<u32, u64>, u32)>,
     alive: bool,
     /// Die when asked for this many more units.
     dies_after: Option<u32>,
@@ -103,7 +104,14 @@ impl Swarm {
         if !n.alive {
             return Err(StepFailure::Unreachable("connection closed".into()));
         }
-        assert_eq!(unit.layers, n.layers, "whole spans only");
+        // A node runs any part of its span (checkers do); the fake output
+        // depends on the layers run, as a real stage's does.
+        let l = unit.layers;
+        assert!(
+            n.layers.start <= l.start && l.end <= n.layers.end,
+            "{l} is not within {}",
+            n.layers
+        );
         let values: Vec<u64> = match unit.input.to_u32() {
             Some(t) => t.into_iter().map(u64::from).collect(),
             None => unit
@@ -114,7 +122,7 @@ impl Swarm {
                 .map(|v| v as u64)
                 .collect(),
         };
-        let (state, pos) = n.sessions.entry(unit.session).or_insert((0, 0));
+        let (states, pos) = n.sessions.entry(unit.session).or_default();
         if *pos != unit.options.start_pos {
             return Err(StepFailure::Refused {
                 code: ErrorCode::UNKNOWN_SESSION,
@@ -122,10 +130,18 @@ impl Swarm {
             });
         }
         let mut outs = Vec::new();
+        // Layer by layer, so that any split of the layers into hops
+        // computes the same: the output depends on the layers run only.
+        let mut last = 0;
         for v in values {
-            *state = (*state * 31 + v + u64::from(n.layers.start) * 7 + u64::from(n.layers.end))
-                % 65_521;
-            outs.push(*state as f32);
+            let mut x = v;
+            for layer in l.start..l.end {
+                let state = states.entry(layer).or_insert(0);
+                *state = (*state * 31 + x + u64::from(layer) * 7) % 65_521;
+                x = *state;
+            }
+            last = x;
+            outs.push(x as f32);
             *pos += 1;
         }
         n.units += 1;
@@ -139,8 +155,8 @@ impl Swarm {
             ])) / f64::from(u32::MAX);
             n.units > honest && u < f
         });
-        let output = if n.layers.end == 30 {
-            let token = (*state % u64::from(VOCAB)) as u32;
+        let output = if l.end == 30 {
+            let token = (last % u64::from(VOCAB)) as u32;
             let token = if lie { (token + 1) % VOCAB } else { token };
             Tensor::from_u32(&[1], &[token]).expect("tensor")
         } else {
@@ -742,6 +758,33 @@ fn with_no_referee_both_sides_leave_the_job_and_nothing_wrong_is_released() {
         !s.ledger().is_excluded(&node(2), None),
         "no majority, no exclusion"
     );
+}
+
+#[test]
+fn nodes_holding_larger_spans_check_and_referee_a_hop() {
+    // The chain is 1, 2, 3; no other node holds exactly 10..20, but 50
+    // (all layers) and 60 (10..30) hold it within theirs. Node 2 lies.
+    let spans = [
+        (1, 0, 10),
+        (2, 10, 20),
+        (3, 20, 30),
+        (50, 0, 30),
+        (60, 10, 30),
+    ];
+    let expected = honest(&spans, &[4, 5, 6], 20);
+    let mut swarm = Swarm::new(&spans);
+    swarm.nodes.get_mut(&node(2)).unwrap().corrupt = Some((3, 1.0, 1));
+    let mut s = swarm.scheduler(SchedulerConfig::default());
+    s.submit(UnixMillis(0), job(1, 1, &[4, 5, 6], 20)).unwrap();
+    drive_watching(&mut swarm, &mut s, JobId([1; 16]), &expected);
+    let v = s.view(&JobId([1; 16])).unwrap();
+    assert_eq!(v.tokens, expected);
+    let stats = s.verify_stats();
+    assert!(s.ledger().is_excluded(&node(2), None), "{stats:?}");
+    assert!(stats.decided >= 1 && stats.undecided == 0, "{stats:?}");
+    // Only samples pending on the chain the rollback retired went unchecked.
+    assert!(stats.unverifiable <= stats.rollbacks * 3, "{stats:?}");
+    assert!(swarm.nodes[&node(50)].units + swarm.nodes[&node(60)].units > 0);
 }
 
 #[test]

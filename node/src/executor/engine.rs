@@ -28,6 +28,9 @@ pub struct StepRequest {
     pub session_budget: usize,
     /// Close the session after this step.
     pub close_after: bool,
+    /// Part of the stage's layers to run (`None`: all): a node checking
+    /// another's hop runs that hop's layers only.
+    pub layers: Option<std::ops::Range<usize>>,
 }
 
 /// The result of a step.
@@ -214,7 +217,16 @@ impl Worker {
                         StageInput::Hidden(h) => h.dims().get(1) == Some(&1),
                     };
                     let first_sight = seen.insert(step.session);
-                    if single && step.start_pos > 0 && first_sight && batch.len() < self.max_batch {
+                    let whole = step
+                        .layers
+                        .as_ref()
+                        .is_none_or(|l| *l == self.stage.layers());
+                    if single
+                        && whole
+                        && step.start_pos > 0
+                        && first_sight
+                        && batch.len() < self.max_batch
+                    {
                         batch.push((step, at, reply));
                     } else {
                         rest.push((step, at, reply));
@@ -261,7 +273,10 @@ impl Worker {
             }
         };
         let started = Instant::now();
-        let result = self.stage.forward(step.input, &mut checkout.cache);
+        let layers = step.layers.unwrap_or_else(|| self.stage.layers());
+        let result = self
+            .stage
+            .forward_range(step.input, &mut checkout.cache, layers);
         let compute = started.elapsed();
         self.count(1);
         match result {
@@ -374,6 +389,7 @@ mod tests {
             input: StageInput::Tokens(tokens),
             session_budget: 128,
             close_after: false,
+            layers: None,
         }
     }
 
@@ -478,6 +494,7 @@ mod tests {
                             input: StageInput::Tokens(input),
                             session_budget: 64,
                             close_after: false,
+                            layers: None,
                         })
                         .await
                         .unwrap();

@@ -179,7 +179,11 @@ pub fn check_inference(
             Some(id),
         ));
     };
-    if inf.model != served.model || inf.layers != served.layers {
+    // Any part of the layers held: a checker replays another node's hop.
+    let within = served.layers.start <= inf.layers.start
+        && inf.layers.end <= served.layers.end
+        && inf.layers.start < inf.layers.end;
+    if inf.model != served.model || !within {
         return Err(Refusal::new(
             ErrorCode::MODEL_NOT_HELD,
             format!(
@@ -195,9 +199,13 @@ pub fn check_inference(
     Ok(inf)
 }
 
-fn to_input(served: &Served, t: &commons_protocol::Tensor) -> Result<StageInput, String> {
+fn to_input(
+    served: &Served,
+    layers: LayerRange,
+    t: &commons_protocol::Tensor,
+) -> Result<StageInput, String> {
     let shape = t.shape();
-    if served.layers.start == 0 {
+    if layers.start == 0 {
         let ids = t.to_u32().ok_or("the first stage takes u32 token ids")?;
         if shape.len() != 2 || shape[0] != 1 {
             return Err(format!("token ids must have shape (1, n), not {shape:?}"));
@@ -255,7 +263,7 @@ pub async fn run(
     now: impl Fn() -> UnixMillis,
 ) -> UnitAnswer {
     let outcome = async {
-        let input = to_input(served, &unit.input)
+        let input = to_input(served, unit.layers, &unit.input)
             .map_err(|m| Refusal::new(ErrorCode::BAD_REQUEST, m, Some(id)))?;
         let request = StepRequest {
             session: unit.session,
@@ -263,6 +271,8 @@ pub async fn run(
             input,
             session_budget: unit.options.max_session_tokens as usize,
             close_after: unit.options.close_session,
+            layers: (unit.layers != served.layers)
+                .then_some(unit.layers.start as usize..unit.layers.end as usize),
         };
         let reply = served.engine.step(request).await.map_err(|e| {
             let code = match &e {

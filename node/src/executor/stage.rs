@@ -94,6 +94,8 @@ struct LayerCache {
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
+    /// The layers the session runs, once it has run a step.
+    range: Option<Range<usize>>,
 }
 
 impl KvCache {
@@ -129,11 +131,16 @@ impl KvCache {
             *h = Vec::new();
         }
         self.len = 0;
+        self.range = None;
     }
 
     /// Forgets positions from `len` on (after a step that failed half-way).
     fn truncate(&mut self, len: usize, head_dim: usize) {
-        for h in self.layers.iter_mut().flat_map(|l| l.k.iter_mut().chain(&mut l.v)) {
+        for h in self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.k.iter_mut().chain(&mut l.v))
+        {
             h.truncate(len * head_dim);
         }
         self.len = len;
@@ -591,6 +598,7 @@ impl Stage {
                 self.blocks.len()
             ],
             len: 0,
+            range: None,
         }
     }
 
@@ -604,15 +612,56 @@ impl Stage {
         input: StageInput,
         cache: &mut KvCache,
     ) -> Result<StageOutput, StageError> {
+        self.forward_range(input, cache, self.layers.clone())
+    }
+
+    /// Runs one step of a session over `layers`, a part of this stage's
+    /// (a node checking another's hop runs just that hop's layers): token ids
+    /// in when it starts at layer 0, logits out when it ends at the last,
+    /// hidden states otherwise. Each layer computes as it does in a whole
+    /// stage, so the output equals that of a stage holding exactly `layers`.
+    /// A session keeps the range of its first step.
+    pub fn forward_range(
+        &self,
+        input: StageInput,
+        cache: &mut KvCache,
+        layers: Range<usize>,
+    ) -> Result<StageOutput, StageError> {
         if cache.layers.len() != self.blocks.len() {
             return Err(StageError::Input(
                 "the cache belongs to another stage".into(),
             ));
         }
+        if layers.start >= layers.end
+            || layers.start < self.layers.start
+            || layers.end > self.layers.end
+        {
+            return Err(StageError::Input(format!(
+                "layers {}..{} are not within this stage's {}..{}",
+                layers.start, layers.end, self.layers.start, self.layers.end
+            )));
+        }
+        if let Some(r) = cache.range.as_ref().filter(|r| **r != layers) {
+            return Err(StageError::Input(format!(
+                "the session runs layers {}..{}, not {}..{}",
+                r.start, r.end, layers.start, layers.end
+            )));
+        }
         let index_pos = cache.len;
         let mut x = match input {
-            StageInput::Tokens(ids) => self.embed_tokens(&ids)?,
-            StageInput::Hidden(h) => self.check_hidden(h)?,
+            StageInput::Tokens(ids) if layers.start == 0 => self.embed_tokens(&ids)?,
+            StageInput::Tokens(_) => {
+                return Err(StageError::Input(format!(
+                    "token ids given for layers {}..{}, which do not start at the first",
+                    layers.start, layers.end
+                )));
+            }
+            StageInput::Hidden(_) if layers.start == 0 => {
+                return Err(StageError::Input(
+                    "hidden states given to the first layer".into(),
+                ));
+            }
+            StageInput::Hidden(h) => self.hidden_input(h)?,
         };
         let hidden = self.config.hidden;
         let seq_len = x.len() / hidden;
@@ -628,7 +677,8 @@ impl Stage {
             pos: index_pos,
         }];
         let mut scratch = Scratch::default();
-        for li in 0..self.blocks.len() {
+        let first = layers.start - self.layers.start;
+        for li in first..first + layers.len() {
             let kv = std::slice::from_mut(&mut cache.layers[li]);
             if let Err(e) = self.block_forward(li, &mut x, &segments, kv, &mut scratch) {
                 cache.truncate(index_pos, self.config.head_dim);
@@ -636,7 +686,9 @@ impl Stage {
             }
         }
         cache.len = needed;
-        match &self.head {
+        cache.range = Some(layers.clone());
+        let head = self.head.as_ref().filter(|_| layers.end == self.layers.end);
+        match head {
             None => Ok(StageOutput::Hidden(Tensor::from_vec(
                 x,
                 (1, seq_len, hidden),
@@ -702,7 +754,14 @@ impl Stage {
                 s.q.extend_from_slice(&row[..q_dim]);
                 s.k.extend_from_slice(&row[q_dim..q_dim + kv_dim]);
             }
-            ops::rope(&mut s.q, hd, positions.clone(), &self.cos, &self.sin, cfg.rope_neox);
+            ops::rope(
+                &mut s.q,
+                hd,
+                positions.clone(),
+                &self.cos,
+                &self.sin,
+                cfg.rope_neox,
+            );
             ops::rope(&mut s.k, hd, positions, &self.cos, &self.sin, cfg.rope_neox);
             for (i, r) in seg.rows.clone().enumerate() {
                 let keys = &s.k[i * kv_dim..(i + 1) * kv_dim];
@@ -800,6 +859,11 @@ impl Stage {
                     "the cache belongs to another stage".into(),
                 ));
             }
+            if cache.range.as_ref().is_some_and(|r| *r != self.layers) {
+                return Err(StageError::Input(
+                    "a session over part of the stage's layers is not batched".into(),
+                ));
+            }
             if cache.len + 1 > self.config.context_length {
                 return Err(StageError::ContextOverflow {
                     needed: cache.len + 1,
@@ -844,6 +908,7 @@ impl Stage {
         }
         for cache in &mut caches {
             cache.len += 1;
+            cache.range = Some(self.layers.clone());
         }
         match &self.head {
             None => x
@@ -895,6 +960,11 @@ impl Stage {
                 "hidden states given to the first stage".into(),
             ));
         }
+        self.hidden_input(h)
+    }
+
+    /// Hidden states in, as f32 values, whatever layer they enter.
+    fn hidden_input(&self, h: Tensor) -> Result<Vec<f32>, StageError> {
         let dims = h.dims();
         if dims.len() != 3
             || dims[0] != 1
