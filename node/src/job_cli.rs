@@ -425,6 +425,7 @@ pub fn resolve_model(arg: &str) -> anyhow::Result<ModelId> {
     if !path.exists() {
         bail!("--model {arg}: neither a model id (64 hex digits) nor an existing file");
     }
+    let path = crate::train_export::resolve(&path)?;
     Ok(crate::executor::model_id(&path)?)
 }
 

@@ -502,7 +502,8 @@ pub enum ModelSource {
 pub fn resolve_model(arg: &str, data_dir: &std::path::Path) -> anyhow::Result<ModelSource> {
     let path = PathBuf::from(arg);
     if path.exists() {
-        return Ok(ModelSource::File(path));
+        // A training checkpoint is served as the model folder it exports to.
+        return Ok(ModelSource::File(crate::train_export::resolve(&path)?));
     }
     let id: commons_protocol::Hash = arg.parse().map_err(|_| {
         anyhow::anyhow!("--model {arg}: no such file, and not a model id (64 hex digits) either")

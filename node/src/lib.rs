@@ -23,6 +23,7 @@ pub mod sim_cli;
 pub mod train_cli;
 pub mod train_config;
 pub mod train_exec;
+pub mod train_export;
 
 /// Fixes the size of candle's and rayon's compute pools before any thread
 /// starts. Unless `RAYON_NUM_THREADS` is set, candle 0.11 works the size out

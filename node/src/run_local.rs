@@ -41,7 +41,9 @@ pub fn bundled_model() -> anyhow::Result<std::path::PathBuf> {
 /// Arguments of `commons run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Model file (GGUF). Default: the bundled SmolLM2-135M-Instruct.
+    /// Model: a GGUF file, a Hugging Face llama folder, or a checkpoint of
+    /// `commons train` (exported beside it as `<name>.model/` on first use).
+    /// Default: the bundled SmolLM2-135M-Instruct.
     #[arg(long, env = ENV_MODEL, default_value = DEFAULT_MODEL, value_name = "PATH")]
     pub model: PathBuf,
     /// The prompt.
@@ -114,9 +116,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             args.model.display()
         );
     }
-    let model = ModelFile::open(&args.model)?;
+    // A training checkpoint runs as the model folder it exports to.
+    let path = crate::train_export::resolve(&args.model)?;
+    let model = ModelFile::open(&path)?;
     let cfg = model.config().clone();
-    let id = model_id(&args.model)?;
+    let id = model_id(&path)?;
     let tokenizer = Tokenizer::for_model(&model)?;
     let text = if args.chat {
         tokenizer.apply_chat_template(&[ChatMessage {

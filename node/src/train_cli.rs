@@ -74,6 +74,21 @@ pub enum TrainCommand {
     /// settings). Shows a progress bar; writes checkpoints, the loss curve
     /// (CSV and SVG) and a snapshot to resume from.
     Submit(SubmitArgs),
+    /// Write a checkpoint of a run (`final.safetensors`, or any round's) as
+    /// a Hugging Face llama folder that `commons run --model`, `commons node
+    /// join --model` and the swarm's jobs serve like any other model.
+    Export(ExportArgs),
+}
+
+/// Arguments of `commons train export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The checkpoint (a `.safetensors` file written by `commons train`).
+    #[arg(value_name = "CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// The folder to write. Default: `<CHECKPOINT without .safetensors>.model`.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 /// Arguments of `commons train submit`.
@@ -322,6 +337,32 @@ pub fn run(
                 .enable_all()
                 .build()?;
             runtime.block_on(submit(settings, &config, args))
+        }
+        TrainCommand::Export(args) => {
+            if !crate::train_export::is_training_checkpoint(&args.checkpoint) {
+                bail!(
+                    "{} is not a checkpoint written by commons train",
+                    args.checkpoint.display()
+                );
+            }
+            let out = args.out.unwrap_or_else(|| {
+                let stem = args
+                    .checkpoint
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("checkpoint");
+                args.checkpoint.with_file_name(format!("{stem}.model"))
+            });
+            let id = crate::train_export::export(&args.checkpoint, &out)?;
+            println!(
+                "checkpoint {id} written as a model folder: {}",
+                out.display()
+            );
+            println!(
+                "run it: commons run --model {} --prompt TEXT",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -630,6 +671,8 @@ async fn submit(
         &final_path,
     )
     .context("cannot write final.safetensors")?;
+    let model_dir = out.join("final.model");
+    crate::train_export::export(&final_path, &model_dir)?;
     driver.write_curve()?;
     let stats = driver.training.stats();
     let last = driver.rows.last();
@@ -643,6 +686,7 @@ async fn submit(
             "params_root": params.root.to_string(),
             "checkpoint": params.checkpoint.to_string(),
             "path": final_path.display().to_string(),
+            "model": model_dir.display().to_string(),
             "train_loss": last.map(|r| r.train_loss),
             "val_loss": last.and_then(|r| r.val_loss),
             "seconds": driver.started.elapsed().as_secs_f64(),
