@@ -2,6 +2,10 @@
 //! several node processes on loopback, places the model's layers over the
 //! nodes, generates an answer through them as a signed job, prints who
 //! served what, the speed and the receipts, then has every process leave.
+//!
+//! `commons demo --train CONFIG` does the same for training: it starts
+//! training nodes (`commons node join --train`), runs `commons train submit`
+//! over them, then samples from the trained model with `commons run`.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddr;
@@ -24,7 +28,7 @@ pub struct DemoArgs {
     /// The prompt (a user message, through the model's chat template).
     #[arg(
         long,
-        default_value = "What is the capital of France?",
+        default_value = DEFAULT_PROMPT,
         value_name = "TEXT"
     )]
     pub prompt: String,
@@ -40,7 +44,19 @@ pub struct DemoArgs {
     /// Send the prompt as it is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+    /// Train instead: run the training run configured by this TOML file
+    /// (see `train/configs/`) over `--nodes` training nodes, then sample
+    /// `--max-tokens` characters from the result, continuing `--prompt`
+    /// (default `ROMEO:`) at temperature 0.8.
+    #[arg(long, value_name = "CONFIG")]
+    pub train: Option<PathBuf>,
+    /// With `--train`: where the run's files go (default `train-out`).
+    #[arg(long, value_name = "DIR", requires = "train")]
+    pub out: Option<PathBuf>,
 }
+
+/// The default prompt, which a training demo replaces with its own.
+const DEFAULT_PROMPT: &str = "What is the capital of France?";
 
 /// A child `commons node join` process; asked to leave, then killed, when dropped.
 struct Proc {
@@ -151,6 +167,9 @@ fn ensure_model(path: &Path) -> anyhow::Result<()> {
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if args.nodes == 0 || args.nodes > 32 {
         bail!("--nodes must be between 1 and 32");
+    }
+    if let Some(config) = &args.train {
+        return run_training(&args, config);
     }
     ensure_model(&args.model)?;
     let model_path = args.model.canonicalize()?;
@@ -303,5 +322,95 @@ fn run_swarm(
     Ok(match report.state {
         JobState::Stopped | JobState::Length => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
+    })
+}
+
+/// `commons demo --train CONFIG`.
+fn run_training(args: &DemoArgs, config: &Path) -> anyhow::Result<ExitCode> {
+    if !config.is_file() {
+        bail!("training configuration {} not found", config.display());
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("train-out"));
+    let home = std::env::temp_dir().join(format!("commons-train-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&home)?;
+    let result = train_swarm(args, config, &out, &home);
+    let _ = std::fs::remove_dir_all(&home);
+    result
+}
+
+fn train_swarm(
+    args: &DemoArgs,
+    config: &Path,
+    out: &Path,
+    home: &Path,
+) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find the commons executable")?;
+    let mut procs: Vec<Proc> = Vec::new();
+    for i in 0..args.nodes {
+        let mut node_args = vec!["--train".to_owned()];
+        if let Some(first) = procs.first() {
+            node_args.extend(["--bootstrap".to_owned(), first.address.clone()]);
+        }
+        let p = Proc::start(
+            &format!("node {}", i + 1),
+            &home.join(format!("node{}", i + 1)),
+            &node_args,
+        )?;
+        eprintln!("training node {}  {}", i + 1, p.address);
+        procs.push(p);
+    }
+    let bootstrap = procs
+        .first()
+        .map(|p| p.address.clone())
+        .context("no nodes")?;
+    let status = Command::new(&exe)
+        .arg("--data-dir")
+        .arg(home.join("submitter"))
+        .arg("--config")
+        .arg(config)
+        .args([
+            "train",
+            "submit",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .arg("--out")
+        .arg(out)
+        .args(["--bootstrap", &bootstrap, "--min-nodes"])
+        .arg(args.nodes.to_string())
+        .env("COMMONS_LOG", "warn")
+        .stdin(Stdio::null())
+        .status()
+        .context("cannot start commons train submit")?;
+    for p in procs.iter_mut() {
+        p.leave();
+    }
+    if !status.success() {
+        bail!("the training run failed ({status})");
+    }
+    let checkpoint = out.join("final.safetensors");
+    let prompt = if args.prompt == DEFAULT_PROMPT {
+        "ROMEO:"
+    } else {
+        args.prompt.as_str()
+    };
+    eprintln!("\nsample from {}:", checkpoint.display());
+    let status = Command::new(&exe)
+        .args(["run", "--model"])
+        .arg(&checkpoint)
+        .args(["--prompt", prompt, "--temperature", "0.8", "--seed", "1"])
+        .env("COMMONS_LOG", "warn")
+        .arg("--max-tokens")
+        .arg(args.max_tokens.to_string())
+        .status()
+        .context("cannot start commons run")?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }

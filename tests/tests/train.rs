@@ -380,3 +380,62 @@ fn data_parallel_rounds_over_three_nodes_equal_one_process_and_survive_a_kill() 
     println!("whole test: {:.2?}", started.elapsed());
     drop((a, b));
 }
+
+#[test]
+fn the_training_demo_trains_over_local_nodes_and_samples_from_the_result() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
+    let config = write_config(h, "demo.toml", "sync", 12, "eval_every = 4");
+    let out = h.join("out");
+    let result = commons(&h.join("home"))
+        .args([
+            "demo",
+            "--nodes",
+            "2",
+            "--max-tokens",
+            "40",
+            "--prompt",
+            "the cat",
+        ])
+        .arg("--train")
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert!(result.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.matches("training node ").count(), 2, "{err}");
+    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
+    let (_, after) = stdout.split_once("trained 12 rounds").expect(&stdout);
+    // The run's files, and the trained model as a folder the executor opens.
+    for file in [
+        "loss.csv",
+        "loss.svg",
+        "final.safetensors",
+        "final.model/config.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let curve = std::fs::read_to_string(out.join("loss.csv")).unwrap();
+    let losses: Vec<f64> = curve
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(losses.len(), 12, "{curve}");
+    assert!(losses[11] < losses[0], "{curve}");
+    // The sample, printed after the run's last line, continues the prompt
+    // in the corpus's characters only.
+    let sample = after
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with('{'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let alphabet = CharTokenizer::from_text(&corpus_text());
+    assert!(sample.trim().len() >= 10, "{stdout}");
+    assert!(alphabet.encode(&sample).is_ok(), "{stdout}");
+}
