@@ -47,10 +47,38 @@
 //!   [`Output::Persist`] gives the [`Snapshot`] to keep (with the caller's
 //!   optimiser state); [`Training::resume`] continues from it after a
 //!   restart.
+//!
+//! # Spot checks
+//!
+//! With a [`Ledger`] whose policy is on ([`Training::with_checks`]), results
+//! reported with [`Training::handle_checked`] are spot-checked as inference
+//! results are (BOINC's adaptive replication, [`crate::verify`]): a node on
+//! probation has every result re-executed, later ones with probability
+//! `max(p_min, 1 / streak)`. A share is a pure function of its unit, so the
+//! re-execution by a node of another operator and the same determinism class
+//! must commit to the same digest:
+//!
+//! - a sampled share is held (not aggregated) and sent to such a checker;
+//! - as soon as two operators' results agree, the share takes their result
+//!   and they gain on their records; a node whose result disagrees with
+//!   them lost: it is excluded from the run's scope, and every result it
+//!   gave that the round had taken unchecked is dropped and computed again;
+//! - two results that disagree go to a third operator's node (the referee);
+//!   while none is in the set the share waits for one
+//!   ([`Output::Undecided`] says so once), so a disputed result never enters
+//!   the aggregate;
+//! - a sampled share for which no other operator's node of the same class
+//!   exists is taken unchecked and counted `unverifiable`.
+//!
+//! Rounds already aggregated are not undone: a liar caught in round `r`
+//! may have moved parameters with unchecked results before. The check
+//! probability bounds how many.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use commons_protocol::{NodeId, UnixMillis};
+use commons_protocol::{Hash, NodeId, UnixMillis};
+
+use crate::verify::{Ledger, Scope, VerifyConfig};
 
 /// A set of parameters by content: its params root and the checkpoint file
 /// that holds it (what nodes fetch).
@@ -240,6 +268,31 @@ pub enum Output<R> {
         deadline: UnixMillis,
         /// How many times this share has been sent this round (from 1).
         attempt: u32,
+        /// A re-execution to check (or referee) another node's result.
+        check: bool,
+    },
+    /// `node` gave a result for `share` that two other operators' nodes
+    /// contradicted: it is excluded from the run's scope and given no more
+    /// work; its results of this round that were taken unchecked are
+    /// computed again.
+    Excluded {
+        /// The round.
+        round: u64,
+        /// The share it lied on.
+        share: u32,
+        /// The node.
+        node: NodeId,
+    },
+    /// Results for `share` disagree and no node of a third operator (of the
+    /// same determinism class) is in the set to referee: the share waits
+    /// for one.
+    Undecided {
+        /// The round.
+        round: u64,
+        /// The share.
+        share: u32,
+        /// The nodes that disagree.
+        nodes: Vec<NodeId>,
     },
     /// A share was taken from `node` and will be sent again.
     Reassign {
@@ -284,6 +337,11 @@ pub enum Taken {
     /// Not wanted any more: another copy of its share answered first, its
     /// round is over, or the ticket is unknown.
     Dropped,
+    /// Held until another node's re-execution confirms it.
+    Checking,
+    /// Contradicted by two other operators: thrown away, and its node
+    /// excluded.
+    Rejected,
 }
 
 /// A completed round.
@@ -322,6 +380,21 @@ pub struct TrainStats {
     pub deadlines: u64,
     /// Shares taken from a node and sent again.
     pub reassigned: u64,
+    /// Results sampled for a check.
+    pub sampled: u64,
+    /// Shares sent to check or referee another node's result.
+    pub check_sends: u64,
+    /// Checked shares whose results all agreed.
+    pub confirmed: u64,
+    /// Checked shares with a result that disagreed.
+    pub mismatches: u64,
+    /// Nodes excluded for a result that two others contradicted.
+    pub exclusions: u64,
+    /// Sampled results taken unchecked: no other operator's node of the
+    /// same class was in the set.
+    pub unverifiable: u64,
+    /// Results of excluded nodes dropped from the round they were in.
+    pub discarded: u64,
 }
 
 /// Completed rounds kept for reports.
@@ -355,6 +428,19 @@ struct Share<R> {
     tickets: BTreeSet<Ticket>,
     sends: u32,
     done: Option<ShareResult<R>>,
+    /// Whether `done` was taken without a check.
+    unchecked: bool,
+    /// Results held while the share is being checked (`None`: no check).
+    check: Option<Vec<Candidate<R>>>,
+    /// An [`Output::Undecided`] went out for the current dispute.
+    undecided_reported: bool,
+}
+
+/// A result held while its share is being checked.
+#[derive(Debug, Clone)]
+struct Candidate<R> {
+    result: ShareResult<R>,
+    digest: Hash,
 }
 
 impl<R> Share<R> {
@@ -363,8 +449,21 @@ impl<R> Share<R> {
             tickets: BTreeSet::new(),
             sends: 0,
             done: None,
+            unchecked: false,
+            check: None,
+            undecided_reported: false,
         }
     }
+}
+
+/// Which node, if any, re-executes a share under check.
+enum Checker {
+    /// This one, now.
+    Node(NodeId),
+    /// One exists but none is free: wait.
+    Busy,
+    /// None exists.
+    None,
 }
 
 /// A training run's rounds over an elastic set of nodes (see the module docs).
@@ -384,6 +483,8 @@ pub struct Training<R> {
     outputs: VecDeque<Output<R>>,
     history: VecDeque<RoundRecord>,
     stats: TrainStats,
+    ledger: Ledger,
+    scope: Scope,
 }
 
 impl<R> Training<R> {
@@ -424,6 +525,11 @@ impl<R> Training<R> {
             outputs: VecDeque::new(),
             history: VecDeque::new(),
             stats: TrainStats::default(),
+            ledger: Ledger::new(VerifyConfig {
+                enabled: false,
+                ..VerifyConfig::default()
+            }),
+            scope: None,
             config,
         };
         if this.round >= this.config.rounds {
@@ -435,6 +541,28 @@ impl<R> Training<R> {
             this.start_round(now);
         }
         Ok(this)
+    }
+
+    /// Spot-checks results reported with [`Training::handle_checked`] by
+    /// `ledger`'s policy and records (see the module docs); a node the
+    /// ledger excludes from `scope` gets no work.
+    #[must_use]
+    pub fn with_checks(mut self, ledger: Ledger, scope: Scope) -> Self {
+        self.ledger = ledger;
+        self.scope = scope;
+        self
+    }
+
+    /// The verification records, profiles and exclusions.
+    #[must_use]
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The ledger, to set profiles (operators and determinism classes) from
+    /// the swarm's adverts.
+    pub fn ledger_mut(&mut self) -> &mut Ledger {
+        &mut self.ledger
     }
 
     /// The configuration.
@@ -552,7 +680,32 @@ impl<R> Training<R> {
 
     /// The result of `ticket`. The caller checked it (signature, commitment,
     /// shape) first; an invalid answer is a [`Training::handle_failure`].
+    /// The result is never spot-checked (see [`Training::handle_checked`]).
     pub fn handle_result(&mut self, now: UnixMillis, ticket: Ticket, result: R) -> Taken {
+        self.take_result(now, ticket, result, None)
+    }
+
+    /// The result of `ticket`, committed to by `digest` (bit-identical for
+    /// the same share on nodes of one determinism class), with a uniform
+    /// 64-bit `draw` that decides whether it is checked.
+    pub fn handle_checked(
+        &mut self,
+        now: UnixMillis,
+        ticket: Ticket,
+        result: R,
+        digest: Hash,
+        draw: u64,
+    ) -> Taken {
+        self.take_result(now, ticket, result, Some((digest, draw)))
+    }
+
+    fn take_result(
+        &mut self,
+        now: UnixMillis,
+        ticket: Ticket,
+        result: R,
+        checked: Option<(Hash, u64)>,
+    ) -> Taken {
         let Some(flight) = self.tickets.remove(&ticket) else {
             self.stats.dropped += 1;
             return Taken::Dropped;
@@ -566,28 +719,65 @@ impl<R> Training<R> {
         }
         // Tickets live only while their share waits for a result in the
         // round being computed (they are dropped otherwise).
-        let Some(share) = self
-            .shares
-            .get_mut(flight.share as usize)
-            .filter(|s| s.done.is_none())
-        else {
+        let index = flight.share as usize;
+        if self.shares.get(index).is_none_or(|s| s.done.is_some()) {
             self.stats.dropped += 1;
             return Taken::Dropped;
-        };
-        share.tickets.remove(&ticket);
-        share.done = Some(ShareResult {
+        }
+        let share_result = ShareResult {
             share: flight.share,
             node: flight.node,
             ticket,
             result,
-        });
+        };
+        self.shares[index].tickets.remove(&ticket);
+        if let Some((digest, draw)) = checked {
+            let candidate = Candidate {
+                result: share_result,
+                digest,
+            };
+            if let Some(held) = self.shares[index].check.as_mut() {
+                held.push(candidate);
+                return self.settle(now, index, ticket);
+            }
+            if self.ledger.sample(&flight.node, draw) {
+                self.stats.sampled += 1;
+                self.ledger.stats.sampled += 1;
+                // Other first copies would only repeat the first result.
+                let copies: Vec<Ticket> = self.shares[index].tickets.iter().copied().collect();
+                for copy in copies {
+                    self.drop_ticket(copy);
+                }
+                self.shares[index].check = Some(vec![candidate]);
+                return self.settle(now, index, ticket);
+            }
+            return self.accept(now, index, candidate.result, flight.expired, true);
+        }
+        self.accept(now, index, share_result, flight.expired, true)
+    }
+
+    /// Keeps `result` for share `index`, drops every other copy, and moves
+    /// the round on.
+    fn accept(
+        &mut self,
+        now: UnixMillis,
+        index: usize,
+        result: ShareResult<R>,
+        late: bool,
+        unchecked: bool,
+    ) -> Taken {
+        let share = &mut self.shares[index];
+        share.done = Some(result);
+        share.unchecked = unchecked;
+        share.check = None;
+        share.undecided_reported = false;
         // Every other copy of the share is dropped.
         let copies: Vec<Ticket> = std::mem::take(&mut share.tickets).into_iter().collect();
         for copy in copies {
             self.drop_ticket(copy);
         }
         self.stats.accepted += 1;
-        let taken = if flight.expired {
+        let taken = if late {
             self.stats.late += 1;
             Taken::Late
         } else {
@@ -599,6 +789,103 @@ impl<R> Training<R> {
             self.dispatch(now);
         }
         taken
+    }
+
+    /// Share `index` is under check and just got the result of `ticket`:
+    /// takes the result two operators agree on, or asks for one more
+    /// execution. Returns what became of `ticket`'s result.
+    fn settle(&mut self, now: UnixMillis, index: usize, ticket: Ticket) -> Taken {
+        let held = self.shares[index]
+            .check
+            .as_ref()
+            .map_or(&[][..], Vec::as_slice);
+        // A digest on which two operators agree.
+        let agreed = held.iter().find_map(|c| {
+            let operators: BTreeSet<NodeId> = held
+                .iter()
+                .filter(|o| o.digest == c.digest)
+                .map(|o| self.ledger.operator(&o.result.node))
+                .collect();
+            (operators.len() >= 2).then_some(c.digest)
+        });
+        let Some(digest) = agreed else {
+            if self.live_copies(index as u32) == 0 {
+                self.dispatch(now);
+            }
+            return if self.shares[index].done.is_some() {
+                // Taken unverifiable by the dispatch.
+                Taken::Accepted
+            } else {
+                Taken::Checking
+            };
+        };
+        let held = self.shares[index].check.take().unwrap_or_default();
+        let round = self.round;
+        let mut winner = None;
+        let mut losers = Vec::new();
+        let mut taken = Taken::Rejected;
+        for c in held {
+            if c.digest == digest {
+                self.ledger.valid(c.result.node);
+                if c.result.ticket == ticket {
+                    taken = Taken::Accepted;
+                }
+                if winner.is_none() {
+                    winner = Some(c.result);
+                }
+            } else {
+                losers.push(c.result.node);
+            }
+        }
+        self.ledger.stats.compared += 1;
+        if losers.is_empty() {
+            self.stats.confirmed += 1;
+        } else {
+            self.stats.mismatches += 1;
+            self.ledger.stats.mismatches += 1;
+            self.ledger.stats.decided += 1;
+        }
+        for node in losers {
+            self.exclude(round, index as u32, node);
+        }
+        if let Some(result) = winner {
+            self.accept(now, index, result, false, false);
+        }
+        taken
+    }
+
+    /// `node` lost a check on `share`: off the run's scope, its flights
+    /// dropped, its unchecked results of this round computed again.
+    fn exclude(&mut self, round: u64, share: u32, node: NodeId) {
+        self.ledger.invalid(node);
+        if !self.ledger.is_excluded(&node, self.scope) {
+            self.ledger.exclude(node, self.scope);
+            self.stats.exclusions += 1;
+            self.outputs
+                .push_back(Output::Excluded { round, share, node });
+        }
+        let flights: Vec<Ticket> = self
+            .tickets
+            .iter()
+            .filter(|(_, f)| f.node == node)
+            .map(|(t, _)| *t)
+            .collect();
+        for ticket in flights {
+            self.drop_ticket(ticket);
+        }
+        for s in &mut self.shares {
+            if s.unchecked && s.done.as_ref().is_some_and(|d| d.node == node) {
+                s.done = None;
+                s.unchecked = false;
+                self.stats.discarded += 1;
+            }
+            if let Some(held) = s.check.as_mut() {
+                held.retain(|c| c.result.node != node);
+                if held.is_empty() {
+                    s.check = None;
+                }
+            }
+        }
     }
 
     /// `ticket` brought no result: the node could not be reached, refused,
@@ -789,25 +1076,88 @@ impl<R> Training<R> {
         });
     }
 
-    /// Sends every share that has no live copy to the best available node.
+    /// A node to re-execute share `index` under check: one not excluded, of
+    /// an operator none of the held results came from, of the determinism
+    /// class of the first; free now, lowest load first.
+    fn checker(&self, now: UnixMillis, index: usize) -> Checker {
+        let Some(held) = self.shares[index].check.as_ref() else {
+            return Checker::None;
+        };
+        let Some(first) = held.first() else {
+            return Checker::None;
+        };
+        let operators: BTreeSet<NodeId> = held
+            .iter()
+            .map(|c| self.ledger.operator(&c.result.node))
+            .collect();
+        let max = self.config.max_in_flight_per_node;
+        let mut eligible = self
+            .nodes
+            .iter()
+            .filter(|(id, _)| {
+                !self.ledger.is_excluded(id, self.scope)
+                    && !operators.contains(&self.ledger.operator(id))
+                    && self.ledger.same_class(id, &first.result.node)
+            })
+            .peekable();
+        if eligible.peek().is_none() {
+            return Checker::None;
+        }
+        eligible
+            .filter(|(_, n)| n.available(now, max))
+            .min_by_key(|(id, n)| (n.in_flight, n.assigned_this_round, **id))
+            .map_or(Checker::Busy, |(id, _)| Checker::Node(*id))
+    }
+
+    /// Sends every share that has no live copy to the best available node
+    /// (a share under check to a checker).
     fn dispatch(&mut self, now: UnixMillis) {
         let Phase::Computing { round } = self.phase else {
             return;
         };
+        let mut unverifiable = Vec::new();
         for index in 0..self.shares.len() {
             let share = index as u32;
             if self.shares[index].done.is_some() || self.live_copies(share) > 0 {
                 continue;
             }
-            let max = self.config.max_in_flight_per_node;
-            let Some(node) = self
-                .nodes
-                .iter()
-                .filter(|(_, n)| n.available(now, max))
-                .min_by_key(|(id, n)| (n.in_flight, n.assigned_this_round, **id))
-                .map(|(id, _)| *id)
-            else {
-                return;
+            let check = self.shares[index].check.is_some();
+            let node = if check {
+                match self.checker(now, index) {
+                    Checker::Node(node) => node,
+                    Checker::Busy => continue,
+                    Checker::None => {
+                        let s = &mut self.shares[index];
+                        let held = s.check.as_ref().map_or(0, Vec::len);
+                        if held == 1 {
+                            unverifiable.push(index);
+                        } else if !s.undecided_reported {
+                            s.undecided_reported = true;
+                            let nodes = s.check.iter().flatten().map(|c| c.result.node).collect();
+                            self.ledger.stats.undecided += 1;
+                            self.outputs.push_back(Output::Undecided {
+                                round,
+                                share,
+                                nodes,
+                            });
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                let max = self.config.max_in_flight_per_node;
+                let Some(node) = self
+                    .nodes
+                    .iter()
+                    .filter(|(id, n)| {
+                        n.available(now, max) && !self.ledger.is_excluded(id, self.scope)
+                    })
+                    .min_by_key(|(id, n)| (n.in_flight, n.assigned_this_round, **id))
+                    .map(|(id, _)| *id)
+                else {
+                    continue;
+                };
+                node
             };
             let ticket = Ticket(self.next_ticket);
             self.next_ticket += 1;
@@ -832,6 +1182,10 @@ impl<R> Training<R> {
                 },
             );
             self.stats.sent += 1;
+            if check {
+                self.stats.check_sends += 1;
+                self.ledger.stats.check_units += 1;
+            }
             self.outputs.push_back(Output::Send {
                 ticket,
                 node,
@@ -840,7 +1194,27 @@ impl<R> Training<R> {
                 params: self.params,
                 deadline,
                 attempt,
+                check,
             });
+        }
+        // Sampled results no other operator's node can check are taken as
+        // they are.
+        for index in unverifiable {
+            if let Some(c) = self.shares[index].check.take().and_then(|mut h| h.pop()) {
+                self.stats.unverifiable += 1;
+                self.ledger.stats.unverifiable += 1;
+                if self.shares[index].done.is_none() {
+                    self.shares[index].done = Some(c.result);
+                    self.shares[index].unchecked = true;
+                    self.stats.accepted += 1;
+                }
+            }
+        }
+        if matches!(self.phase, Phase::Computing { .. })
+            && !self.shares.is_empty()
+            && self.shares.iter().all(|s| s.done.is_some())
+        {
+            self.finish_computing(now);
         }
     }
 }

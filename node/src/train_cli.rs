@@ -50,11 +50,12 @@ use candle_core::Device;
 use clap::{Args, Subcommand};
 use commons_coordinator::train::{Output, ShareResult, Snapshot, Taken, Ticket, Training};
 use commons_protocol::envelope::Envelope;
+use commons_protocol::messages::DeterminismClass;
 use commons_protocol::messages::{
     AdamWParams, DataShardRef, GradientEncoding, GradientMode, GradientUnit, ParamsRef, Receipt,
     WorkBody, WorkUnit,
 };
-use commons_protocol::{Hash, Identity, JobId, ModelId, NodeId, Nonce, UnixMillis};
+use commons_protocol::{CoalitionId, Hash, Identity, JobId, ModelId, NodeId, Nonce, UnixMillis};
 use commons_train::data::token_bytes;
 use commons_train::{AdamW, CharTokenizer, Checkpoint, Model, OuterNesterov, Params};
 use libp2p::Multiaddr;
@@ -281,6 +282,9 @@ struct ShareOutcome {
     loss: f32,
     values: Vec<f32>,
     receipt: Receipt,
+    /// blake3 over the outputs alone (the receipt's commitment also binds
+    /// the unit, whose nonce differs between copies of a share).
+    digest: Hash,
 }
 
 /// A shard shared with the swarm.
@@ -608,14 +612,17 @@ async fn submit(
     );
 
     // Wait for the training nodes (unless there is nothing left to do).
+    let coalition = config.train.coalition()?;
     if snapshot.round < config.train.rounds
-        && let Err(e) = wait_for_trainers(&commands, &config.swarm).await
+        && let Err(e) = wait_for_trainers(&commands, &config.swarm, coalition).await
     {
         stop.notify_one();
         return Err(e);
     }
 
-    let training = Training::resume(config.state_machine(), snapshot, now())?;
+    let ledger = commons_coordinator::verify::Ledger::new(config.train.verify.config());
+    let training =
+        Training::resume(config.state_machine(), snapshot, now())?.with_checks(ledger, coalition);
     let bar = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -707,28 +714,38 @@ async fn submit(
 async fn wait_for_trainers(
     commands: &mpsc::Sender<Command>,
     swarm: &crate::train_config::SwarmSection,
+    coalition: Option<CoalitionId>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
-        let nodes = trainers(commands).await;
+        let nodes = trainers(commands, coalition).await;
         if nodes.len() >= swarm.min_nodes {
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(swarm.wait_secs) {
             bail!(
-                "{} training node(s) after {} s, {} wanted (start them with `commons node join --train`)",
+                "{} training node(s){} after {} s, {} wanted (start them with `commons node join --train{}`)",
                 nodes.len(),
+                coalition.map_or(String::new(), |c| format!(" serving coalition {c}")),
                 swarm.wait_secs,
-                swarm.min_nodes
+                swarm.min_nodes,
+                coalition.map_or(String::new(), |c| format!(" --coalition {c}")),
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-async fn trainers(commands: &mpsc::Sender<Command>) -> Vec<NodeId> {
+async fn trainers(
+    commands: &mpsc::Sender<Command>,
+    coalition: Option<CoalitionId>,
+) -> Vec<(NodeId, DeterminismClass)> {
     let (reply, rx) = oneshot::channel();
-    if commands.send(Command::Trainers(reply)).await.is_err() {
+    if commands
+        .send(Command::Trainers { coalition, reply })
+        .await
+        .is_err()
+    {
         return Vec::new();
     }
     rx.await.unwrap_or_default()
@@ -736,7 +753,7 @@ async fn trainers(commands: &mpsc::Sender<Command>) -> Vec<NodeId> {
 
 /// Opens and checks the answer to `unit` from `node`: a signed result whose
 /// outputs are a loss and `n` values in `encoding`.
-fn check(
+fn open_answer(
     unit: commons_protocol::UnitId,
     node: NodeId,
     bytes: &[u8],
@@ -748,6 +765,7 @@ fn check(
     let [loss, values] = &result.outputs[..] else {
         return Err(format!("{} outputs, expected 2", result.outputs.len()));
     };
+    let (loss_tensor, values_tensor) = (loss, values);
     let loss = match loss.to_f32().as_deref() {
         Some(&[l]) if l.is_finite() => l,
         _ => return Err("the loss is not one finite f32".into()),
@@ -756,10 +774,15 @@ fn check(
     if values.iter().any(|v| !v.is_finite()) {
         return Err("the values are not all finite".into());
     }
+    let digest = Hash::of_parts(
+        "commons share outputs v1",
+        &[&loss_tensor.digest().0, &values_tensor.digest().0],
+    );
     Ok(ShareOutcome {
         loss,
         values,
         receipt,
+        digest,
     })
 }
 
@@ -780,9 +803,32 @@ impl Driver {
                         params,
                         deadline,
                         attempt,
+                        check,
                     } => {
-                        self.send(ticket, node, round, share, params, deadline, attempt)
+                        self.send(ticket, node, round, share, params, deadline, attempt, check)
                             .await?;
+                    }
+                    Output::Excluded { round, share, node } => {
+                        tracing::warn!(round, share, %node, "a node's result was contradicted by two others: excluded from the run");
+                        self.event(serde_json::json!({
+                            "event": "excluded", "round": round, "share": share,
+                            "node": node.to_string(),
+                        }));
+                    }
+                    Output::Undecided {
+                        round,
+                        share,
+                        nodes,
+                    } => {
+                        tracing::warn!(
+                            round,
+                            share,
+                            "results disagree and no third operator's node can referee: the share waits for one"
+                        );
+                        self.event(serde_json::json!({
+                            "event": "undecided", "round": round, "share": share,
+                            "nodes": nodes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        }));
                     }
                     Output::Reassign {
                         round,
@@ -823,15 +869,33 @@ impl Driver {
     }
 
     async fn update_nodes(&mut self) {
-        let nodes = trainers(&self.commands).await;
+        let coalition = self.training_coalition();
+        let nodes = trainers(&self.commands, coalition).await;
         if nodes.len() != self.nodes {
             self.nodes = nodes.len();
             self.event(serde_json::json!({
                 "event": "nodes",
-                "nodes": nodes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "nodes": nodes.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>(),
             }));
         }
-        self.training.set_nodes(now(), nodes);
+        // Each node is its own operator: a node key is a member's key.
+        let profiles = nodes
+            .iter()
+            .map(|(node, class)| {
+                let profile = commons_coordinator::verify::Profile {
+                    operator: *node,
+                    class: class.clone(),
+                };
+                (*node, profile)
+            })
+            .collect();
+        self.training.ledger_mut().set_profiles(profiles);
+        self.training
+            .set_nodes(now(), nodes.into_iter().map(|(node, _)| node));
+    }
+
+    fn training_coalition(&self) -> Option<CoalitionId> {
+        self.config.train.coalition().ok().flatten()
     }
 
     fn next_nonce(&mut self) -> Nonce {
@@ -852,6 +916,7 @@ impl Driver {
         params: ParamsRef,
         deadline: UnixMillis,
         attempt: u32,
+        check: bool,
     ) -> anyhow::Result<()> {
         let (shard, batch) = self.dataset.share(&self.config, round, share);
         let file = self.shard_files[shard];
@@ -887,7 +952,7 @@ impl Driver {
                 batch,
                 mode,
                 encoding,
-                coalition: None,
+                coalition: self.training_coalition(),
             }),
         };
         let id = unit.id()?;
@@ -899,13 +964,13 @@ impl Driver {
             .map_err(|_| anyhow::anyhow!("the network stopped"))?;
         self.event(serde_json::json!({
             "event": "sent", "round": round, "share": share, "attempt": attempt,
-            "node": node.to_string(), "unit": id.to_string(),
+            "node": node.to_string(), "unit": id.to_string(), "check": check,
         }));
         let (results, n) = (self.results_tx.clone(), self.num_elements);
         tokio::spawn(async move {
             let outcome = match rx.await {
                 Ok(Ok(bytes)) => {
-                    tokio::task::spawn_blocking(move || check(id, node, &bytes, encoding, n))
+                    tokio::task::spawn_blocking(move || open_answer(id, node, &bytes, encoding, n))
                         .await
                         .unwrap_or_else(|e| Err(e.to_string()))
                 }
@@ -922,11 +987,23 @@ impl Driver {
             Ok(share) => {
                 let receipt = share.receipt.clone();
                 let loss = share.loss;
-                let taken = self.training.handle_result(now(), ticket, share);
+                let digest = share.digest;
+                let mut draw = [0u8; 8];
+                // Without randomness, check: a predictable draw would let a
+                // node learn which results go unchecked.
+                let draw = match getrandom::fill(&mut draw) {
+                    Ok(()) => u64::from_le_bytes(draw),
+                    Err(_) => 0,
+                };
+                let taken = self
+                    .training
+                    .handle_checked(now(), ticket, share, digest, draw);
                 let taken_name = match taken {
                     Taken::Accepted => "accepted",
                     Taken::Late => "late",
                     Taken::Dropped => "dropped",
+                    Taken::Checking => "checking",
+                    Taken::Rejected => "rejected",
                 };
                 if taken != Taken::Dropped {
                     let line = serde_json::json!({

@@ -251,6 +251,69 @@ pub struct TrainSection {
     /// DiLoCo's outer step.
     #[serde(default)]
     pub outer: OuterSection,
+    /// Spot checks of the shares' results.
+    #[serde(default)]
+    pub verify: VerifySection,
+    /// The coalition the run is for (its id, 64 hex digits): only nodes
+    /// serving it are given shares, and they accept them only if the
+    /// submitter is one of its members. Default: open work.
+    #[serde(default)]
+    pub coalition: Option<String>,
+}
+
+impl TrainSection {
+    /// The coalition the run is for.
+    ///
+    /// # Errors
+    /// When `coalition` is not 64 hex digits.
+    pub fn coalition(&self) -> anyhow::Result<Option<commons_protocol::CoalitionId>> {
+        self.coalition
+            .as_deref()
+            .map(|c| {
+                c.parse().map_err(|_| {
+                    anyhow::anyhow!("coalition {c:?} is not a coalition id (64 hex digits)")
+                })
+            })
+            .transpose()
+    }
+}
+
+/// `[train.verify]`: spot checks of shares by re-execution on another
+/// operator's node of the same determinism class (see
+/// `commons_coordinator::train`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifySection {
+    /// Checks on.
+    pub enabled: bool,
+    /// Consecutive confirmed results before a node is checked less than always.
+    pub probation: u32,
+    /// The lowest check probability.
+    pub p_min: f64,
+}
+
+impl Default for VerifySection {
+    fn default() -> Self {
+        let d = commons_coordinator::verify::VerifyConfig::default();
+        Self {
+            enabled: d.enabled,
+            probation: d.probation,
+            p_min: d.p_min,
+        }
+    }
+}
+
+impl VerifySection {
+    /// As the ledger takes it.
+    #[must_use]
+    pub fn config(&self) -> commons_coordinator::verify::VerifyConfig {
+        commons_coordinator::verify::VerifyConfig {
+            enabled: self.enabled,
+            probation: self.probation,
+            p_min: self.p_min,
+            ..commons_coordinator::verify::VerifyConfig::default()
+        }
+    }
 }
 
 fn default_inner_steps() -> u32 {
@@ -341,6 +404,11 @@ impl RunConfig {
             "share_timeout_secs must be within (0, 540]: nodes refuse units valid for longer than ten minutes"
         );
         anyhow::ensure!(t.bench_secs >= 0.0, "bench_secs must not be negative");
+        t.coalition()?;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&t.verify.p_min),
+            "verify.p_min must be within [0, 1]"
+        );
         anyhow::ensure!(
             (0.0..1.0).contains(&self.data.validation_fraction),
             "validation_fraction must be within [0, 1)"

@@ -685,6 +685,9 @@ fn run(s: &Scenario) -> Outcome {
                 Output::Persist(snapshot) => out.persisted.push(snapshot),
                 Output::Finished { rounds, params } => out.finished = Some((rounds, params)),
                 Output::Reassign { .. } => out.reassigned += 1,
+                Output::Excluded { .. } | Output::Undecided { .. } => {
+                    panic!("no checks in this run")
+                }
             }
         }
         if out.finished.is_some() {
@@ -716,6 +719,9 @@ fn run(s: &Scenario) -> Outcome {
                                 Taken::Late => out.late += 1,
                                 Taken::Dropped => out.dropped += 1,
                                 Taken::Accepted => {}
+                                Taken::Checking | Taken::Rejected => {
+                                    panic!("no checks in this run")
+                                }
                             }
                         } else {
                             t.handle_failure(UnixMillis(now), ticket, "refused");
@@ -844,4 +850,248 @@ fn the_harness_exercises_deaths_failures_and_late_answers() {
     assert!(reassigned > 200, "{reassigned}");
     assert!(late > 20, "{late}");
     assert!(dropped > 20, "{dropped}");
+}
+
+// Spot checks.
+
+/// How a stand-in node answers under checks.
+#[derive(Debug, Clone, Copy)]
+enum Behaviour {
+    Honest,
+    /// Commits to a wrong digest with this probability.
+    Lies(f64),
+}
+
+#[derive(Debug, Default)]
+struct Checked {
+    /// Every aggregated result: (round, share, node, honest).
+    aggregated: Vec<(u64, u32, NodeId, bool)>,
+    excluded: Vec<NodeId>,
+    undecided: Vec<(u64, u32)>,
+    finished: bool,
+    stats: TrainStats,
+}
+
+/// The honest digest of a share, and a liar's.
+fn digest(round: u64, share: u32, lie: Option<u8>) -> Hash {
+    let liar = lie.map(|n| vec![n]).unwrap_or_default();
+    Hash::of_parts(
+        "test share digest",
+        &[&round.to_le_bytes(), &share.to_le_bytes(), &liar],
+    )
+}
+
+/// Runs `rounds` rounds of `shares` shares over `nodes` (all of one class,
+/// each its own operator unless `operators` says otherwise), answering every
+/// send in order at once; `joins` adds nodes when the run stalls.
+fn run_checked(
+    nodes: &[(u8, Behaviour)],
+    operators: &[(u8, u8)],
+    verify: VerifyConfig,
+    rounds: u64,
+    shares: u32,
+    seed: u64,
+    mut joins: Vec<(u8, Behaviour)>,
+) -> Checked {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut t: Training<(u64, u32, bool)> = Training::new(config(rounds, shares), params(0), t0())
+        .unwrap()
+        .with_checks(Ledger::new(verify), None);
+    let mut behaviour: BTreeMap<NodeId, Behaviour> =
+        nodes.iter().map(|&(n, b)| (node(n), b)).collect();
+    let class = commons_protocol::messages::DeterminismClass {
+        kernel: "cpu-test".into(),
+        build: "test".into(),
+    };
+    let profiles = |behaviour: &BTreeMap<NodeId, Behaviour>| {
+        behaviour
+            .keys()
+            .map(|n| {
+                let operator = operators
+                    .iter()
+                    .find(|(a, _)| node(*a) == *n)
+                    .map_or(*n, |(_, o)| node(*o));
+                (
+                    *n,
+                    crate::verify::Profile {
+                        operator,
+                        class: class.clone(),
+                    },
+                )
+            })
+            .collect()
+    };
+    t.ledger_mut().set_profiles(profiles(&behaviour));
+    t.set_nodes(t0(), behaviour.keys().copied());
+    let mut queue: VecDeque<(Ticket, NodeId, u64, u32)> = VecDeque::new();
+    let mut out = Checked::default();
+    for _ in 0..100_000 {
+        while let Some(o) = t.poll_output() {
+            match o {
+                Output::Send {
+                    ticket,
+                    node,
+                    round,
+                    share,
+                    ..
+                } => queue.push_back((ticket, node, round, share)),
+                Output::Aggregate { round, results, .. } => {
+                    for r in results {
+                        out.aggregated.push((round, r.share, r.node, r.result.2));
+                    }
+                    t.handle_aggregated(t0(), round, params(round + 1)).unwrap();
+                }
+                Output::Excluded { node, .. } => out.excluded.push(node),
+                Output::Undecided { round, share, .. } => out.undecided.push((round, share)),
+                Output::Finished { .. } => out.finished = true,
+                Output::Persist(_) | Output::Reassign { .. } => {}
+            }
+        }
+        if out.finished {
+            break;
+        }
+        let Some((ticket, n, round, share)) = queue.pop_front() else {
+            // Stalled: a node joins, or the run stops here.
+            let Some((j, b)) = joins.pop() else { break };
+            behaviour.insert(node(j), b);
+            t.ledger_mut().set_profiles(profiles(&behaviour));
+            t.set_nodes(t0(), behaviour.keys().copied());
+            continue;
+        };
+        let lies = match behaviour[&n] {
+            Behaviour::Honest => false,
+            Behaviour::Lies(f) => rng.chance(f),
+        };
+        let d = digest(round, share, lies.then_some(n.0[0]));
+        t.handle_checked(t0(), ticket, (round, share, !lies), d, rng.next());
+    }
+    out.stats = t.stats();
+    out
+}
+
+fn always() -> VerifyConfig {
+    VerifyConfig {
+        probation: u32::MAX,
+        ..VerifyConfig::default()
+    }
+}
+
+#[test]
+fn with_every_result_checked_no_lie_reaches_the_aggregate() {
+    for seed in 0..20 {
+        let nodes = [
+            (1, Behaviour::Honest),
+            (2, Behaviour::Lies(0.5)),
+            (3, Behaviour::Honest),
+            (4, Behaviour::Honest),
+        ];
+        let out = run_checked(&nodes, &[], always(), 6, 4, seed, Vec::new());
+        assert!(out.finished, "seed {seed}: {out:?}");
+        assert_eq!(out.aggregated.len(), 24);
+        assert!(out.aggregated.iter().all(|a| a.3), "seed {seed}: {out:?}");
+        // The liar is out as soon as a lie of its is seen; nobody else is.
+        assert!(out.excluded.iter().all(|n| *n == node(2)), "{out:?}");
+        assert!(out.excluded.len() <= 1);
+        assert!(out.aggregated.iter().all(|a| a.2 != node(2) || a.3));
+        assert!(out.stats.check_sends >= 24, "{:?}", out.stats);
+    }
+}
+
+#[test]
+fn adaptive_checks_exclude_a_liar_and_never_an_honest_node() {
+    for seed in 0..20 {
+        let nodes = [
+            (1, Behaviour::Honest),
+            (2, Behaviour::Honest),
+            (3, Behaviour::Lies(1.0)),
+            (4, Behaviour::Honest),
+            (5, Behaviour::Honest),
+        ];
+        let out = run_checked(
+            &nodes,
+            &[],
+            VerifyConfig::default(),
+            30,
+            5,
+            seed,
+            Vec::new(),
+        );
+        assert!(out.finished, "{out:?}");
+        // On probation, its first result is checked: caught at once.
+        assert_eq!(out.excluded, vec![node(3)], "seed {seed}");
+        assert!(out.aggregated.iter().all(|a| a.3), "seed {seed}");
+        assert!(out.aggregated.iter().all(|a| a.2 != node(3)));
+        assert_eq!(out.stats.exclusions, 1);
+        // Past probation, honest nodes are checked less than always.
+        assert!(
+            out.stats.sampled < out.aggregated.len() as u64,
+            "{:?}",
+            out.stats
+        );
+    }
+}
+
+#[test]
+fn a_liar_past_probation_is_caught_and_its_unchecked_results_redone() {
+    // Lies rarely: gets past probation, is then sampled with p_min.
+    let verify = VerifyConfig {
+        probation: 3,
+        p_min: 0.3,
+        ..VerifyConfig::default()
+    };
+    let mut caught = 0;
+    let mut redone = 0;
+    for seed in 0..40 {
+        let nodes = [
+            (1, Behaviour::Honest),
+            (2, Behaviour::Honest),
+            (3, Behaviour::Lies(0.2)),
+        ];
+        // More shares than nodes: the liar has several results in a round.
+        let out = run_checked(&nodes, &[], verify.clone(), 40, 9, seed, Vec::new());
+        assert!(out.finished);
+        assert!(out.excluded.iter().all(|n| *n == node(3)), "{out:?}");
+        caught += out.excluded.len();
+        redone += out.stats.discarded;
+        // Lies that got in came from the liar, unchecked, before it was caught.
+        for a in out.aggregated.iter().filter(|a| !a.3) {
+            assert_eq!(a.2, node(3));
+        }
+    }
+    assert!(caught >= 35, "caught in {caught} of 40 runs");
+    assert!(
+        redone > 0,
+        "no unchecked result of a caught liar was redone"
+    );
+}
+
+#[test]
+fn a_dispute_between_two_operators_waits_for_a_referee() {
+    let nodes = [(1, Behaviour::Honest), (2, Behaviour::Lies(1.0))];
+    let stalled = run_checked(&nodes, &[], always(), 2, 1, 1, Vec::new());
+    assert!(!stalled.finished);
+    assert_eq!(stalled.undecided, vec![(0, 0)]);
+    assert!(stalled.aggregated.is_empty() && stalled.excluded.is_empty());
+    // A third operator's node joins and referees.
+    let out = run_checked(&nodes, &[], always(), 2, 1, 1, vec![(3, Behaviour::Honest)]);
+    assert!(out.finished, "{out:?}");
+    assert_eq!(out.excluded, vec![node(2)]);
+    assert!(out.aggregated.iter().all(|a| a.3));
+}
+
+#[test]
+fn without_another_operator_sampled_results_are_unverifiable() {
+    // One node; then two nodes of one operator: neither checks the other.
+    for (nodes, operators) in [
+        (vec![(1, Behaviour::Honest)], vec![]),
+        (
+            vec![(1, Behaviour::Honest), (2, Behaviour::Honest)],
+            vec![(2, 1)],
+        ),
+    ] {
+        let out = run_checked(&nodes, &operators, always(), 3, 2, 0, Vec::new());
+        assert!(out.finished);
+        assert_eq!(out.stats.unverifiable, 6, "{:?}", out.stats);
+        assert_eq!(out.stats.check_sends, 0);
+    }
 }

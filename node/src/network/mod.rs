@@ -256,8 +256,15 @@ pub enum Command {
     },
     /// Stops serving a file shared with [`Command::ShareFile`].
     UnshareFile(commons_protocol::ModelId),
-    /// Connected peers whose adverts say they run gradient units.
-    Trainers(oneshot::Sender<Vec<NodeId>>),
+    /// Connected peers whose adverts say they run gradient units for this
+    /// coalition (`None`: open work, served by nodes that serve no
+    /// coalition), with their determinism classes.
+    Trainers {
+        /// The coalition.
+        coalition: Option<commons_protocol::CoalitionId>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<(NodeId, commons_protocol::messages::DeterminismClass)>>,
+    },
     /// Takes a charter, or changes the coalitions served.
     Coalition(CoalitionCommand),
 }
@@ -819,17 +826,21 @@ impl EventLoop {
             Command::Coalition(command) => self.on_coalition_command(command),
             Command::ShareFile { id, path } => self.blob_server.share_unlisted(id, path),
             Command::UnshareFile(id) => self.blob_server.unshare(&id),
-            Command::Trainers(reply) => {
+            Command::Trainers { coalition, reply } => {
                 let trainers = self
                     .peers
                     .peers()
                     .into_iter()
                     .filter(|e| e.advert.trains)
+                    .filter(|e| match coalition {
+                        Some(c) => e.advert.coalitions.contains(&c),
+                        None => e.advert.coalitions.is_empty(),
+                    })
                     .filter(|e| {
                         PeerId::from_bytes(&e.advert.node.peer_id_bytes())
                             .is_ok_and(|p| self.swarm.is_connected(&p))
                     })
-                    .map(|e| e.advert.node)
+                    .map(|e| (e.advert.node, e.advert.determinism.clone()))
                     .collect();
                 let _ = reply.send(trainers);
             }
