@@ -502,3 +502,86 @@ fn a_node_that_corrupts_its_gradients_is_caught_and_the_run_stays_exact() {
     );
     assert!(err < 1e-5, "{err}");
 }
+
+/// A new key in `dir`; returns its PeerId.
+fn key(home: &Path, dir: &Path) -> String {
+    let out = commons(home)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["keys", "generate", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["peer_id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_coalitions_run_uses_only_its_nodes_and_only_its_members_may_submit() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
+    // The submitter (`Run` keeps its key in `coordinator/`) is a member.
+    let submitter = key(h, &h.join("coordinator"));
+    key(h, &h.join("admin"));
+    let charter = h.join("riverside.charter");
+    let out = commons(h)
+        .arg("--data-dir")
+        .arg(h.join("admin"))
+        .args([
+            "coalition",
+            "create",
+            "riverside",
+            "--json",
+            "--member",
+            &submitter,
+        ])
+        .arg("--out")
+        .arg(&charter)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let serve = ["--train", "--coalition", charter.to_str().unwrap()];
+    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &serve);
+    let boot = vec![a.addrs[0].clone()];
+    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &serve);
+    let open = Node::start_with(h, &h.join("open"), &boot, Transports::Tcp, 6, &["--train"]);
+    let all = [
+        a.addrs[0].clone(),
+        b.addrs[0].clone(),
+        open.addrs[0].clone(),
+    ];
+    let extra = format!("coalition = \"{id}\"");
+    let config = write_config(h, "coalition.toml", "sync", 3, &extra);
+    let mut run = Run::start(h, &config, &h.join("coalition"), &all, 2);
+    let done = run.until(Duration::from_secs(60), |v| v["event"] == "done");
+    let sent = run.events("sent");
+    assert!(!sent.is_empty());
+    for s in &sent {
+        assert!(
+            s["node"] == a.peer_id.as_str() || s["node"] == b.peer_id.as_str(),
+            "a share went outside the coalition: {s}"
+        );
+    }
+    let (_, expected) = sync_reference(3);
+    assert!(relative(&final_params(&done), &expected) < 1e-5);
+    drop(run);
+
+    // Someone else's run for the coalition is refused by its nodes.
+    let outsider = h.join("outsider");
+    key(h, &outsider.join("coordinator"));
+    let mut refused = Run::start(&outsider, &config, &outsider.join("out"), &all, 2);
+    let failed = refused.until(Duration::from_secs(60), |v| v["event"] == "share_failed");
+    let reason = failed["reason"].as_str().unwrap_or_default().to_lowercase();
+    assert!(
+        reason.contains("member") || reason.contains("unauthori"),
+        "{failed}"
+    );
+    assert!(refused.events("result").is_empty());
+}
