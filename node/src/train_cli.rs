@@ -259,6 +259,14 @@ pub struct Row {
     pub seconds: f64,
     /// Training nodes in the set.
     pub nodes: usize,
+    /// Bytes of the answers received in the round (every copy: resends
+    /// and checks included).
+    #[serde(default)]
+    pub bytes_up: u64,
+    /// Bytes of parameters the round's nodes fetched: the checkpoint's size
+    /// for each node given work (a node fetches each checkpoint once).
+    #[serde(default)]
+    pub bytes_params: u64,
     /// Shares sent, resends included.
     pub sends: u32,
     /// Shares taken from a node and sent again.
@@ -282,6 +290,8 @@ struct ShareOutcome {
     loss: f32,
     values: Vec<f32>,
     receipt: Receipt,
+    /// Bytes of the answer.
+    bytes: u64,
     /// blake3 over the outputs alone (the receipt's commitment also binds
     /// the unit, whose nonce differs between copies of a share).
     digest: Hash,
@@ -313,6 +323,12 @@ struct Driver {
     json: bool,
     bar: indicatif::ProgressBar,
     started: Instant,
+    /// Answer bytes received in the current round.
+    round_bytes_up: u64,
+    /// Nodes given work in the current round.
+    round_nodes: std::collections::BTreeSet<NodeId>,
+    /// Size of the current parameters' checkpoint file.
+    checkpoint_bytes: u64,
     receipts: std::fs::File,
     nodes: usize,
     num_elements: usize,
@@ -590,6 +606,7 @@ async fn submit(
     let first_checkpoint = learner
         .checkpoints
         .join(format!("{}.safetensors", snapshot.params.checkpoint));
+    let checkpoint_bytes = std::fs::metadata(&first_checkpoint).map_or(0, |m| m.len());
     commands
         .send(Command::ShareFile {
             id: ModelId(snapshot.params.checkpoint),
@@ -662,6 +679,9 @@ async fn submit(
         json: args.json,
         bar,
         started: Instant::now(),
+        round_bytes_up: 0,
+        round_nodes: std::collections::BTreeSet::new(),
+        checkpoint_bytes,
         receipts,
         nodes: 0,
         num_elements,
@@ -782,6 +802,7 @@ fn open_answer(
         loss,
         values,
         receipt,
+        bytes: bytes.len() as u64,
         digest,
     })
 }
@@ -956,6 +977,7 @@ impl Driver {
             }),
         };
         let id = unit.id()?;
+        self.round_nodes.insert(node);
         let bytes = Envelope::seal(&self.identity, &unit)?.to_bytes();
         let (reply, rx) = oneshot::channel();
         self.commands
@@ -985,6 +1007,7 @@ impl Driver {
     fn on_outcome(&mut self, ticket: Ticket, outcome: Result<ShareOutcome, String>) {
         match outcome {
             Ok(share) => {
+                self.round_bytes_up += share.bytes;
                 let receipt = share.receipt.clone();
                 let loss = share.loss;
                 let digest = share.digest;
@@ -1066,6 +1089,7 @@ impl Driver {
         .await?;
         self.learner = Some(learner);
         let (next, path, val_loss) = outcome?;
+        let next_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
         // Nodes fetch the new parameters from here; the oldest stop being served.
         self.commands
             .send(Command::ShareFile {
@@ -1089,9 +1113,12 @@ impl Driver {
             val_loss,
             seconds: self.started.elapsed().as_secs_f64(),
             nodes: self.nodes,
+            bytes_up: std::mem::take(&mut self.round_bytes_up),
+            bytes_params: self.checkpoint_bytes * std::mem::take(&mut self.round_nodes).len() as u64,
             sends: record.map_or(0, |r| r.sends),
             reassigned: record.map_or(0, |r| r.reassigned),
         };
+        self.checkpoint_bytes = next_bytes;
         self.bar.set_position(round + 1);
         self.bar.set_message(format!(
             "loss {train_loss:.4}{} on {} nodes",
@@ -1102,6 +1129,7 @@ impl Driver {
             "event": "round", "round": row.round, "train_loss": row.train_loss,
             "val_loss": row.val_loss, "seconds": row.seconds, "nodes": row.nodes,
             "sends": row.sends, "reassigned": row.reassigned,
+            "bytes_up": row.bytes_up, "bytes_params": row.bytes_params,
             "params_root": next.root.to_string(), "checkpoint": next.checkpoint.to_string(),
         }));
         self.rows.push(row);
@@ -1136,17 +1164,21 @@ impl Driver {
 
     /// `loss.csv` and `loss.svg`.
     fn write_curve(&self) -> anyhow::Result<()> {
-        let mut csv = String::from("round,train_loss,val_loss,seconds,nodes,sends,reassigned\n");
+        let mut csv = String::from(
+            "round,train_loss,val_loss,seconds,nodes,sends,reassigned,bytes_up,bytes_params\n",
+        );
         for r in &self.rows {
             csv.push_str(&format!(
-                "{},{},{},{:.3},{},{},{}\n",
+                "{},{},{},{:.3},{},{},{},{},{}\n",
                 r.round,
                 r.train_loss,
                 r.val_loss.map_or(String::new(), |v| v.to_string()),
                 r.seconds,
                 r.nodes,
                 r.sends,
-                r.reassigned
+                r.reassigned,
+                r.bytes_up,
+                r.bytes_params
             ));
         }
         std::fs::write(self.out.join("loss.csv"), csv)?;
