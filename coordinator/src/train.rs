@@ -84,6 +84,7 @@ use crate::verify::{Ledger, Scope, VerifyConfig};
 /// that holds it (what nodes fetch).
 pub use commons_protocol::messages::ParamsRef;
 
+pub mod pipeline;
 #[cfg(test)]
 mod tests;
 

@@ -974,6 +974,7 @@ impl Driver {
                 mode,
                 encoding,
                 coalition: self.training_coalition(),
+                inputs: Vec::new(),
             }),
         };
         let id = unit.id()?;
@@ -1114,7 +1115,8 @@ impl Driver {
             seconds: self.started.elapsed().as_secs_f64(),
             nodes: self.nodes,
             bytes_up: std::mem::take(&mut self.round_bytes_up),
-            bytes_params: self.checkpoint_bytes * std::mem::take(&mut self.round_nodes).len() as u64,
+            bytes_params: self.checkpoint_bytes
+                * std::mem::take(&mut self.round_nodes).len() as u64,
             sends: record.map_or(0, |r| r.sends),
             reassigned: record.map_or(0, |r| r.reassigned),
         };

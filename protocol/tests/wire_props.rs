@@ -11,7 +11,7 @@ use commons_protocol::messages::{
     DataShardRef, DeterminismClass, ErrorCode, ErrorReply, ExecMetrics, GpuBackend, GpuInfo,
     GradientEncoding, GradientMode, GradientUnit, HeldModel, InferenceOptions, InferenceUnit,
     JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, LayerRange, Leave, ParamsRef,
-    Receipt, RouteHop, SamplingParams, WorkBody, WorkResult, WorkUnit,
+    Receipt, RouteHop, SamplingParams, StagePass, WorkBody, WorkResult, WorkUnit,
 };
 use commons_protocol::{BoundedVec, DType, Hash, Identity, Message, NodeId, Tensor, UnixMillis};
 use proptest::collection::vec;
@@ -154,6 +154,16 @@ fn gradient_mode() -> impl Strategy<Value = GradientMode> {
                 },
             }
         ),
+        (any::<u32>(), any::<u32>(), any::<bool>()).prop_map(|(start, end, backward)| {
+            GradientMode::Stage {
+                layers: LayerRange { start, end },
+                pass: if backward {
+                    StagePass::Backward
+                } else {
+                    StagePass::Forward
+                },
+            }
+        }),
     ]
 }
 
@@ -176,6 +186,7 @@ fn gradient_body() -> impl Strategy<Value = WorkBody> {
         ),
         (any::<u32>(), any::<u32>(), gradient_mode(), any::<bool>()),
         proptest::option::of(hash().prop_map(CoalitionId)),
+        vec(tensor(), 0..3),
     )
         .prop_map(
             |(
@@ -183,6 +194,7 @@ fn gradient_body() -> impl Strategy<Value = WorkBody> {
                 (blob, shard, seed, step, batch_size, seq_len),
                 (rows_start, rows_end, mode, bf16),
                 coalition,
+                inputs,
             )| {
                 WorkBody::Gradient(GradientUnit {
                     job: JobId(job),
@@ -205,6 +217,7 @@ fn gradient_body() -> impl Strategy<Value = WorkBody> {
                         GradientEncoding::F32
                     },
                     coalition,
+                    inputs,
                 })
             },
         )

@@ -34,7 +34,7 @@ pub use grad::{ErrorFeedback, SparseTensor, gradients};
 pub use model::{Model, ModelConfig, Stage};
 pub use optim::{AdamW, AdamWConfig, DilocoWorker, OuterNesterov, OuterNesterovConfig};
 pub use params::{Checkpoint, Params};
-pub use pipeline::{StageGradients, StageTrace, Upstream, pipeline_gradients};
+pub use pipeline::{StageGradients, StageTrace, Upstream, even_ranges, pipeline_gradients};
 pub use tokenizer::CharTokenizer;
 
 /// A 32-byte blake3 digest: dataset, shard, parameter and checkpoint ids.

@@ -487,6 +487,49 @@ pub struct Model {
 struct CheckpointMeta {
     config: ModelConfig,
     tokenizer: Option<CharTokenizer>,
+    /// The layers of a pipeline stage's checkpoint (`[start, end)`); absent
+    /// for a whole model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    layers: Option<(usize, usize)>,
+}
+
+impl Stage {
+    /// A checkpoint of the stage's parameters whose metadata records the
+    /// config and the layers, so that [`Stage::from_checkpoint`] needs
+    /// nothing else.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::from_params`].
+    pub fn checkpoint(&self) -> std::result::Result<Checkpoint, CheckpointError> {
+        let meta = CheckpointMeta {
+            config: self.config().clone(),
+            tokenizer: None,
+            layers: Some((self.layers.start, self.layers.end)),
+        };
+        let json = serde_json::to_string(&meta).map_err(CheckpointError::Metadata)?;
+        Checkpoint::from_params(self.params(), Some(&json))
+    }
+
+    /// The stage of a checkpoint written by [`Stage::checkpoint`] (or the
+    /// whole model, as the stage over every layer, for one written by
+    /// [`Model::checkpoint`]).
+    ///
+    /// # Errors
+    /// [`CheckpointError::Metadata`] when the description is missing or does
+    /// not parse; [`CheckpointError::Params`] when the tensors do not fit it.
+    pub fn from_checkpoint(
+        checkpoint: &Checkpoint,
+        device: &Device,
+    ) -> std::result::Result<Self, CheckpointError> {
+        let json = checkpoint.metadata()?.unwrap_or_default();
+        let meta: CheckpointMeta =
+            serde_json::from_str(&json).map_err(CheckpointError::Metadata)?;
+        let layers = meta
+            .layers
+            .map_or(0..meta.config.n_layers, |(start, end)| start..end);
+        let params = checkpoint.to_params(device)?;
+        Self::new(meta.config, layers, params).map_err(CheckpointError::Params)
+    }
 }
 
 impl Model {
@@ -662,6 +705,7 @@ impl Model {
         let meta = CheckpointMeta {
             config: self.config().clone(),
             tokenizer: tokenizer.cloned(),
+            layers: None,
         };
         let json = serde_json::to_string(&meta).map_err(CheckpointError::Metadata)?;
         Checkpoint::from_params(self.params(), Some(&json))
@@ -680,6 +724,13 @@ impl Model {
         let json = checkpoint.metadata()?.unwrap_or_default();
         let meta: CheckpointMeta =
             serde_json::from_str(&json).map_err(CheckpointError::Metadata)?;
+        if let Some((start, end)) = meta.layers {
+            return Err(CheckpointError::Params(Error::Config {
+                reason: format!(
+                    "the checkpoint holds pipeline stage {start}..{end}, not a whole model"
+                ),
+            }));
+        }
         let params = checkpoint.to_params(device)?;
         let model = Self::from_params(meta.config, params).map_err(CheckpointError::Params)?;
         Ok((model, meta.tokenizer))

@@ -208,6 +208,30 @@ pub fn pipeline_gradients(
     Ok((loss as f32, grads))
 }
 
+/// `n_layers` cut into `stages` contiguous ranges whose lengths differ by
+/// at most one (the earlier stages take the extra layers: the last stage
+/// also holds the head).
+///
+/// # Errors
+/// [`Error::Config`] for no stage or more stages than layers.
+pub fn even_ranges(n_layers: usize, stages: usize) -> Result<Vec<std::ops::Range<usize>>> {
+    if stages == 0 || stages > n_layers {
+        return Err(Error::Config {
+            reason: format!("{stages} stages for {n_layers} layers (1 to {n_layers})"),
+        });
+    }
+    let (base, extra) = (n_layers / stages, n_layers % stages);
+    let mut start = 0;
+    Ok((0..stages)
+        .map(|s| {
+            let len = base + usize::from(s < extra);
+            let range = start..start + len;
+            start += len;
+            range
+        })
+        .collect())
+}
+
 fn check_chain(stages: &[Stage]) -> Result<()> {
     let fail = |reason: String| Err(Error::Config { reason });
     let (Some(first), Some(last)) = (stages.first(), stages.last()) else {

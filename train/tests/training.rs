@@ -442,3 +442,30 @@ fn top_k_error_feedback_carries_what_was_dropped() {
         "something was held back"
     );
 }
+
+#[test]
+fn a_stage_checkpoint_holds_its_layers_alone_and_loads_back() {
+    let (_, corpus) = synthetic_corpus(2_000, 4);
+    let model = Model::new(tiny(corpus.vocab_size(), 4, true), 3, &Device::Cpu).unwrap();
+    let ranges = commons_train::even_ranges(4, 3).unwrap();
+    assert_eq!(ranges, vec![0..2, 2..3, 3..4]);
+    assert!(commons_train::even_ranges(4, 5).is_err());
+    assert!(commons_train::even_ranges(4, 0).is_err());
+    for stage in model.split(&ranges).unwrap() {
+        let checkpoint = stage.checkpoint().unwrap();
+        let back = commons_train::Stage::from_checkpoint(&checkpoint, &Device::Cpu).unwrap();
+        assert_eq!(back.layers(), stage.layers());
+        assert_eq!(
+            back.params().root().unwrap(),
+            stage.params().root().unwrap()
+        );
+        // A stage is not a whole model.
+        assert!(Model::from_checkpoint(&checkpoint, &Device::Cpu).is_err());
+    }
+    // A whole model's checkpoint is the stage over every layer, and its bytes
+    // do not change with stage support.
+    let whole = model.checkpoint(None).unwrap();
+    let stage = commons_train::Stage::from_checkpoint(&whole, &Device::Cpu).unwrap();
+    assert_eq!(stage.layers(), 0..4);
+    assert!(!String::from_utf8_lossy(whole.bytes()).contains("\"layers\""));
+}

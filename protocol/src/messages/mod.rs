@@ -21,7 +21,7 @@ pub use job::{
 pub use work::{
     AdamWParams, BatchSpec, DataShardRef, ExecMetrics, GradientEncoding, GradientMode,
     GradientUnit, InferenceOptions, InferenceUnit, LayerRange, ParamsRef, Receipt, ResultError,
-    SamplingParams, WorkBody, WorkResult, WorkUnit, commitment,
+    SamplingParams, StagePass, WorkBody, WorkResult, WorkUnit, commitment,
 };
 
 use serde::Serialize;

@@ -150,6 +150,10 @@ pub struct SamplingParams {
 ///    carries at most 16 tensors, so one vector serves any model; within a
 ///    result's 256 MiB that is up to about 67 million parameters in f32, 134
 ///    million in bf16).
+///
+/// A pipeline stage's unit ([`GradientMode::Stage`]) names a checkpoint of
+/// the stage's parameters alone, and its outputs are those of its
+/// [`StagePass`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GradientUnit {
     /// The training run.
@@ -170,6 +174,11 @@ pub struct GradientUnit {
     pub encoding: GradientEncoding,
     /// The coalition the work is for (`None`: open work), as for inference.
     pub coalition: Option<CoalitionId>,
+    /// A pipeline stage's activations (f32): the hidden states that enter a
+    /// stage after the first, then, for the backward pass of a stage before
+    /// the last, the gradient of the loss with respect to its output. Empty
+    /// for every other mode.
+    pub inputs: Vec<Tensor>,
 }
 
 /// A set of parameters, by content.
@@ -229,6 +238,37 @@ pub enum GradientMode {
         /// The local optimiser.
         optimizer: AdamWParams,
     },
+    /// One micro-batch (the unit's rows) through one stage of a model cut
+    /// into pipeline stages by layer ranges, GPipe style.
+    Stage {
+        /// The stage's layers; the first stage holds the embeddings, the
+        /// last the final norm and the head.
+        layers: LayerRange,
+        /// Forward or backward.
+        pass: StagePass,
+    },
+}
+
+/// The pass a pipeline stage's unit runs.
+///
+/// Units are stateless: a backward pass recomputes the stage's forward pass
+/// from the input it is sent (GPipe's re-materialisation), so any node of the
+/// stage's determinism class can take any unit, and a lost node costs only
+/// its units in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StagePass {
+    /// The stage's output for the micro-batch: outputs are the hidden states
+    /// `[rows, seq_len, dim]` (f32). The last stage has no forward unit: its
+    /// backward unit starts from its input.
+    Forward,
+    /// The gradients of the micro-batch's mean loss: outputs are the loss
+    /// (`[1]` from the last stage, `[0]` from the others), the stage's
+    /// parameter gradients as one vector in its canonical order and the
+    /// unit's [`GradientEncoding`], and the gradient with respect to the
+    /// stage's input hidden states (`[rows, seq_len, dim]`, f32; `[0]` from
+    /// the first stage, whose input is tokens).
+    Backward,
 }
 
 /// AdamW's hyper-parameters, as a unit carries them.

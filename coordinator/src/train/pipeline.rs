@@ -1,0 +1,1062 @@
+//! Pipeline-parallel training over the swarm, GPipe style, as a state
+//! machine.
+//!
+//! The model is cut into `stages` consecutive layer ranges, each held by one
+//! node, and every round's global batch into `micro_batches` equal slices of
+//! rows. A round is a set of stage units ([`Task`]):
+//!
+//! - `Forward(s, m)` for every stage but the last: stage `s`'s output for
+//!   micro-batch `m`, from the output of `Forward(s − 1, m)` (the first stage
+//!   reads its tokens from the data itself);
+//! - `Backward(s, m)` for every stage: the gradients of micro-batch `m`'s
+//!   loss with respect to stage `s`'s parameters and its input. The last
+//!   stage starts from its input (`Forward(s − 1, m)`'s output) and the
+//!   targets; the others from their input and the input gradient of
+//!   `Backward(s + 1, m)`.
+//!
+//! A unit is sent as soon as what it needs is there, so different stages
+//! work on different micro-batches at once (backward units go first: they
+//! finish micro-batches). Units are stateless: a backward unit recomputes
+//! its stage's forward pass from the input it is sent, as GPipe
+//! re-materialises activations, so a lost node costs only its units in
+//! flight. The machine keeps every result of the round, so the caller can
+//! hand a unit its inputs and a replacement node needs nothing else.
+//!
+//! When every backward unit has a result, [`Output::Aggregate`] gives them
+//! per stage in micro-batch order; the caller sums each stage's parameter
+//! gradients, takes the optimiser step and reports each stage's new
+//! parameters with [`PipelineTraining::handle_aggregated`].
+//!
+//! # Rules
+//!
+//! - Stages stay with their nodes from round to round (a node fetches only
+//!   its stage's parameters). A stage without a node goes to the available
+//!   node holding the fewest stages, then the lowest id; with fewer nodes
+//!   than stages a node holds several.
+//! - A node has at most `max_in_flight_per_node` units at once.
+//! - A node that fails a unit or misses its deadline is benched for
+//!   `bench_ms` and loses its stages: they move to other nodes and its units
+//!   in flight are sent again there. A node that leaves the set loses its
+//!   stages the same way. A round waits only while no node is available.
+//! - The first valid result of a unit is kept, even a late one; later
+//!   copies are dropped.
+//! - Every `persist_every` rounds, and after the last one,
+//!   [`Output::Persist`] gives the snapshot to keep.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use commons_protocol::{NodeId, UnixMillis};
+
+use super::{Lost, ParamsRef, Snapshot, Ticket, TrainError};
+
+/// Tunables of a pipeline-parallel run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineConfig {
+    /// Rounds (optimiser steps) in the run.
+    pub rounds: u64,
+    /// Stages the model is cut into.
+    pub stages: u32,
+    /// Micro-batches each round's batch is cut into.
+    pub micro_batches: u32,
+    /// A unit's deadline, from when it is sent.
+    pub unit_timeout_ms: u64,
+    /// Units a node may have at once.
+    pub max_in_flight_per_node: u32,
+    /// How long a node that failed or missed a deadline is given no work.
+    pub bench_ms: u64,
+    /// Rounds between snapshots to persist (the last round always has one).
+    pub persist_every: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            rounds: 1,
+            stages: 2,
+            micro_batches: 2,
+            unit_timeout_ms: 30_000,
+            max_in_flight_per_node: 4,
+            bench_ms: 10_000,
+            persist_every: 1,
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Checks that the run can make progress.
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] naming the first problem.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let fail = |reason| Err(TrainError::Config { reason });
+        if self.rounds == 0 {
+            return fail("a run needs at least one round");
+        }
+        if self.stages == 0 {
+            return fail("a pipeline needs at least one stage");
+        }
+        if self.micro_batches == 0 {
+            return fail("a round needs at least one micro-batch");
+        }
+        if self.unit_timeout_ms == 0 {
+            return fail("units need a positive deadline");
+        }
+        if self.max_in_flight_per_node == 0 {
+            return fail("a node must be able to hold one unit");
+        }
+        if self.persist_every == 0 {
+            return fail("snapshots need a positive period");
+        }
+        Ok(())
+    }
+}
+
+/// A stage unit's pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Pass {
+    /// Backward (ordered first: it finishes a micro-batch).
+    Backward,
+    /// Forward.
+    Forward,
+}
+
+/// One stage unit of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Task {
+    /// Forward or backward.
+    pub pass: Pass,
+    /// The micro-batch.
+    pub micro: u32,
+    /// The stage.
+    pub stage: u32,
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output<R> {
+    /// Send `task` of `round` to `node`, at the stage's parameters `params`,
+    /// with `inputs` (results of earlier tasks of the round, in this order:
+    /// for a stage after the first the `Forward(stage − 1)` result whose
+    /// output is its input; for a backward unit of a stage before the last,
+    /// the `Backward(stage + 1)` result whose input gradient is its output
+    /// gradient). Report the outcome with `ticket`.
+    Send {
+        /// Names the answer.
+        ticket: Ticket,
+        /// Where to.
+        node: NodeId,
+        /// The round.
+        round: u64,
+        /// The unit.
+        task: Task,
+        /// The stage's parameters.
+        params: ParamsRef,
+        /// The results the unit starts from.
+        inputs: Vec<R>,
+        /// After this the unit goes to another node.
+        deadline: UnixMillis,
+        /// How many times this unit has been sent this round (from 1).
+        attempt: u32,
+    },
+    /// `stage` moved to `node` (from `from`, which lost it for `reason`; none
+    /// when the stage had no node).
+    Moved {
+        /// The stage.
+        stage: u32,
+        /// The node that now holds it.
+        node: NodeId,
+        /// The node that held it.
+        from: Option<(NodeId, Lost)>,
+    },
+    /// Every backward unit of `round` has a result: `results[s][m]` is stage
+    /// `s`'s for micro-batch `m`. Sum each stage's parameter gradients, step,
+    /// and report the stages' new parameters with
+    /// [`PipelineTraining::handle_aggregated`].
+    Aggregate {
+        /// The round.
+        round: u64,
+        /// Per stage, per micro-batch.
+        results: Vec<Vec<R>>,
+    },
+    /// Keep this snapshot (and the optimiser state that goes with it).
+    Persist(Snapshot),
+    /// Every round is done.
+    Finished {
+        /// Rounds run in all.
+        rounds: u64,
+        /// The final parameters (the whole model's).
+        params: ParamsRef,
+    },
+}
+
+/// What became of a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Kept.
+    Accepted,
+    /// Kept, though its unit had already been sent again.
+    Late,
+    /// The unit already had a result, or the ticket is of another round.
+    Dropped,
+}
+
+/// Counters over the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    /// Units sent, resends included.
+    pub sent: u64,
+    /// Results kept.
+    pub accepted: u64,
+    /// Results kept after their unit was sent again.
+    pub late: u64,
+    /// Results dropped.
+    pub dropped: u64,
+    /// Units that failed.
+    pub failures: u64,
+    /// Deadlines missed.
+    pub deadlines: u64,
+    /// Units sent again after their node lost them.
+    pub resent: u64,
+    /// Stages that moved from one node to another.
+    pub moves: u64,
+}
+
+/// One completed round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineRecord {
+    /// The round.
+    pub round: u64,
+    /// Units sent.
+    pub sends: u32,
+    /// Units sent again.
+    pub resent: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Flight {
+    task: Task,
+    node: NodeId,
+    deadline: UnixMillis,
+}
+
+/// A pipeline-parallel training run (see the module docs).
+#[derive(Debug)]
+pub struct PipelineTraining<R> {
+    config: PipelineConfig,
+    round: u64,
+    /// The whole model's parameters at the start of the round.
+    params: ParamsRef,
+    /// Each stage's parameters at the start of the round.
+    stage_params: Vec<ParamsRef>,
+    aggregating: bool,
+    finished: bool,
+    nodes: BTreeSet<NodeId>,
+    benched: BTreeMap<NodeId, UnixMillis>,
+    holder: Vec<Option<NodeId>>,
+    /// Stages taken from a node, until they have a new one.
+    pending_moves: Vec<(u32, NodeId, Lost)>,
+    forward: BTreeMap<(u32, u32), R>,
+    backward: BTreeMap<(u32, u32), R>,
+    in_flight: BTreeMap<Ticket, Flight>,
+    /// Tickets of this round that were sent again (answers still taken).
+    stale: BTreeMap<Ticket, Task>,
+    attempts: BTreeMap<Task, u32>,
+    next_ticket: u64,
+    outputs: VecDeque<Output<R>>,
+    stats: PipelineStats,
+    round_sends: u32,
+    round_resent: u32,
+    history: Vec<PipelineRecord>,
+}
+
+impl<R: Clone> PipelineTraining<R> {
+    /// A run starting at `snapshot` (round 0 for a new run) with each stage's
+    /// parameters `stage_params`, in stage order.
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] for an invalid configuration or a number of
+    /// stage parameters other than `stages`.
+    pub fn new(
+        config: PipelineConfig,
+        snapshot: Snapshot,
+        stage_params: Vec<ParamsRef>,
+    ) -> Result<Self, TrainError> {
+        config.validate()?;
+        if stage_params.len() != config.stages as usize {
+            return Err(TrainError::Config {
+                reason: "one set of parameters per stage is needed",
+            });
+        }
+        let stages = config.stages as usize;
+        let mut run = Self {
+            finished: snapshot.round >= config.rounds,
+            config,
+            round: snapshot.round,
+            params: snapshot.params,
+            stage_params,
+            aggregating: false,
+            nodes: BTreeSet::new(),
+            benched: BTreeMap::new(),
+            holder: vec![None; stages],
+            pending_moves: Vec::new(),
+            forward: BTreeMap::new(),
+            backward: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            stale: BTreeMap::new(),
+            attempts: BTreeMap::new(),
+            next_ticket: 0,
+            outputs: VecDeque::new(),
+            stats: PipelineStats::default(),
+            round_sends: 0,
+            round_resent: 0,
+            history: Vec::new(),
+        };
+        if run.finished {
+            run.outputs.push_back(Output::Finished {
+                rounds: run.round,
+                params: run.params,
+            });
+        }
+        Ok(run)
+    }
+
+    /// The configuration.
+    #[must_use]
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    /// The round being computed (or the number of rounds, when finished).
+    #[must_use]
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// The node holding each stage.
+    #[must_use]
+    pub fn holders(&self) -> &[Option<NodeId>] {
+        &self.holder
+    }
+
+    /// Counters over the run.
+    #[must_use]
+    pub fn stats(&self) -> PipelineStats {
+        self.stats
+    }
+
+    /// The completed rounds.
+    #[must_use]
+    pub fn history(&self) -> &[PipelineRecord] {
+        &self.history
+    }
+
+    /// Units in flight.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<Output<R>> {
+        self.outputs.pop_front()
+    }
+
+    /// The nodes that may be given stages now: those not in the set lose
+    /// their stages and units in flight.
+    pub fn set_nodes(&mut self, now: UnixMillis, nodes: impl IntoIterator<Item = NodeId>) {
+        self.nodes = nodes.into_iter().collect();
+        let gone: BTreeSet<NodeId> = self
+            .holder
+            .iter()
+            .flatten()
+            .chain(self.in_flight.values().map(|f| &f.node))
+            .filter(|n| !self.nodes.contains(n))
+            .copied()
+            .collect();
+        for node in gone {
+            self.lose(node, &Lost::Left);
+        }
+        self.pump(now);
+    }
+
+    /// A unit's result. Returns what became of it.
+    pub fn handle_result(&mut self, now: UnixMillis, ticket: Ticket, result: R) -> Taken {
+        let (task, late) = if let Some(flight) = self.in_flight.remove(&ticket) {
+            (flight.task, false)
+        } else if let Some(task) = self.stale.remove(&ticket) {
+            (task, true)
+        } else {
+            self.stats.dropped += 1;
+            return Taken::Dropped;
+        };
+        let key = (task.stage, task.micro);
+        let slot = match task.pass {
+            Pass::Forward => &mut self.forward,
+            Pass::Backward => &mut self.backward,
+        };
+        if slot.contains_key(&key) {
+            self.stats.dropped += 1;
+            return Taken::Dropped;
+        }
+        slot.insert(key, result);
+        // Copies of the unit still in flight are no longer needed.
+        let copies: Vec<Ticket> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.task == task)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in copies {
+            self.in_flight.remove(&t);
+        }
+        self.stats.accepted += 1;
+        if late {
+            self.stats.late += 1;
+        }
+        self.complete_round();
+        self.pump(now);
+        if late { Taken::Late } else { Taken::Accepted }
+    }
+
+    /// A unit failed (unreachable node, refusal, invalid answer): its node
+    /// is benched and loses its stages. Returns whether the ticket was in
+    /// flight.
+    pub fn handle_failure(&mut self, now: UnixMillis, ticket: Ticket, reason: &str) -> bool {
+        self.stale.remove(&ticket);
+        let Some(flight) = self.in_flight.get(&ticket) else {
+            return false;
+        };
+        let node = flight.node;
+        self.stats.failures += 1;
+        self.benched
+            .insert(node, now.plus_millis(self.config.bench_ms));
+        self.lose(node, &Lost::Failed(reason.to_owned()));
+        self.pump(now);
+        true
+    }
+
+    /// The caller took the optimiser step of `round`: `params` are the whole
+    /// model's new parameters, `stage_params` each stage's.
+    ///
+    /// # Errors
+    /// [`TrainError::NotAggregating`] when `round` is not waiting for them;
+    /// [`TrainError::Config`] for a number of stage parameters other than
+    /// `stages`.
+    pub fn handle_aggregated(
+        &mut self,
+        now: UnixMillis,
+        round: u64,
+        params: ParamsRef,
+        stage_params: Vec<ParamsRef>,
+    ) -> Result<(), TrainError> {
+        if !self.aggregating || round != self.round {
+            let phase = if self.finished {
+                super::Phase::Finished
+            } else if self.aggregating {
+                super::Phase::Aggregating { round: self.round }
+            } else {
+                super::Phase::Computing { round: self.round }
+            };
+            return Err(TrainError::NotAggregating { round, phase });
+        }
+        if stage_params.len() != self.config.stages as usize {
+            return Err(TrainError::Config {
+                reason: "one set of parameters per stage is needed",
+            });
+        }
+        self.history.push(PipelineRecord {
+            round,
+            sends: std::mem::take(&mut self.round_sends),
+            resent: std::mem::take(&mut self.round_resent),
+        });
+        self.aggregating = false;
+        self.round += 1;
+        self.params = params;
+        self.stage_params = stage_params;
+        self.forward.clear();
+        self.backward.clear();
+        self.stale.clear();
+        self.attempts.clear();
+        let last = self.round >= self.config.rounds;
+        if last || self.round.is_multiple_of(self.config.persist_every) {
+            self.outputs.push_back(Output::Persist(Snapshot {
+                round: self.round,
+                params,
+            }));
+        }
+        if last {
+            self.finished = true;
+            self.outputs.push_back(Output::Finished {
+                rounds: self.round,
+                params,
+            });
+        } else {
+            self.pump(now);
+        }
+        Ok(())
+    }
+
+    /// Deadlines and the end of benches.
+    pub fn tick(&mut self, now: UnixMillis) {
+        self.benched.retain(|_, until| *until > now);
+        let missed: Vec<NodeId> = self
+            .in_flight
+            .values()
+            .filter(|f| f.deadline <= now)
+            .map(|f| f.node)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for node in missed {
+            self.stats.deadlines += 1;
+            self.benched
+                .insert(node, now.plus_millis(self.config.bench_ms));
+            self.lose(node, &Lost::Deadline);
+        }
+        self.pump(now);
+    }
+
+    /// `node` loses its stages; its units in flight become stale (their
+    /// answers are still taken) and are sent again.
+    fn lose(&mut self, node: NodeId, reason: &Lost) {
+        let tickets: Vec<Ticket> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.node == node)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in tickets {
+            if let Some(f) = self.in_flight.remove(&t) {
+                self.stale.insert(t, f.task);
+                self.stats.resent += 1;
+                self.round_resent += 1;
+            }
+        }
+        for (stage, holder) in self.holder.iter_mut().enumerate() {
+            if *holder == Some(node) {
+                *holder = None;
+                self.pending_moves
+                    .push((stage as u32, node, reason.clone()));
+            }
+        }
+    }
+
+    /// Gives stages without a node to available nodes and sends every unit
+    /// whose inputs are there to its stage's node.
+    fn pump(&mut self, now: UnixMillis) {
+        if self.finished || self.aggregating {
+            return;
+        }
+        self.assign();
+        let stages = self.config.stages;
+        let mut busy: BTreeMap<NodeId, u32> = BTreeMap::new();
+        for f in self.in_flight.values() {
+            *busy.entry(f.node).or_default() += 1;
+        }
+        let flying: BTreeSet<Task> = self.in_flight.values().map(|f| f.task).collect();
+        let mut ready = Vec::new();
+        for micro in 0..self.config.micro_batches {
+            for stage in 0..stages {
+                let input_ready = stage == 0 || self.forward.contains_key(&(stage - 1, micro));
+                if !input_ready {
+                    continue;
+                }
+                if stage + 1 < stages && !self.forward.contains_key(&(stage, micro)) {
+                    ready.push(Task {
+                        pass: Pass::Forward,
+                        micro,
+                        stage,
+                    });
+                }
+                let grad_ready =
+                    stage + 1 == stages || self.backward.contains_key(&(stage + 1, micro));
+                if grad_ready && !self.backward.contains_key(&(stage, micro)) {
+                    ready.push(Task {
+                        pass: Pass::Backward,
+                        micro,
+                        stage,
+                    });
+                }
+            }
+        }
+        ready.sort();
+        for task in ready {
+            if flying.contains(&task) {
+                continue;
+            }
+            let Some(node) = self.holder[task.stage as usize] else {
+                continue;
+            };
+            let load = busy.entry(node).or_default();
+            if *load >= self.config.max_in_flight_per_node {
+                continue;
+            }
+            *load += 1;
+            let mut inputs = Vec::new();
+            if task.stage > 0 {
+                inputs.push(self.forward[&(task.stage - 1, task.micro)].clone());
+            }
+            if task.pass == Pass::Backward && task.stage + 1 < stages {
+                inputs.push(self.backward[&(task.stage + 1, task.micro)].clone());
+            }
+            let ticket = Ticket(self.next_ticket);
+            self.next_ticket += 1;
+            let attempt = self.attempts.entry(task).or_default();
+            *attempt += 1;
+            let deadline = now.plus_millis(self.config.unit_timeout_ms);
+            self.in_flight.insert(
+                ticket,
+                Flight {
+                    task,
+                    node,
+                    deadline,
+                },
+            );
+            self.stats.sent += 1;
+            self.round_sends += 1;
+            self.outputs.push_back(Output::Send {
+                ticket,
+                node,
+                round: self.round,
+                task,
+                params: self.stage_params[task.stage as usize],
+                inputs,
+                deadline,
+                attempt: *attempt,
+            });
+        }
+    }
+
+    /// Stages without a node go to the available node holding the fewest,
+    /// then the lowest id.
+    fn assign(&mut self) {
+        for stage in 0..self.holder.len() {
+            if self.holder[stage].is_some() {
+                continue;
+            }
+            let held = |n: &NodeId| self.holder.iter().filter(|h| **h == Some(*n)).count();
+            let Some(node) = self
+                .nodes
+                .iter()
+                .filter(|n| !self.benched.contains_key(n))
+                .min_by_key(|n| (held(n), **n))
+                .copied()
+            else {
+                return;
+            };
+            self.holder[stage] = Some(node);
+            let from = self
+                .pending_moves
+                .iter()
+                .position(|(s, _, _)| *s as usize == stage)
+                .map(|i| self.pending_moves.remove(i))
+                .map(|(_, n, reason)| (n, reason));
+            if from.is_some() {
+                self.stats.moves += 1;
+            }
+            self.outputs.push_back(Output::Moved {
+                stage: stage as u32,
+                node,
+                from,
+            });
+        }
+    }
+
+    /// When every backward unit has a result, asks for the aggregate.
+    fn complete_round(&mut self) {
+        let (stages, micros) = (self.config.stages, self.config.micro_batches);
+        if self.aggregating || self.backward.len() < (stages * micros) as usize {
+            return;
+        }
+        self.aggregating = true;
+        for (t, f) in std::mem::take(&mut self.in_flight) {
+            self.stale.insert(t, f.task);
+        }
+        let results = (0..stages)
+            .map(|s| {
+                (0..micros)
+                    .map(|m| self.backward[&(s, m)].clone())
+                    .collect()
+            })
+            .collect();
+        self.outputs.push_back(Output::Aggregate {
+            round: self.round,
+            results,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use commons_protocol::Hash;
+
+    fn node(i: u8) -> NodeId {
+        NodeId([i; 32])
+    }
+
+    fn params(i: u8) -> ParamsRef {
+        ParamsRef {
+            root: Hash([i; 32]),
+            checkpoint: Hash([i.wrapping_add(100); 32]),
+        }
+    }
+
+    fn config(stages: u32, micro_batches: u32, rounds: u64) -> PipelineConfig {
+        PipelineConfig {
+            rounds,
+            stages,
+            micro_batches,
+            unit_timeout_ms: 1_000,
+            max_in_flight_per_node: 4,
+            bench_ms: 5_000,
+            persist_every: 1,
+        }
+    }
+
+    fn run(stages: u32, micro_batches: u32, rounds: u64) -> PipelineTraining<u64> {
+        let stage_params = (0..stages).map(|s| params(s as u8)).collect();
+        PipelineTraining::new(
+            config(stages, micro_batches, rounds),
+            Snapshot {
+                round: 0,
+                params: params(50),
+            },
+            stage_params,
+        )
+        .unwrap()
+    }
+
+    /// A stand-in for the stage computation whose value depends on every
+    /// input, in order, so a unit given the wrong inputs shows.
+    fn execute(stages: u32, round: u64, task: Task, inputs: &[u64]) -> u64 {
+        let last = task.stage + 1 == stages;
+        let (expected, base) = match (task.pass, task.stage) {
+            (Pass::Forward, 0) => (0, round * 10_000 + u64::from(task.micro) * 100 + 1),
+            (Pass::Backward, 0) if last => (0, round * 10_000 + u64::from(task.micro) * 100 + 7),
+            (Pass::Forward, _) => (1, 0),
+            (Pass::Backward, _) if last => (1, 3),
+            (Pass::Backward, 0) => (1, 5),
+            (Pass::Backward, _) => (2, 9),
+        };
+        assert_eq!(inputs.len(), expected, "{task:?} inputs {inputs:?}");
+        inputs.iter().fold(base + u64::from(task.stage), |acc, &x| {
+            acc.wrapping_mul(1_000_003).wrapping_add(x)
+        })
+    }
+
+    /// The aggregate computed directly, stage after stage.
+    fn expected(stages: u32, micros: u32, round: u64) -> Vec<Vec<u64>> {
+        let task = |pass, stage, micro| Task { pass, micro, stage };
+        let mut out = vec![vec![0; micros as usize]; stages as usize];
+        for m in 0..micros {
+            let mut fwd = Vec::new();
+            for s in 0..stages - 1 {
+                let inputs: Vec<u64> = fwd.last().copied().into_iter().collect();
+                fwd.push(execute(stages, round, task(Pass::Forward, s, m), &inputs));
+            }
+            let mut grad: Option<u64> = None;
+            for s in (0..stages).rev() {
+                let mut inputs: Vec<u64> = if s > 0 {
+                    vec![fwd[s as usize - 1]]
+                } else {
+                    vec![]
+                };
+                inputs.extend(grad);
+                let value = execute(stages, round, task(Pass::Backward, s, m), &inputs);
+                out[s as usize][m as usize] = value;
+                grad = Some(value);
+            }
+        }
+        out
+    }
+
+    struct Sent {
+        ticket: Ticket,
+        node: NodeId,
+        round: u64,
+        task: Task,
+        inputs: Vec<u64>,
+    }
+
+    /// Drains outputs: sends queue up, aggregates are answered with new
+    /// parameters; returns the aggregates seen.
+    fn drain(
+        t: &mut PipelineTraining<u64>,
+        queue: &mut VecDeque<Sent>,
+        now: UnixMillis,
+        log: &mut Vec<Output<u64>>,
+    ) -> Vec<Vec<Vec<u64>>> {
+        let mut aggregates = Vec::new();
+        while let Some(out) = t.poll_output() {
+            match &out {
+                Output::Send {
+                    ticket,
+                    node,
+                    round,
+                    task,
+                    inputs,
+                    params: p,
+                    ..
+                } => {
+                    assert_eq!(p.root.0[0], (*round as u8) * 10 + task.stage as u8);
+                    queue.push_back(Sent {
+                        ticket: *ticket,
+                        node: *node,
+                        round: *round,
+                        task: *task,
+                        inputs: inputs.clone(),
+                    });
+                }
+                Output::Aggregate { round, results } => {
+                    aggregates.push(results.clone());
+                    let next = (*round as u8 + 1) * 10;
+                    let stage_params = (0..t.config().stages)
+                        .map(|s| params(next + s as u8))
+                        .collect();
+                    t.handle_aggregated(now, *round, params(next + 50), stage_params)
+                        .unwrap();
+                }
+                _ => {}
+            }
+            log.push(out);
+        }
+        aggregates
+    }
+
+    fn fresh(stages: u32, micro_batches: u32, rounds: u64) -> PipelineTraining<u64> {
+        let mut t = run(stages, micro_batches, rounds);
+        // Round r's stage parameters are params(10 r + s).
+        t.stage_params = (0..stages).map(|s| params(s as u8)).collect();
+        t
+    }
+
+    #[test]
+    fn units_follow_their_inputs_and_stages_overlap() {
+        let (stages, micros) = (3, 4);
+        let mut t = fresh(stages, micros, 2);
+        let mut queue = VecDeque::new();
+        let mut log = Vec::new();
+        t.set_nodes(UnixMillis(0), [node(1), node(2), node(3)]);
+        let mut aggregates = drain(&mut t, &mut queue, UnixMillis(0), &mut log);
+        // Every stage on its own node.
+        let holders: BTreeSet<NodeId> = t.holders().iter().flatten().copied().collect();
+        assert_eq!(holders.len(), 3);
+        let mut overlap = false;
+        let mut sent = 0;
+        while let Some(s) = queue.pop_front() {
+            sent += 1;
+            let stages_busy: BTreeSet<u32> = queue
+                .iter()
+                .filter(|q| q.round == s.round)
+                .map(|q| q.task.stage)
+                .chain([s.task.stage])
+                .collect();
+            overlap |= stages_busy.len() > 1;
+            let value = execute(stages, s.round, s.task, &s.inputs);
+            assert_eq!(
+                t.handle_result(UnixMillis(1), s.ticket, value),
+                Taken::Accepted
+            );
+            aggregates.extend(drain(&mut t, &mut queue, UnixMillis(1), &mut log));
+        }
+        assert!(overlap, "different stages never worked at once");
+        // (S − 1) forward and S backward units per micro-batch, per round.
+        assert_eq!(sent, 2 * (2 * 4 + 3 * 4));
+        assert_eq!(aggregates.len(), 2);
+        assert_eq!(aggregates[0].len(), 3);
+        assert!(aggregates.iter().all(|a| a.iter().all(|s| s.len() == 4)));
+        assert_ne!(aggregates[0], aggregates[1]);
+        for (round, aggregate) in aggregates.iter().enumerate() {
+            assert_eq!(aggregate, &expected(stages, micros, round as u64));
+        }
+        assert!(matches!(
+            log.last(),
+            Some(Output::Finished { rounds: 2, .. })
+        ));
+        assert_eq!(
+            log.iter()
+                .filter(|o| matches!(o, Output::Persist(_)))
+                .count(),
+            2
+        );
+        let stats = t.stats();
+        assert_eq!((stats.sent, stats.accepted, stats.resent), (40, 40, 0));
+    }
+
+    /// Runs a round of `stages` × `micros` to its aggregate, failing the
+    /// `fail_at`-th unit sent (by its ticket) if given, or letting it miss
+    /// its deadline (and answer late) when `late`.
+    fn round_with(
+        stages: u32,
+        micros: u32,
+        nodes: u8,
+        fail_at: Option<usize>,
+        late: bool,
+    ) -> (Vec<Vec<u64>>, PipelineTraining<u64>, Vec<Output<u64>>) {
+        let mut t = fresh(stages, micros, 1);
+        let mut queue = VecDeque::new();
+        let mut log = Vec::new();
+        t.set_nodes(UnixMillis(0), (1..=nodes).map(node));
+        let mut aggregates = drain(&mut t, &mut queue, UnixMillis(0), &mut log);
+        let mut n = 0;
+        let mut held_back = None;
+        let mut now = 0;
+        while let Some(s) = queue.pop_front() {
+            now += 1;
+            n += 1;
+            if Some(n) == fail_at {
+                if late {
+                    // No answer before the deadline: the unit goes elsewhere.
+                    t.tick(UnixMillis(now + 5_000));
+                    held_back = Some(s);
+                } else {
+                    assert!(t.handle_failure(UnixMillis(now), s.ticket, "unreachable"));
+                }
+                aggregates.extend(drain(&mut t, &mut queue, UnixMillis(now), &mut log));
+                continue;
+            }
+            let value = execute(stages, s.round, s.task, &s.inputs);
+            t.handle_result(UnixMillis(now), s.ticket, value);
+            aggregates.extend(drain(&mut t, &mut queue, UnixMillis(now), &mut log));
+            if let Some(h) = held_back.take() {
+                // The late answer arrives after the resend was queued.
+                let value = execute(stages, h.round, h.task, &h.inputs);
+                let taken = t.handle_result(UnixMillis(now), h.ticket, value);
+                assert!(matches!(taken, Taken::Late | Taken::Dropped));
+                aggregates.extend(drain(&mut t, &mut queue, UnixMillis(now), &mut log));
+            }
+        }
+        assert_eq!(aggregates.len(), 1, "the round completes");
+        (aggregates.remove(0), t, log)
+    }
+
+    #[test]
+    fn a_failed_node_loses_its_stages_and_the_round_completes_unchanged() {
+        let (reference, _, _) = round_with(3, 4, 3, None, false);
+        assert_eq!(reference, expected(3, 4, 0));
+        for fail_at in 1..=20 {
+            let (aggregate, t, log) = round_with(3, 4, 3, Some(fail_at), false);
+            assert_eq!(aggregate, reference, "failing unit {fail_at}");
+            let moved = log.iter().any(|o| {
+                matches!(
+                    o,
+                    Output::Moved {
+                        from: Some((_, Lost::Failed(_))),
+                        ..
+                    }
+                )
+            });
+            assert!(moved, "failing unit {fail_at}: no stage moved");
+            assert_eq!(t.stats().failures, 1);
+            assert!(t.stats().resent >= 1);
+            // The failed node is benched: two nodes hold the three stages.
+            let holders: BTreeSet<NodeId> = t.holders().iter().flatten().copied().collect();
+            assert_eq!(holders.len(), 2);
+        }
+    }
+
+    #[test]
+    fn a_missed_deadline_moves_the_stage_and_a_late_answer_still_counts() {
+        let (reference, _, _) = round_with(2, 3, 2, None, false);
+        for at in [1, 4, 7] {
+            let (aggregate, t, log) = round_with(2, 3, 2, Some(at), true);
+            assert_eq!(aggregate, reference, "unit {at} late");
+            assert!(log.iter().any(|o| matches!(
+                o,
+                Output::Moved {
+                    from: Some((_, Lost::Deadline)),
+                    ..
+                }
+            )));
+            assert_eq!(t.stats().deadlines, 1);
+        }
+    }
+
+    #[test]
+    fn one_node_holds_every_stage_and_none_means_waiting() {
+        let mut t = fresh(3, 2, 1);
+        let mut queue = VecDeque::new();
+        let mut log = Vec::new();
+        t.set_nodes(UnixMillis(0), []);
+        drain(&mut t, &mut queue, UnixMillis(0), &mut log);
+        assert!(queue.is_empty(), "nothing is sent without nodes");
+        t.set_nodes(UnixMillis(1), [node(7)]);
+        drain(&mut t, &mut queue, UnixMillis(1), &mut log);
+        assert_eq!(t.holders(), &[Some(node(7)); 3]);
+        let mut aggregates = Vec::new();
+        while let Some(s) = queue.pop_front() {
+            assert_eq!(s.node, node(7));
+            let value = execute(3, s.round, s.task, &s.inputs);
+            t.handle_result(UnixMillis(2), s.ticket, value);
+            aggregates.extend(drain(&mut t, &mut queue, UnixMillis(2), &mut log));
+        }
+        assert_eq!(aggregates.len(), 1);
+        // A node that leaves gives its stages to the next one.
+        let mut t = fresh(2, 2, 1);
+        t.set_nodes(UnixMillis(0), [node(1), node(2)]);
+        drain(&mut t, &mut queue, UnixMillis(0), &mut log);
+        t.set_nodes(UnixMillis(1), [node(2)]);
+        log.clear();
+        drain(&mut t, &mut queue, UnixMillis(1), &mut log);
+        assert!(log.iter().any(|o| matches!(o, Output::Moved { node: n, from: Some((_, Lost::Left)), .. } if *n == node(2))));
+        assert_eq!(t.holders(), &[Some(node(2)); 2]);
+    }
+
+    #[test]
+    fn bad_configurations_and_reports_are_refused() {
+        for bad in [
+            PipelineConfig {
+                stages: 0,
+                ..PipelineConfig::default()
+            },
+            PipelineConfig {
+                micro_batches: 0,
+                ..PipelineConfig::default()
+            },
+            PipelineConfig {
+                rounds: 0,
+                ..PipelineConfig::default()
+            },
+            PipelineConfig {
+                unit_timeout_ms: 0,
+                ..PipelineConfig::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let snapshot = Snapshot {
+            round: 0,
+            params: params(1),
+        };
+        assert!(
+            PipelineTraining::<u64>::new(PipelineConfig::default(), snapshot, vec![params(1)])
+                .is_err()
+        );
+        let mut t = fresh(2, 2, 1);
+        assert!(
+            t.handle_aggregated(UnixMillis(0), 0, params(1), vec![])
+                .is_err()
+        );
+        assert_eq!(
+            t.handle_result(UnixMillis(0), Ticket(99), 1),
+            Taken::Dropped
+        );
+        assert!(!t.handle_failure(UnixMillis(0), Ticket(99), "x"));
+        // A run resumed past its last round is finished at once.
+        let done = PipelineTraining::<u64>::new(
+            config(2, 2, 3),
+            Snapshot {
+                round: 3,
+                params: params(9),
+            },
+            vec![params(1), params(2)],
+        )
+        .unwrap();
+        let mut done = done;
+        assert!(matches!(
+            done.poll_output(),
+            Some(Output::Finished { rounds: 3, .. })
+        ));
+    }
+}
