@@ -24,6 +24,7 @@ pub mod train_cli;
 pub mod train_config;
 pub mod train_exec;
 pub mod train_export;
+pub mod train_pipe;
 
 /// Fixes the size of candle's and rayon's compute pools before any thread
 /// starts. Unless `RAYON_NUM_THREADS` is set, candle 0.11 works the size out

@@ -28,6 +28,9 @@
 //! - DiLoCo: share `i` of round `r` runs `inner_steps` AdamW steps on
 //!   batches of `batch_size` rows from shard `(r × shares + i) mod shards`,
 //!   seed `seed + i`, steps `r × inner_steps …`.
+//! - Pipeline: the rows of a synchronous round, micro-batch `i` being share
+//!   `i`'s rows, run through the model cut into `stages` on different nodes
+//!   (see [`crate::train_pipe`]).
 //!
 //! # Files
 //!
@@ -116,7 +119,7 @@ pub struct SubmitArgs {
     pub json: bool,
 }
 
-fn now() -> UnixMillis {
+pub(crate) fn now() -> UnixMillis {
     UnixMillis(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -124,7 +127,7 @@ fn now() -> UnixMillis {
     )
 }
 
-fn hash(h: &commons_train::Hash) -> Hash {
+pub(crate) fn hash(h: &commons_train::Hash) -> Hash {
     Hash(*h.as_bytes())
 }
 
@@ -138,11 +141,11 @@ enum Optimizer {
 /// The coordinator's copy of the model and its optimiser: what aggregation
 /// changes.
 #[derive(Debug)]
-struct Learner {
-    model: Model,
+pub(crate) struct Learner {
+    pub(crate) model: Model,
     optimizer: Optimizer,
     tokenizer: CharTokenizer,
-    checkpoints: PathBuf,
+    pub(crate) checkpoints: PathBuf,
     optimizer_dir: PathBuf,
 }
 
@@ -162,9 +165,46 @@ impl Learner {
         Ok(())
     }
 
+    /// Takes the optimiser step with gradients in the model's canonical
+    /// order (pipeline runs, whose stages' gradients are merged first).
+    pub(crate) fn step_tensors(&mut self, grads: &[candle_core::Tensor]) -> anyhow::Result<()> {
+        let params = self.model.params();
+        match &mut self.optimizer {
+            Optimizer::AdamW(o) => o.step(params, grads)?,
+            Optimizer::Outer(o) => o.step(params, grads)?,
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint of each stage's parameters over `ranges`; returns
+    /// each stage's reference, file and size.
+    pub(crate) fn publish_stages(
+        &self,
+        ranges: &[std::ops::Range<usize>],
+    ) -> anyhow::Result<Vec<(ParamsRef, PathBuf, u64)>> {
+        self.model
+            .split(ranges)?
+            .iter()
+            .map(|stage| {
+                let checkpoint = stage.checkpoint()?;
+                let path = checkpoint.save_in(&self.checkpoints)?;
+                let root = stage.params().root()?;
+                let size = checkpoint.bytes().len() as u64;
+                Ok((
+                    ParamsRef {
+                        root: hash(&root),
+                        checkpoint: hash(&checkpoint.id()),
+                    },
+                    path,
+                    size,
+                ))
+            })
+            .collect()
+    }
+
     /// Writes the parameters as a checkpoint (with the model's shape and
     /// tokenizer) and names them.
-    fn publish(&self) -> anyhow::Result<(ParamsRef, PathBuf)> {
+    pub(crate) fn publish(&self) -> anyhow::Result<(ParamsRef, PathBuf)> {
         let checkpoint = self.model.checkpoint(Some(&self.tokenizer))?;
         let path = checkpoint.save_in(&self.checkpoints)?;
         let root = self.model.params().root()?;
@@ -178,7 +218,7 @@ impl Learner {
     }
 
     /// Writes the optimiser's state; returns its file's id.
-    fn save_optimizer(&self) -> anyhow::Result<Hash> {
+    pub(crate) fn save_optimizer(&self) -> anyhow::Result<Hash> {
         let names = self.model.params().names();
         let (tensors, meta): (Vec<(String, candle_core::Tensor)>, _) = match &self.optimizer {
             Optimizer::AdamW(o) => {
@@ -229,7 +269,7 @@ impl Learner {
                 .collect()
         };
         self.optimizer = match config.train.mode {
-            ModeName::Sync => Optimizer::AdamW(AdamW::from_state(
+            ModeName::Sync | ModeName::Pipeline => Optimizer::AdamW(AdamW::from_state(
                 params,
                 config.train.adamw.config(),
                 meta["steps"].as_u64().unwrap_or(0),
@@ -264,9 +304,14 @@ pub struct Row {
     #[serde(default)]
     pub bytes_up: u64,
     /// Bytes of parameters the round's nodes fetched: the checkpoint's size
-    /// for each node given work (a node fetches each checkpoint once).
+    /// for each node given work (a node fetches each checkpoint once; in a
+    /// pipeline run, its stage's checkpoint for each stage it worked on).
     #[serde(default)]
     pub bytes_params: u64,
+    /// Bytes of the units sent in the round (activations, in a pipeline
+    /// run; a few hundred bytes per unit otherwise).
+    #[serde(default)]
+    pub bytes_down: u64,
     /// Shares sent, resends included.
     pub sends: u32,
     /// Shares taken from a node and sent again.
@@ -275,13 +320,24 @@ pub struct Row {
 
 /// What a restarted run continues from (`state.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct State {
-    run: String,
-    round: u64,
-    params_root: String,
-    checkpoint: String,
-    optimizer: String,
-    rows: Vec<Row>,
+pub(crate) struct State {
+    pub(crate) run: String,
+    pub(crate) round: u64,
+    pub(crate) params_root: String,
+    pub(crate) checkpoint: String,
+    pub(crate) optimizer: String,
+    pub(crate) rows: Vec<Row>,
+}
+
+impl State {
+    /// Writes `state.json` in `out`, atomically.
+    pub(crate) fn save(&self, out: &Path) -> anyhow::Result<()> {
+        let path = out.join("state.json");
+        let part = out.join("state.json.part");
+        std::fs::write(&part, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&part, &path)?;
+        Ok(())
+    }
 }
 
 /// A share's checked result.
@@ -299,9 +355,9 @@ struct ShareOutcome {
 
 /// A shard shared with the swarm.
 #[derive(Debug, Clone, Copy)]
-struct ShardFile {
-    blob: Hash,
-    shard: Hash,
+pub(crate) struct ShardFile {
+    pub(crate) blob: Hash,
+    pub(crate) shard: Hash,
 }
 
 struct Driver {
@@ -325,6 +381,8 @@ struct Driver {
     started: Instant,
     /// Answer bytes received in the current round.
     round_bytes_up: u64,
+    /// Unit bytes sent in the current round.
+    round_bytes_down: u64,
     /// Nodes given work in the current round.
     round_nodes: std::collections::BTreeSet<NodeId>,
     /// Size of the current parameters' checkpoint file.
@@ -389,7 +447,7 @@ pub fn run(
 
 /// Prints an event: a JSON line with `--json`; otherwise a line for people
 /// for the events worth one (the progress bar shows the rest).
-fn event(json: bool, bar: &indicatif::ProgressBar, value: &serde_json::Value) {
+pub(crate) fn event(json: bool, bar: &indicatif::ProgressBar, value: &serde_json::Value) {
     if json {
         println!("{value}");
         return;
@@ -420,6 +478,19 @@ fn event(json: bool, bar: &indicatif::ProgressBar, value: &serde_json::Value) {
             value["share"],
             text("node"),
             text("reason")
+        ),
+        Some("moved") if value["from"].is_string() => format!(
+            "round {}: stage {} (layers {}) moved from {} to {} ({})",
+            value["round"],
+            value["stage"],
+            text("layers"),
+            text("from"),
+            text("node"),
+            text("reason")
+        ),
+        Some("pipeline") => format!(
+            "pipeline: stages {} with {} micro-batches per round",
+            value["stages"], value["micro_batches"]
         ),
         Some("done") => format!(
             "trained {} rounds in {:.1} s: train loss {:.4}, validation loss {:.4}; \
@@ -516,7 +587,7 @@ async fn submit(
             let optimizer_dir = out.join("optimizer");
             let fresh_optimizer = |model: &Model| -> anyhow::Result<Optimizer> {
                 Ok(match config.train.mode {
-                    ModeName::Sync => {
+                    ModeName::Sync | ModeName::Pipeline => {
                         Optimizer::AdamW(AdamW::new(model.params(), config.train.adamw.config())?)
                     }
                     ModeName::Diloco => Optimizer::Outer(OuterNesterov::new(
@@ -637,9 +708,6 @@ async fn submit(
         return Err(e);
     }
 
-    let ledger = commons_coordinator::verify::Ledger::new(config.train.verify.config());
-    let training =
-        Training::resume(config.state_machine(), snapshot, now())?.with_checks(ledger, coalition);
     let bar = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -657,37 +725,85 @@ async fn submit(
         .append(true)
         .open(out.join("receipts.jsonl"))
         .context("cannot open receipts.jsonl")?;
-    let (results_tx, results_rx) = mpsc::channel(256);
     let mut nonce_seed = [0u8; 8];
     getrandom::fill(&mut nonce_seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let mut driver = Driver {
-        config,
-        dataset: Arc::new(dataset),
-        run,
-        out: out.clone(),
-        identity,
-        commands: commands.clone(),
-        training,
-        learner: Some(learner),
-        shard_files: shard_files.into_iter().map(|(f, _)| f).collect(),
-        shared: VecDeque::from([snapshot.params.checkpoint]),
-        results_tx,
-        results_rx,
-        rows,
-        nonce_seed,
-        nonce_counter: 0,
-        json: args.json,
-        bar,
-        started: Instant::now(),
-        round_bytes_up: 0,
-        round_nodes: std::collections::BTreeSet::new(),
-        checkpoint_bytes,
-        receipts,
-        nodes: 0,
-        num_elements,
+    let shard_files: Vec<ShardFile> = shard_files.into_iter().map(|(f, _)| f).collect();
+    let started = Instant::now();
+    let (outcome, rows, rounds, stats) = if config.train.mode == ModeName::Pipeline {
+        let setup = crate::train_pipe::Setup {
+            config,
+            dataset: Arc::new(dataset),
+            run,
+            out: out.clone(),
+            identity,
+            commands: commands.clone(),
+            learner,
+            shard_files,
+            rows,
+            nonce_seed,
+            json: args.json,
+            bar,
+            receipts,
+            snapshot,
+            started,
+        };
+        let mut driver = match crate::train_pipe::Driver::start(setup).await {
+            Ok(d) => d,
+            Err(e) => {
+                stop.notify_one();
+                return Err(e);
+            }
+        };
+        let outcome = driver.drive().await;
+        driver.finish();
+        let (rows, rounds, stats) = driver.into_report();
+        (outcome, rows, rounds, stats)
+    } else {
+        let ledger = commons_coordinator::verify::Ledger::new(config.train.verify.config());
+        let training = Training::resume(config.state_machine(), snapshot, now())?
+            .with_checks(ledger, coalition);
+        let (results_tx, results_rx) = mpsc::channel(256);
+        let mut driver = Driver {
+            config,
+            dataset: Arc::new(dataset),
+            run,
+            out: out.clone(),
+            identity,
+            commands: commands.clone(),
+            training,
+            learner: Some(learner),
+            shard_files,
+            shared: VecDeque::from([snapshot.params.checkpoint]),
+            results_tx,
+            results_rx,
+            rows,
+            nonce_seed,
+            nonce_counter: 0,
+            json: args.json,
+            bar,
+            started,
+            round_bytes_up: 0,
+            round_bytes_down: 0,
+            round_nodes: std::collections::BTreeSet::new(),
+            checkpoint_bytes,
+            receipts,
+            nodes: 0,
+            num_elements,
+        };
+        let outcome = driver.drive().await;
+        driver.bar.finish_and_clear();
+        let stats = driver.training.stats();
+        let stats = serde_json::json!({
+            "sent": stats.sent,
+            "accepted": stats.accepted,
+            "late": stats.late,
+            "dropped": stats.dropped,
+            "failures": stats.failures,
+            "deadlines": stats.deadlines,
+            "reassigned": stats.reassigned,
+        });
+        (outcome, driver.rows, driver.training.round(), stats)
     };
-    let outcome = driver.drive().await;
-    driver.bar.finish_and_clear();
     stop.notify_one();
     let _ = tokio::time::timeout(Duration::from_secs(5), network_task).await;
     let params = outcome?;
@@ -700,32 +816,24 @@ async fn submit(
     .context("cannot write final.safetensors")?;
     let model_dir = out.join("final.model");
     crate::train_export::export(&final_path, &model_dir)?;
-    driver.write_curve()?;
-    let stats = driver.training.stats();
-    let last = driver.rows.last();
-    event(
-        args.json,
-        &indicatif::ProgressBar::hidden(),
-        &serde_json::json!({
-            "event": "done",
-            "run": run.to_string(),
-            "rounds": driver.training.round(),
-            "params_root": params.root.to_string(),
-            "checkpoint": params.checkpoint.to_string(),
-            "path": final_path.display().to_string(),
-            "model": model_dir.display().to_string(),
-            "train_loss": last.map(|r| r.train_loss),
-            "val_loss": last.and_then(|r| r.val_loss),
-            "seconds": driver.started.elapsed().as_secs_f64(),
-            "sent": stats.sent,
-            "accepted": stats.accepted,
-            "late": stats.late,
-            "dropped": stats.dropped,
-            "failures": stats.failures,
-            "deadlines": stats.deadlines,
-            "reassigned": stats.reassigned,
-        }),
-    );
+    write_curve(&out, &rows, run)?;
+    let last = rows.last();
+    let mut done = serde_json::json!({
+        "event": "done",
+        "run": run.to_string(),
+        "rounds": rounds,
+        "params_root": params.root.to_string(),
+        "checkpoint": params.checkpoint.to_string(),
+        "path": final_path.display().to_string(),
+        "model": model_dir.display().to_string(),
+        "train_loss": last.map(|r| r.train_loss),
+        "val_loss": last.and_then(|r| r.val_loss),
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    if let (Some(done), Some(stats)) = (done.as_object_mut(), stats.as_object()) {
+        done.extend(stats.clone());
+    }
+    event(args.json, &indicatif::ProgressBar::hidden(), &done);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -756,7 +864,7 @@ async fn wait_for_trainers(
     }
 }
 
-async fn trainers(
+pub(crate) async fn trainers(
     commands: &mpsc::Sender<Command>,
     coalition: Option<CoalitionId>,
 ) -> Vec<(NodeId, DeterminismClass)> {
@@ -944,6 +1052,7 @@ impl Driver {
         let t = &self.config.train;
         let mode = match t.mode {
             ModeName::Sync => GradientMode::Gradient,
+            ModeName::Pipeline => bail!("pipeline runs send stage units"),
             ModeName::Diloco => GradientMode::LocalSteps {
                 steps: t.inner_steps,
                 optimizer: AdamWParams {
@@ -980,6 +1089,7 @@ impl Driver {
         let id = unit.id()?;
         self.round_nodes.insert(node);
         let bytes = Envelope::seal(&self.identity, &unit)?.to_bytes();
+        self.round_bytes_down += bytes.len() as u64;
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::SendUnit { node, bytes, reply })
@@ -1117,6 +1227,7 @@ impl Driver {
             bytes_up: std::mem::take(&mut self.round_bytes_up),
             bytes_params: self.checkpoint_bytes
                 * std::mem::take(&mut self.round_nodes).len() as u64,
+            bytes_down: std::mem::take(&mut self.round_bytes_down),
             sends: record.map_or(0, |r| r.sends),
             reassigned: record.map_or(0, |r| r.reassigned),
         };
@@ -1152,10 +1263,7 @@ impl Driver {
             optimizer: optimizer.to_string(),
             rows: self.rows.clone(),
         };
-        let path = self.out.join("state.json");
-        let part = self.out.join("state.json.part");
-        std::fs::write(&part, serde_json::to_vec_pretty(&state)?)?;
-        std::fs::rename(&part, &path)?;
+        state.save(&self.out)?;
         self.write_curve()?;
         self.event(serde_json::json!({
             "event": "persisted", "round": snapshot.round,
@@ -1166,31 +1274,33 @@ impl Driver {
 
     /// `loss.csv` and `loss.svg`.
     fn write_curve(&self) -> anyhow::Result<()> {
-        let mut csv = String::from(
-            "round,train_loss,val_loss,seconds,nodes,sends,reassigned,bytes_up,bytes_params\n",
-        );
-        for r in &self.rows {
-            csv.push_str(&format!(
-                "{},{},{},{:.3},{},{},{},{},{}\n",
-                r.round,
-                r.train_loss,
-                r.val_loss.map_or(String::new(), |v| v.to_string()),
-                r.seconds,
-                r.nodes,
-                r.sends,
-                r.reassigned,
-                r.bytes_up,
-                r.bytes_params
-            ));
-        }
-        std::fs::write(self.out.join("loss.csv"), csv)?;
-        plot(
-            &self.out.join("loss.svg"),
-            &self.rows,
-            &self.run.to_string(),
-        )
-        .map_err(|e| anyhow::anyhow!("cannot draw loss.svg: {e}"))
+        write_curve(&self.out, &self.rows, self.run)
     }
+}
+
+/// Writes `loss.csv` and `loss.svg` in `out`.
+pub(crate) fn write_curve(out: &Path, rows: &[Row], run: JobId) -> anyhow::Result<()> {
+    let mut csv = String::from(
+        "round,train_loss,val_loss,seconds,nodes,sends,reassigned,bytes_up,bytes_params,bytes_down\n",
+    );
+    for r in rows {
+        csv.push_str(&format!(
+            "{},{},{},{:.3},{},{},{},{},{},{}\n",
+            r.round,
+            r.train_loss,
+            r.val_loss.map_or(String::new(), |v| v.to_string()),
+            r.seconds,
+            r.nodes,
+            r.sends,
+            r.reassigned,
+            r.bytes_up,
+            r.bytes_params,
+            r.bytes_down
+        ));
+    }
+    std::fs::write(out.join("loss.csv"), csv)?;
+    plot(&out.join("loss.svg"), rows, &run.to_string())
+        .map_err(|e| anyhow::anyhow!("cannot draw loss.svg: {e}"))
 }
 
 /// Draws the training and validation loss over rounds.

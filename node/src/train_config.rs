@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
+use commons_coordinator::train::pipeline::PipelineConfig;
 use commons_coordinator::train::{Mode, TrainConfig};
 use commons_protocol::messages::{BatchSpec, GradientEncoding};
 use commons_train::data::{eval_batches, read_text_dir};
@@ -117,6 +118,9 @@ pub enum ModeName {
     Sync,
     /// DiLoCo.
     Diloco,
+    /// Pipeline-parallel: the model cut into `stages`, each round's batch
+    /// into `shares` micro-batches (GPipe).
+    Pipeline,
 }
 
 /// How values travel.
@@ -209,7 +213,7 @@ impl Default for OuterSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
-    /// `sync` or `diloco`.
+    /// `sync`, `diloco` or `pipeline`.
     #[serde(default)]
     pub mode: ModeName,
     /// Rounds (optimiser steps in sync mode, outer steps in DiLoCo).
@@ -219,8 +223,13 @@ pub struct TrainSection {
     pub batch_size: usize,
     /// Tokens per row.
     pub seq_len: usize,
-    /// Shares per round (sync: must divide `batch_size`).
+    /// Shares per round (sync: must divide `batch_size`); in pipeline mode,
+    /// the micro-batches each round's batch is cut into (must divide it).
     pub shares: u32,
+    /// Pipeline mode: stages the model's layers are cut into (each on its
+    /// own node while there are enough nodes).
+    #[serde(default = "default_stages")]
+    pub stages: u32,
     /// DiLoCo: local steps per share.
     #[serde(default = "default_inner_steps")]
     pub inner_steps: u32,
@@ -316,6 +325,10 @@ impl VerifySection {
     }
 }
 
+fn default_stages() -> u32 {
+    2
+}
+
 fn default_inner_steps() -> u32 {
     10
 }
@@ -391,13 +404,21 @@ impl RunConfig {
             "batch_size and seq_len must be positive"
         );
         anyhow::ensure!(t.shares > 0, "a round needs at least one share");
-        if t.mode == ModeName::Sync {
+        if t.mode != ModeName::Diloco {
             anyhow::ensure!(
                 t.batch_size.is_multiple_of(t.shares as usize),
-                "in sync mode the shares ({}) must divide batch_size ({})",
+                "in {} mode the shares ({}) must divide batch_size ({})",
+                if t.mode == ModeName::Sync {
+                    "sync"
+                } else {
+                    "pipeline"
+                },
                 t.shares,
                 t.batch_size
             );
+        }
+        if t.mode == ModeName::Pipeline {
+            self.pipeline_machine().validate()?;
         }
         anyhow::ensure!(
             t.share_timeout_secs > 0.0 && t.share_timeout_secs <= 540.0,
@@ -423,7 +444,8 @@ impl RunConfig {
 
     fn mode(&self) -> Mode {
         match self.train.mode {
-            ModeName::Sync => Mode::Sync,
+            // Pipeline runs use `pipeline_machine`; rows are cut as in sync.
+            ModeName::Sync | ModeName::Pipeline => Mode::Sync,
             ModeName::Diloco => Mode::Diloco {
                 inner_steps: self.train.inner_steps,
             },
@@ -440,6 +462,21 @@ impl RunConfig {
             shares_per_round: t.shares,
             share_timeout_ms: (t.share_timeout_secs * 1e3) as u64,
             max_in_flight_per_node: 1,
+            bench_ms: (t.bench_secs * 1e3) as u64,
+            persist_every: t.persist_every,
+        }
+    }
+
+    /// The pipeline state machine's configuration.
+    #[must_use]
+    pub fn pipeline_machine(&self) -> PipelineConfig {
+        let t = &self.train;
+        PipelineConfig {
+            rounds: t.rounds,
+            stages: t.stages,
+            micro_batches: t.shares,
+            unit_timeout_ms: (t.share_timeout_secs * 1e3) as u64,
+            max_in_flight_per_node: 4,
             bench_ms: (t.bench_secs * 1e3) as u64,
             persist_every: t.persist_every,
         }
@@ -518,7 +555,7 @@ impl Dataset {
         let t = &config.train;
         let n = self.shards.len() as u64;
         match t.mode {
-            ModeName::Sync => {
+            ModeName::Sync | ModeName::Pipeline => {
                 let rows = (t.batch_size / t.shares as usize) as u32;
                 (
                     (round % n) as usize,

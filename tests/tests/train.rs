@@ -8,6 +8,9 @@
 //! coordinator is killed and restarted (it resumes from its last snapshot)
 //! and the slow node is killed while it holds a share; then DiLoCo rounds on
 //! the two nodes left must equal the same rounds computed in one process.
+//! Pipeline-parallel rounds (three stages, one per node, micro-batches) must
+//! give the same parameters as single-process training, though a stage's
+//! node is killed mid-round.
 #![allow(clippy::unwrap_used)] // helpers of tests may fail loudly
 
 use std::io::{BufRead as _, BufReader};
@@ -211,8 +214,13 @@ impl Drop for Run {
 /// Synchronous training in one process for `rounds` rounds, on each round's
 /// whole global batch: the initial and final parameters.
 fn sync_reference(rounds: u64) -> (Vec<f32>, Vec<f32>) {
+    sync_reference_of(ModelConfig::tiny, rounds)
+}
+
+/// As [`sync_reference`], for the model `config` gives for the vocabulary.
+fn sync_reference_of(config: fn(usize) -> ModelConfig, rounds: u64) -> (Vec<f32>, Vec<f32>) {
     let (corpus, shards) = dataset();
-    let reference = Model::new(ModelConfig::tiny(corpus.vocab_size()), SEED, &Device::Cpu).unwrap();
+    let reference = Model::new(config(corpus.vocab_size()), SEED, &Device::Cpu).unwrap();
     let initial = reference.params().flatten().unwrap();
     let mut opt = AdamW::new(reference.params(), AdamWConfig::default()).unwrap();
     for round in 0..rounds {
@@ -501,6 +509,102 @@ fn a_node_that_corrupts_its_gradients_is_caught_and_the_run_stays_exact() {
         excluded["round"]
     );
     assert!(err < 1e-5, "{err}");
+}
+
+/// The model of the pipeline test: three layers (one per stage) and tied
+/// embeddings, whose gradient the first and last stage share.
+fn three_layers(vocab: usize) -> ModelConfig {
+    ModelConfig {
+        n_layers: 3,
+        tie_embeddings: true,
+        ..ModelConfig::tiny(vocab)
+    }
+}
+
+#[test]
+fn pipeline_stages_on_three_nodes_equal_one_process_and_survive_a_kill() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
+    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &["--train"]);
+    let boot = vec![a.addrs[0].clone()];
+    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &["--train"]);
+    // Holds each unit a second: killed while it holds one.
+    let mut slow = Node::start_with(
+        h,
+        &h.join("slow"),
+        &boot,
+        Transports::Tcp,
+        6,
+        &["--train", "--train-delay-ms", "1000"],
+    );
+    let all = [
+        a.addrs[0].clone(),
+        b.addrs[0].clone(),
+        slow.addrs[0].clone(),
+    ];
+    let rounds = 4;
+    let config = write_config(
+        h,
+        "pipeline.toml",
+        "pipeline",
+        rounds,
+        "stages = 3\n[model]\nn_layers = 3\ntie_embeddings = true\n",
+    );
+    let mut run = Run::start(h, &config, &h.join("pipeline"), &all, 3);
+    // Each stage on its own node at first.
+    let pipeline = run.until(Duration::from_secs(30), |v| v["event"] == "pipeline");
+    assert_eq!(
+        pipeline["stages"],
+        serde_json::json!(["0..1", "1..2", "2..3"])
+    );
+    let mut holders = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let moved = run.until(Duration::from_secs(30), |v| v["event"] == "moved");
+        assert!(moved["from"].is_null(), "{moved}");
+        holders.insert(moved["node"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(holders.len(), 3, "{holders:?}");
+    // The slow node is killed while it holds a unit of round 1.
+    let sent = run.until(Duration::from_secs(60), |v| {
+        v["event"] == "sent" && v["node"] == slow.peer_id.as_str() && v["round"] == 1
+    });
+    slow.kill();
+    let stage = sent["stage"].clone();
+    let moved = run.until(Duration::from_secs(30), |v| {
+        v["event"] == "moved" && v["from"] == slow.peer_id.as_str()
+    });
+    assert_eq!(moved["stage"], stage, "{moved}");
+    assert_ne!(moved["node"], slow.peer_id.as_str());
+    let done = run.until(Duration::from_secs(90), |v| v["event"] == "done");
+    assert_eq!(done["rounds"], rounds);
+    assert!(done["reassigned"].as_u64().unwrap() >= 1, "{done}");
+
+    // The same rounds in one process, on each round's whole global batch.
+    let (initial, expected) = sync_reference_of(three_layers, rounds);
+    let got = final_params(&done);
+    let err = relative(&got, &expected);
+    let moved_by = relative(&expected, &initial);
+    // Units per round: (stages − 1) forward and `stages` backward per micro-batch.
+    let sends: Vec<u64> = run
+        .events("round")
+        .iter()
+        .map(|r| r["sends"].as_u64().unwrap())
+        .collect();
+    println!(
+        "pipeline, 3 stages on 3 nodes, {SHARES} micro-batches, {rounds} rounds: ‖Δθ‖/‖θ‖ = {err:.3e} \
+         against one process (training moved θ by {moved_by:.3e}); stage {stage} moved after a kill; \
+         units per round {sends:?}"
+    );
+    assert!(
+        moved_by > 1e-3,
+        "training must move the parameters: {moved_by}"
+    );
+    assert!(err < 1e-5, "{err}");
+    assert!(sends.iter().all(|&n| n >= 15), "{sends:?}");
+    let csv = std::fs::read_to_string(h.join("pipeline/loss.csv")).unwrap();
+    assert_eq!(csv.lines().count() as u64, rounds + 1, "{csv}");
+    drop((a, b));
 }
 
 /// A new key in `dir`; returns its PeerId.

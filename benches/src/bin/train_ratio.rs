@@ -157,8 +157,13 @@ fn measure(bin: &Path, dir: &Path, spec: &Spec, data: &Path) -> anyhow::Result<M
     }
     let wall = started.elapsed().as_secs_f64();
     let csv = std::fs::read_to_string(out.join("loss.csv"))?;
-    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
-    let col = |r: &Vec<&str>, i: usize| -> f64 { r.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let col =
+        |r: &Vec<&str>, i: usize| -> f64 { r.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
     let last = rows.last().context("empty loss.csv")?;
     Ok(Measured {
         rounds: rows.len() as u64,
@@ -214,7 +219,10 @@ fn run() -> anyhow::Result<()> {
     ];
     let mut results = Vec::new();
     for s in &runs {
-        eprintln!("running {} ({} rounds on {} nodes)…", s.name, s.rounds, s.nodes);
+        eprintln!(
+            "running {} ({} rounds on {} nodes)…",
+            s.name, s.rounds, s.nodes
+        );
         let m = measure(&bin, dir.path(), s, &data)?;
         results.push(m);
     }
