@@ -890,22 +890,34 @@ fn open_answer(
 ) -> Result<ShareOutcome, String> {
     let (result, receipt) =
         crate::coordinate::check_response(unit, node, bytes, now()).map_err(|e| e.describe())?;
-    let [loss, values] = &result.outputs[..] else {
-        return Err(format!("{} outputs, expected 2", result.outputs.len()));
+    let (loss_tensor, values, value_tensors) = match (encoding, &result.outputs[..]) {
+        (GradientEncoding::TopK { .. }, [loss, indices, kept]) => {
+            let values = densify(indices, kept, n)?;
+            (loss, values, vec![indices, kept])
+        }
+        (GradientEncoding::TopK { .. }, outputs) => {
+            return Err(format!("{} outputs, expected 3", outputs.len()));
+        }
+        (_, [loss, values]) => (
+            loss,
+            crate::train_exec::decode_values(values, encoding, n)?,
+            vec![values],
+        ),
+        (_, outputs) => return Err(format!("{} outputs, expected 2", outputs.len())),
     };
-    let (loss_tensor, values_tensor) = (loss, values);
-    let loss = match loss.to_f32().as_deref() {
+    let loss = match loss_tensor.to_f32().as_deref() {
         Some(&[l]) if l.is_finite() => l,
         _ => return Err("the loss is not one finite f32".into()),
     };
-    let values = crate::train_exec::decode_values(values, encoding, n)?;
     if values.iter().any(|v| !v.is_finite()) {
         return Err("the values are not all finite".into());
     }
-    let digest = Hash::of_parts(
-        "commons share outputs v1",
-        &[&loss_tensor.digest().0, &values_tensor.digest().0],
-    );
+    let digests: Vec<[u8; 32]> = std::iter::once(loss_tensor)
+        .chain(value_tensors)
+        .map(|t| t.digest().0)
+        .collect();
+    let parts: Vec<&[u8]> = digests.iter().map(<[u8; 32]>::as_slice).collect();
+    let digest = Hash::of_parts("commons share outputs v1", &parts);
     Ok(ShareOutcome {
         loss,
         values,
@@ -913,6 +925,34 @@ fn open_answer(
         bytes: bytes.len() as u64,
         digest,
     })
+}
+
+/// The dense vector of `n` values a top-k answer sends as increasing
+/// `indices` (u32) and their `kept` values (f32); zeros elsewhere.
+fn densify(
+    indices: &commons_protocol::Tensor,
+    kept: &commons_protocol::Tensor,
+    n: usize,
+) -> Result<Vec<f32>, String> {
+    let (Some(indices), Some(kept)) = (indices.to_u32(), kept.to_f32()) else {
+        return Err("top-k values must be u32 indices and f32 values".into());
+    };
+    if indices.len() != kept.len() || indices.len() > n {
+        return Err(format!(
+            "{} indices and {} values for {n} parameters",
+            indices.len(),
+            kept.len()
+        ));
+    }
+    if indices.windows(2).any(|w| w[0] >= w[1]) || indices.last().is_some_and(|&i| i as usize >= n)
+    {
+        return Err("top-k indices must increase and stay below the parameter count".into());
+    }
+    let mut dense = vec![0.0f32; n];
+    for (&i, &v) in indices.iter().zip(&kept) {
+        dense[i as usize] = v;
+    }
+    Ok(dense)
 }
 
 impl Driver {

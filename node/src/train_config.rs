@@ -132,6 +132,10 @@ pub enum EncodingName {
     F32,
     /// bfloat16.
     Bf16,
+    /// Top-k with error feedback on the nodes: the `top_k` fraction of each
+    /// tensor's entries (index and f32 value) per share.
+    #[serde(rename = "topk")]
+    TopK,
 }
 
 /// `[train.adamw]`: AdamW (the optimiser in synchronous mode, the inner one
@@ -236,9 +240,13 @@ pub struct TrainSection {
     /// Seed of the initial weights and of batch sampling.
     #[serde(default)]
     pub seed: u64,
-    /// How values travel: `f32` or `bf16`.
+    /// How values travel: `f32`, `bf16` or `topk`.
     #[serde(default)]
     pub encoding: EncodingName,
+    /// With `encoding = "topk"`: the fraction of each tensor's entries a
+    /// share sends (the rest waits in the node's residual).
+    #[serde(default = "default_top_k")]
+    pub top_k: f64,
     /// A share's deadline; after it the share goes to another node.
     #[serde(default = "default_timeout")]
     pub share_timeout_secs: f64,
@@ -323,6 +331,10 @@ impl VerifySection {
             ..commons_coordinator::verify::VerifyConfig::default()
         }
     }
+}
+
+fn default_top_k() -> f64 {
+    0.01
 }
 
 fn default_stages() -> u32 {
@@ -420,6 +432,22 @@ impl RunConfig {
         if t.mode == ModeName::Pipeline {
             self.pipeline_machine().validate()?;
         }
+        if t.encoding == EncodingName::TopK {
+            anyhow::ensure!(
+                t.top_k > 0.0 && t.top_k <= 1.0,
+                "top_k must be within (0, 1]"
+            );
+            anyhow::ensure!(
+                t.mode != ModeName::Pipeline,
+                "pipeline stage units travel dense: encoding = \"topk\" is for sync and diloco runs"
+            );
+            anyhow::ensure!(
+                !t.verify.enabled,
+                "top-k with error feedback keeps a residual on each node, so a share's result \
+                 cannot be re-executed elsewhere: set enabled = false under [train.verify] \
+                 (or use encoding = \"bf16\" with spot checks)"
+            );
+        }
         anyhow::ensure!(
             t.share_timeout_secs > 0.0 && t.share_timeout_secs <= 540.0,
             "share_timeout_secs must be within (0, 540]: nodes refuse units valid for longer than ten minutes"
@@ -488,6 +516,9 @@ impl RunConfig {
         match self.train.encoding {
             EncodingName::F32 => GradientEncoding::F32,
             EncodingName::Bf16 => GradientEncoding::Bf16,
+            EncodingName::TopK => GradientEncoding::TopK {
+                keep_ppm: ((self.train.top_k * 1e6).round() as u32).clamp(1, 1_000_000),
+            },
         }
     }
 }

@@ -24,10 +24,12 @@ use commons_protocol::envelope::Envelope;
 use commons_protocol::messages::{
     ErrorCode, ExecMetrics, GradientEncoding, GradientMode, GradientUnit, StagePass, WorkResult,
 };
-use commons_protocol::{Hash, Identity, UnitId, UnixMillis};
+use commons_protocol::{Hash, Identity, JobId, NodeId, UnitId, UnixMillis};
 use commons_train::data::{DataError, sample_batch, shard_id, tokens_from_bytes};
 use commons_train::params::CheckpointError;
-use commons_train::{AdamWConfig, Batch, DilocoWorker, Model, Stage, Upstream, gradients};
+use commons_train::{
+    AdamWConfig, Batch, DilocoWorker, ErrorFeedback, Model, Stage, Upstream, gradients,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::executor::serve::{Refusal, UnitAnswer};
@@ -45,6 +47,8 @@ const MODELS_KEPT: usize = 2;
 /// Pipeline stages (one per checkpoint) the thread keeps loaded: a node may
 /// hold a second stage after a failover, over two rounds.
 const STAGES_KEPT: usize = 4;
+/// Error-feedback residuals (one per issuer and run) the thread keeps.
+const RESIDUALS_KEPT: usize = 4;
 /// Most local steps a unit may ask for.
 const MAX_STEPS: u32 = 100_000;
 /// Most tokens one batch of a unit may hold.
@@ -451,12 +455,48 @@ pub enum Produced {
         /// Gradient or pseudo-gradient.
         values: Vec<Tensor>,
     },
+    /// A share sent as its top-k entries (error feedback): the mean training
+    /// loss, and the kept entries of the flattened vector.
+    Sparse {
+        /// Mean training loss.
+        loss: f32,
+        /// Flat indices, increasing.
+        indices: Vec<u32>,
+        /// Their values.
+        values: Vec<f32>,
+    },
     /// A pipeline stage's pass.
     Stage(StageOutput),
 }
 
+/// The kept entries of `values` (each tensor's residual added) under
+/// `feedback`, as indices into the flattened concatenation.
+fn sparsify(
+    feedback: &mut ErrorFeedback,
+    values: &[Tensor],
+    keep_ppm: u32,
+) -> Result<(Vec<u32>, Vec<f32>), ShareError> {
+    if keep_ppm == 0 || keep_ppm > 1_000_000 {
+        return Err(ShareError::Shape {
+            reason: format!("top-k keeps {keep_ppm} per million (1 to 1000000)"),
+        });
+    }
+    let sparse = feedback
+        .compress(values, f64::from(keep_ppm) / 1e6)
+        .map_err(ShareError::Compute)?;
+    let (mut indices, mut kept) = (Vec::new(), Vec::new());
+    let mut offset = 0u32;
+    for (t, s) in values.iter().zip(&sparse) {
+        indices.extend(s.indices().iter().map(|&i| offset + i));
+        kept.extend_from_slice(s.values());
+        offset += t.elem_count() as u32;
+    }
+    Ok((indices, kept))
+}
+
 struct Job {
     unit: GradientUnit,
+    issuer: NodeId,
     params: Blob,
     data: Blob,
     queued: Instant,
@@ -492,7 +532,8 @@ impl Trainer {
         Ok(Self { tx })
     }
 
-    /// Computes `unit` with its fetched parameters and data.
+    /// Computes `unit` of `issuer` with its fetched parameters and data
+    /// (a top-k unit adds, and updates, the residual of that issuer's run).
     ///
     /// # Errors
     /// [`ShareError::Stopped`] when the thread is gone; what the computation
@@ -500,12 +541,14 @@ impl Trainer {
     pub async fn compute(
         &self,
         unit: GradientUnit,
+        issuer: NodeId,
         params: Blob,
         data: Blob,
     ) -> Result<Computed, ShareError> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             unit,
+            issuer,
             params,
             data,
             queued: Instant::now(),
@@ -525,6 +568,7 @@ impl Trainer {
 fn work(mut rx: mpsc::Receiver<Job>, delay: Duration) {
     let mut models: VecDeque<(Hash, Arc<Model>)> = VecDeque::new();
     let mut stages: VecDeque<(Hash, Arc<Stage>)> = VecDeque::new();
+    let mut residuals: VecDeque<((NodeId, JobId), ErrorFeedback)> = VecDeque::new();
     let mut tokens: Option<(Blob, Arc<Vec<u32>>)> = None;
     while let Some(job) = rx.blocking_recv() {
         let queued = job.queued.elapsed();
@@ -541,12 +585,49 @@ fn work(mut rx: mpsc::Receiver<Job>, delay: Duration) {
                     t
                 }
             };
+            let top_k = match job.unit.encoding {
+                GradientEncoding::TopK { keep_ppm } => Some(keep_ppm),
+                _ => None,
+            };
             if matches!(job.unit.mode, GradientMode::Stage { .. }) {
+                if top_k.is_some() {
+                    return Err(ShareError::Shape {
+                        reason: "stage units travel dense; top-k is for shares".into(),
+                    });
+                }
                 let stage = stage_for(&mut stages, &job.unit, &job.params)?;
                 return compute_stage(&stage, &toks, &job.unit).map(Produced::Stage);
             }
             let model = model_for(&mut models, &job.unit, &job.params)?;
-            compute(&model, &toks, &job.unit).map(|(loss, values)| Produced::Share { loss, values })
+            let (loss, values) = compute(&model, &toks, &job.unit)?;
+            let Some(keep_ppm) = top_k else {
+                return Ok(Produced::Share { loss, values });
+            };
+            let key = (job.issuer, job.unit.job);
+            let at = match residuals.iter().position(|(k, _)| *k == key) {
+                Some(i) => i,
+                None => {
+                    if residuals.len() == RESIDUALS_KEPT {
+                        residuals.pop_front();
+                    }
+                    residuals.push_back((key, ErrorFeedback::new(model.params())));
+                    residuals.len() - 1
+                }
+            };
+            let feedback = &mut residuals[at].1;
+            let (indices, values) = match sparsify(feedback, &values, keep_ppm) {
+                // A run whose model changed shape starts a new residual.
+                Err(ShareError::Compute(_)) => {
+                    *feedback = ErrorFeedback::new(model.params());
+                    sparsify(feedback, &values, keep_ppm)?
+                }
+                other => other?,
+            };
+            Ok(Produced::Sparse {
+                loss,
+                indices,
+                values,
+            })
         })();
         let _ = job.reply.send(outcome.map(|output| Computed {
             output,
@@ -625,10 +706,12 @@ fn check_params(params: &commons_train::Params, unit: &GradientUnit) -> Result<(
 /// Runs an admitted gradient unit: fetches its parameters and data with
 /// `fetch` (by blake3 id, from the issuer), computes it on `trainer`, and
 /// returns the signed result or a signed refusal.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<F, Fut>(
     trainer: &Trainer,
     identity: &Identity,
     id: UnitId,
+    issuer: NodeId,
     unit: GradientUnit,
     fetch: F,
     now: impl Fn() -> UnixMillis,
@@ -658,7 +741,7 @@ where
             _ => 1,
         };
         let computed = trainer
-            .compute(unit, params, data)
+            .compute(unit, issuer, params, data)
             .await
             .map_err(|e| Refusal::new(e.code(), e.describe(), Some(id)))?;
         let internal = |m: String| Refusal::new(ErrorCode::INTERNAL, m, Some(id));
@@ -670,6 +753,16 @@ where
             Produced::Share { loss, values } => vec![
                 scalar(&[*loss])?,
                 encode_values(values, encoding).map_err(internal)?,
+            ],
+            Produced::Sparse {
+                loss,
+                indices,
+                values,
+            } => vec![
+                scalar(&[*loss])?,
+                commons_protocol::Tensor::from_u32(&[indices.len() as u64], indices)
+                    .map_err(|e| internal(e.to_string()))?,
+                scalar(values)?,
             ],
             Produced::Stage(StageOutput::Forward(hidden)) => {
                 vec![to_wire(hidden).map_err(internal)?]
@@ -1000,6 +1093,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn top_k_units_carry_each_issuers_residual_into_the_next() {
+        let c = corpus();
+        let m = model(c.vocab_size());
+        let tokens = c.tokens();
+        let mut u = unit(&m, tokens, GradientMode::Gradient);
+        u.encoding = GradientEncoding::TopK { keep_ppm: 50_000 };
+        let params: Blob = Arc::new(m.checkpoint(None).unwrap().bytes().to_vec());
+        let data: Blob = Arc::new(token_bytes(tokens));
+        let trainer = Trainer::spawn(Duration::ZERO).unwrap();
+        let sparse = |computed: Computed| match computed.output {
+            Produced::Sparse {
+                indices, values, ..
+            } => (indices, values),
+            other => panic!("a top-k unit gives a sparse share, not {other:?}"),
+        };
+        let (alice, bob) = (NodeId([1; 32]), NodeId([2; 32]));
+        let run = |issuer| {
+            let (u, p, d) = (u.clone(), params.clone(), data.clone());
+            let trainer = trainer.clone();
+            async move { sparse(trainer.compute(u, issuer, p, d).await.unwrap()) }
+        };
+        let first = run(alice).await;
+        let second = run(alice).await;
+        let other = run(bob).await;
+        // The same error feedback, by hand.
+        let (_, g) = compute(&m, tokens, &u).unwrap();
+        let mut feedback = ErrorFeedback::new(m.params());
+        let expected_first = sparsify(&mut feedback, &g, 50_000).unwrap();
+        let expected_second = sparsify(&mut feedback, &g, 50_000).unwrap();
+        assert_eq!(first, expected_first);
+        assert_eq!(second, expected_second);
+        assert_ne!(first, second, "the residual enters the second share");
+        assert_eq!(other, first, "another issuer has its own residual");
+        let n = m.params().num_elements();
+        assert!(first.0.len() < n / 10, "{} of {n} entries", first.0.len());
+        assert!(first.0.windows(2).all(|w| w[0] < w[1]));
+        // Sent over both shares plus what is left equals both gradients.
+        let residual =
+            commons_train::params::flatten(&feedback.residuals(&Device::Cpu).unwrap()).unwrap();
+        let flat = commons_train::params::flatten(&g).unwrap();
+        let mut total = residual.clone();
+        for (indices, values) in [&first, &second] {
+            for (&i, &v) in indices.iter().zip(values) {
+                total[i as usize] += v;
+            }
+        }
+        for (t, x) in total.iter().zip(&flat) {
+            assert!(
+                (t - 2.0 * x).abs() <= 1e-6 * (1.0 + x.abs()),
+                "{t} vs {}",
+                2.0 * x
+            );
+        }
+        // A fraction out of range is refused.
+        let mut bad = u.clone();
+        bad.encoding = GradientEncoding::TopK { keep_ppm: 0 };
+        assert!(matches!(
+            trainer
+                .compute(bad, alice, params.clone(), data.clone())
+                .await,
+            Err(ShareError::Shape { .. })
+        ));
+    }
+
+    #[tokio::test]
     async fn the_thread_computes_checks_the_root_and_signs() {
         let c = corpus();
         let m = model(c.vocab_size());
@@ -1009,7 +1167,7 @@ mod tests {
         let data: Blob = Arc::new(token_bytes(tokens));
         let trainer = Trainer::spawn(Duration::ZERO).unwrap();
         let done = trainer
-            .compute(u.clone(), params.clone(), data.clone())
+            .compute(u.clone(), NodeId([1; 32]), params.clone(), data.clone())
             .await
             .unwrap();
         let (loss, _) = compute(&m, tokens, &u).unwrap();
@@ -1021,7 +1179,9 @@ mod tests {
         let mut wrong = u.clone();
         wrong.params.root.0[3] ^= 1;
         assert!(matches!(
-            trainer.compute(wrong, params.clone(), data.clone()).await,
+            trainer
+                .compute(wrong, NodeId([1; 32]), params.clone(), data.clone())
+                .await,
             Err(ShareError::Root { .. })
         ));
         // Signed and committed, through `serve`.
@@ -1042,6 +1202,7 @@ mod tests {
             &trainer,
             &identity,
             id,
+            NodeId([1; 32]),
             unit(&m, tokens, GradientMode::Gradient),
             &fetch,
             || UnixMillis(10),
@@ -1056,7 +1217,16 @@ mod tests {
         // A file the issuer does not have: refused, not computed.
         let mut lost = unit(&m, tokens, GradientMode::Gradient);
         lost.data.blob.0[0] ^= 1;
-        let answer = serve(&trainer, &identity, id, lost, &fetch, || UnixMillis(10)).await;
+        let answer = serve(
+            &trainer,
+            &identity,
+            id,
+            NodeId([1; 32]),
+            lost,
+            &fetch,
+            || UnixMillis(10),
+        )
+        .await;
         assert_eq!(answer.refused, Some(ErrorCode::MODEL_NOT_HELD));
     }
 }

@@ -607,6 +607,84 @@ fn pipeline_stages_on_three_nodes_equal_one_process_and_survive_a_kill() {
     drop((a, b));
 }
 
+#[test]
+fn top_k_shares_send_a_fraction_of_the_bytes_and_still_train() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
+    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &["--train"]);
+    let boot = vec![a.addrs[0].clone()];
+    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &["--train"]);
+    let all = [a.addrs[0].clone(), b.addrs[0].clone()];
+    let rounds = 6;
+    let dense = write_config(
+        h,
+        "dense.toml",
+        "sync",
+        rounds,
+        "[train.adamw]\nlr = 0.01\n[train.verify]\nenabled = false\n",
+    );
+    let sparse = write_config(
+        h,
+        "topk.toml",
+        "sync",
+        rounds,
+        "encoding = \"topk\"\ntop_k = 0.05\n[train.adamw]\nlr = 0.01\n[train.verify]\nenabled = false\n",
+    );
+    let mut summary = Vec::new();
+    for (name, config) in [("dense", &dense), ("topk", &sparse)] {
+        let mut run = Run::start(h, config, &h.join(name), &all, 2);
+        let done = run.until(Duration::from_secs(90), |v| v["event"] == "done");
+        let rounds_seen = run.events("round");
+        let up: u64 = rounds_seen
+            .iter()
+            .map(|r| r["bytes_up"].as_u64().unwrap())
+            .sum();
+        let losses: Vec<f64> = rounds_seen
+            .iter()
+            .map(|r| r["val_loss"].as_f64().unwrap())
+            .collect();
+        assert_eq!(done["rounds"], rounds);
+        summary.push((up, losses));
+    }
+    let (dense_up, dense_loss) = &summary[0];
+    let (topk_up, topk_loss) = &summary[1];
+    println!(
+        "{rounds} sync rounds on 2 nodes: answers {dense_up} B in f32, {topk_up} B with top-k 5% \
+         ({:.1}x fewer); validation loss f32 {dense_loss:?}, top-k {topk_loss:?}",
+        *dense_up as f64 / *topk_up as f64
+    );
+    // An index and a value per kept entry: about a tenth of the f32 bytes.
+    assert!(*topk_up * 5 < *dense_up, "{topk_up} vs {dense_up}");
+    assert!(
+        topk_loss[rounds as usize - 1] < topk_loss[0],
+        "{topk_loss:?}"
+    );
+
+    // Spot checks cannot re-execute a share that carries a node's residual:
+    // such a run is refused before it starts.
+    let checked = write_config(
+        h,
+        "topk-checked.toml",
+        "sync",
+        rounds,
+        "encoding = \"topk\"\n",
+    );
+    let out = commons(h)
+        .arg("--data-dir")
+        .arg(h.join("refused"))
+        .args(["train", "submit", "--config"])
+        .arg(&checked)
+        .arg("--out")
+        .arg(h.join("refused-out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("enabled = false"), "{err}");
+    drop((a, b));
+}
+
 /// A new key in `dir`; returns its PeerId.
 fn key(home: &Path, dir: &Path) -> String {
     let out = commons(home)

@@ -21,6 +21,7 @@ enum Work {
     Gradient(
         crate::train_exec::Trainer,
         PeerId,
+        NodeId,
         commons_protocol::UnitId,
         commons_protocol::messages::GradientUnit,
     ),
@@ -77,7 +78,7 @@ impl EventLoop {
                     let _ = tx.send((channel, answer)).await;
                 });
             }
-            Ok(Work::Gradient(trainer, peer, id, unit)) => {
+            Ok(Work::Gradient(trainer, peer, issuer, id, unit)) => {
                 let fetch_tx = self.fetch_tx.clone();
                 in_progress.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
@@ -98,7 +99,8 @@ impl EventLoop {
                         }
                     };
                     let answer =
-                        crate::train_exec::serve(&trainer, &identity, id, unit, fetch, now).await;
+                        crate::train_exec::serve(&trainer, &identity, id, issuer, unit, fetch, now)
+                            .await;
                     in_progress.fetch_sub(1, Ordering::Relaxed);
                     let _ = tx.send((channel, answer)).await;
                 });
@@ -134,7 +136,7 @@ impl EventLoop {
         };
         let peer = PeerId::from_bytes(&issuer.peer_id_bytes())
             .map_err(|e| serve::Refusal::new(ErrorCode::BAD_REQUEST, e.to_string(), Some(id)))?;
-        Ok(Work::Gradient(trainer, peer, id, unit))
+        Ok(Work::Gradient(trainer, peer, issuer, id, unit))
     }
 
     /// A unit's file wanted in memory: from the cache, or fetched from the

@@ -294,6 +294,19 @@ pub enum GradientEncoding {
     F32,
     /// bfloat16: half the bytes.
     Bf16,
+    /// Top-k sparsification with error feedback: of each parameter tensor
+    /// only the `ceil(keep_ppm / 10⁶ × n)` entries of largest magnitude of
+    /// (gradient + the node's residual) travel; the rest stays in the node's
+    /// residual for this issuer and run and is added to its next share.
+    /// The values output is then two tensors: the kept entries' indices into
+    /// the flattened vector (`u32`, increasing) and their values (f32).
+    ///
+    /// The residual is the node's own state, so a result is not a pure
+    /// function of its unit and cannot be spot-checked by re-execution.
+    TopK {
+        /// Entries kept per million of each tensor (1 to 1,000,000).
+        keep_ppm: u32,
+    },
 }
 
 impl WorkUnit {
