@@ -303,9 +303,11 @@ pub struct Row {
     /// and checks included).
     #[serde(default)]
     pub bytes_up: u64,
-    /// Bytes of parameters the round's nodes fetched: the checkpoint's size
-    /// for each node given work (a node fetches each checkpoint once; in a
-    /// pipeline run, its stage's checkpoint for each stage it worked on).
+    /// Bytes of parameters the round's nodes fetched, at most: the
+    /// checkpoint's size for each node given work (a node fetches each
+    /// checkpoint once, and only the 1 MiB blocks that differ from a
+    /// checkpoint it holds; in a pipeline run, its stage's checkpoint for each
+    /// stage it worked on).
     #[serde(default)]
     pub bytes_params: u64,
     /// Bytes of the units sent in the round (activations, in a pipeline

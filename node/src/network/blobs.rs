@@ -383,7 +383,10 @@ struct MemoryFetch {
 #[derive(Default)]
 pub struct MemoryFetches {
     active: BTreeMap<ModelId, MemoryFetch>,
-    cache: std::collections::VecDeque<(ModelId, Arc<Vec<u8>>)>,
+    /// Kept files, oldest first, with their manifests when they were fetched.
+    cache: std::collections::VecDeque<(ModelId, Arc<Vec<u8>>, Option<Manifest>)>,
+    /// Bytes taken from kept files instead of fetched.
+    reused: u64,
 }
 
 impl std::fmt::Debug for MemoryFetches {
@@ -401,11 +404,18 @@ pub type Asks = Vec<(ModelId, FetchAsk)>;
 impl MemoryFetches {
     /// The bytes of `id`, if kept.
     pub fn cached(&mut self, id: &ModelId) -> Option<Arc<Vec<u8>>> {
-        let i = self.cache.iter().position(|(k, _)| k == id)?;
+        let i = self.cache.iter().position(|(k, _, _)| k == id)?;
         let entry = self.cache.remove(i)?;
         let bytes = entry.1.clone();
         self.cache.push_back(entry);
         Some(bytes)
+    }
+
+    /// Bytes of fetched files that were taken from kept files (blocks whose
+    /// chaining value, at the same place, matched) instead of asked for.
+    #[must_use]
+    pub fn reused_bytes(&self) -> u64 {
+        self.reused
     }
 
     /// Files being fetched.
@@ -460,7 +470,10 @@ impl MemoryFetches {
                 }
                 let len = m.len as usize;
                 match f.fetch.on_manifest(peer, m) {
-                    Ok(()) => f.data = vec![0; len],
+                    Ok(()) => {
+                        f.data = vec![0; len];
+                        self.reused += reuse_blocks(&self.cache, id, f);
+                    }
                     Err(e) => tracing::warn!(%peer, %e, "manifest rejected"),
                 }
             }
@@ -507,7 +520,7 @@ impl MemoryFetches {
             for w in f.waiters {
                 let _ = w.send(Ok(bytes.clone()));
             }
-            self.keep(id, bytes);
+            self.keep(id, bytes, f.fetch.manifest().cloned());
             return Vec::new();
         }
         if f.fetch.bad_peers().contains(&f.from) {
@@ -533,16 +546,50 @@ impl MemoryFetches {
         Vec::new()
     }
 
-    fn keep(&mut self, id: ModelId, bytes: Arc<Vec<u8>>) {
-        self.cache.push_back((id, bytes));
+    fn keep(&mut self, id: ModelId, bytes: Arc<Vec<u8>>, manifest: Option<Manifest>) {
+        self.cache.push_back((id, bytes, manifest));
         while self.cache.len() > CACHE_FILES
-            || self.cache.iter().map(|(_, b)| b.len()).sum::<usize>() > CACHE_BYTES
+            || self.cache.iter().map(|(_, b, _)| b.len()).sum::<usize>() > CACHE_BYTES
         {
             if self.cache.pop_front().is_none() {
                 break;
             }
         }
     }
+}
+
+/// Fills the blocks of `f` (whose manifest just arrived) that a kept file
+/// holds unchanged at the same place: a block's chaining value covers its
+/// bytes and its position, so equal values mean equal bytes, and each copy
+/// is verified against the new manifest before it counts. A new round's
+/// checkpoint then costs only the blocks whose parameters moved. Returns the
+/// bytes reused.
+fn reuse_blocks(
+    cache: &std::collections::VecDeque<(ModelId, Arc<Vec<u8>>, Option<Manifest>)>,
+    id: ModelId,
+    f: &mut MemoryFetch,
+) -> u64 {
+    let Some(manifest) = f.fetch.manifest().cloned() else {
+        return 0;
+    };
+    let mut reused = 0;
+    for index in 0..manifest.block_count() as u32 {
+        let (offset, len) = block_span(manifest.len, index);
+        let (start, end) = (offset as usize, (offset + len) as usize);
+        let source = cache.iter().rev().find_map(|(_, bytes, kept)| {
+            let kept = kept.as_ref()?;
+            let same = kept.blocks.get(index as usize) == manifest.blocks.get(index as usize);
+            (same && bytes.len() >= end).then(|| &bytes[start..end])
+        });
+        if let Some(block) = source
+            && manifest.verify_block(&id, index, block).is_ok()
+        {
+            f.data[start..end].copy_from_slice(block);
+            f.fetch.resume_block(index);
+            reused += len;
+        }
+    }
+    reused
 }
 
 #[cfg(test)]
@@ -755,5 +802,47 @@ mod tests {
             asks.extend(m.on_failure(id, peer, index));
         }
         assert!(rx.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_new_version_of_a_kept_file_fetches_only_the_blocks_that_changed() {
+        let len = 4 * BLOCK_LEN as usize + 100;
+        let (old, old_id, old_manifest) = file(len);
+        let mut new = old.clone();
+        // One byte in block 1 and one in the short last block change.
+        new[BLOCK_LEN as usize + 5] ^= 0xff;
+        new[len - 1] ^= 0xff;
+        let new_id = ModelId(Hash(*blake3::hash(&new).as_bytes()));
+        let mut b = ManifestBuilder::new();
+        for c in new.chunks(BLOCK_LEN as usize) {
+            b.push(c).unwrap();
+        }
+        let new_manifest = b.finish().unwrap();
+        let peer = PeerId::random();
+        let mut m = MemoryFetches::default();
+        for (id, bytes, manifest) in [(old_id, &old, &old_manifest), (new_id, &new, &new_manifest)]
+        {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let mut asks = m.request(FetchRequest {
+                id,
+                from: peer,
+                reply: tx,
+            });
+            let mut blocks = BTreeSet::new();
+            while !asks.is_empty() {
+                blocks.extend(asks.iter().filter_map(|(_, a)| match a {
+                    FetchAsk::Block(_, i) => Some(*i),
+                    FetchAsk::Manifest(_) => None,
+                }));
+                asks = answer(&mut m, asks, bytes, manifest, false);
+            }
+            assert_eq!(*rx.await.unwrap().unwrap(), *bytes);
+            if id == old_id {
+                assert_eq!(blocks.len(), 5, "the first version is fetched whole");
+            } else {
+                assert_eq!(blocks, BTreeSet::from([1, 4]), "only the changed blocks");
+            }
+        }
+        assert_eq!(m.reused_bytes(), 3 * BLOCK_LEN);
     }
 }
