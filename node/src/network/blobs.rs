@@ -384,7 +384,7 @@ struct MemoryFetch {
 pub struct MemoryFetches {
     active: BTreeMap<ModelId, MemoryFetch>,
     /// Kept files, oldest first, with their manifests when they were fetched.
-    cache: std::collections::VecDeque<(ModelId, Arc<Vec<u8>>, Option<Manifest>)>,
+    cache: std::collections::VecDeque<Kept>,
     /// Bytes taken from kept files instead of fetched.
     reused: u64,
 }
@@ -558,6 +558,9 @@ impl MemoryFetches {
     }
 }
 
+/// A kept file: its id, bytes and manifest (when it was fetched).
+type Kept = (ModelId, Arc<Vec<u8>>, Option<Manifest>);
+
 /// Fills the blocks of `f` (whose manifest just arrived) that a kept file
 /// holds unchanged at the same place: a block's chaining value covers its
 /// bytes and its position, so equal values mean equal bytes, and each copy
@@ -565,7 +568,7 @@ impl MemoryFetches {
 /// checkpoint then costs only the blocks whose parameters moved. Returns the
 /// bytes reused.
 fn reuse_blocks(
-    cache: &std::collections::VecDeque<(ModelId, Arc<Vec<u8>>, Option<Manifest>)>,
+    cache: &std::collections::VecDeque<Kept>,
     id: ModelId,
     f: &mut MemoryFetch,
 ) -> u64 {
