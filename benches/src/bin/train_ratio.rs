@@ -12,7 +12,12 @@
 //!    `loss.csv`;
 //! 3. the validation loss each mode reaches within one compute budget: the
 //!    same number of rows through the model (sync: rounds × global batch;
-//!    DiLoCo: rounds × shares × H × batch).
+//!    DiLoCo: rounds × shares × H × batch);
+//! 4. pipeline-parallel training (the model cut into 3 stages on 3 nodes,
+//!    3 micro-batches per round) against synchronous data-parallel on 3
+//!    nodes: samples/s and bytes;
+//! 5. top-k (1% of each tensor, error feedback on the nodes) against bf16:
+//!    answer bytes and the validation loss reached.
 //!
 //! Build first: `cargo build --release -p commons-node --bin commons`, then
 //! `cargo run --release -p commons-benches --bin train-ratio`. The `commons`
@@ -42,6 +47,8 @@ struct Spec {
     inner_steps: u64,
     rounds: u64,
     checks: bool,
+    /// Lines added to `[train]`.
+    extra: &'static str,
 }
 
 /// What a run's `loss.csv` says.
@@ -52,6 +59,7 @@ struct Measured {
     val_loss: f64,
     bytes_up: u64,
     bytes_params: u64,
+    bytes_down: u64,
     wall: f64,
 }
 
@@ -80,7 +88,7 @@ fn binary() -> anyhow::Result<PathBuf> {
 }
 
 fn config(spec: &Spec, data: &Path) -> String {
-    let batch = if spec.mode == "sync" {
+    let batch = if spec.mode != "diloco" {
         ROWS * SHARES
     } else {
         ROWS
@@ -109,7 +117,7 @@ seq_len = 64
 shares = {SHARES}
 inner_steps = {inner}
 seed = 3
-encoding = "bf16"
+{extra}
 share_timeout_secs = 120
 eval_every = 0
 eval_batches = 16
@@ -130,6 +138,11 @@ wait_secs = 120
         inner = spec.inner_steps.max(1),
         checks = spec.checks,
         nodes = spec.nodes,
+        extra = if spec.extra.is_empty() {
+            "encoding = \"bf16\""
+        } else {
+            spec.extra
+        },
     )
 }
 
@@ -171,6 +184,7 @@ fn measure(bin: &Path, dir: &Path, spec: &Spec, data: &Path) -> anyhow::Result<M
         val_loss: col(last, 2),
         bytes_up: rows.iter().map(|r| col(r, 7) as u64).sum(),
         bytes_params: rows.iter().map(|r| col(r, 8) as u64).sum(),
+        bytes_down: rows.iter().map(|r| col(r, 9) as u64).sum(),
         wall,
     })
 }
@@ -198,24 +212,41 @@ fn run() -> anyhow::Result<()> {
     println!();
 
     let sync_rounds = BUDGET_ROWS / (ROWS * SHARES);
-    let spec = |name: &str, nodes, mode, inner_steps: u64, checks| Spec {
+    let spec = |name: &str, nodes, mode, inner_steps: u64, checks, extra| Spec {
         name: name.to_owned(),
         nodes,
         mode,
         inner_steps,
-        rounds: if mode == "sync" {
-            sync_rounds
-        } else {
+        rounds: if mode == "diloco" {
             (BUDGET_ROWS / (ROWS * SHARES * inner_steps)).max(1)
+        } else {
+            sync_rounds
         },
         checks,
+        extra,
     };
     let runs = [
-        spec("sync-1", 1, "sync", 1, false),
-        spec("sync-3", 3, "sync", 1, false),
-        spec("sync-3-checked", 3, "sync", 1, true),
-        spec("diloco-10", 3, "diloco", 10, false),
-        spec("diloco-50", 3, "diloco", 50, false),
+        spec("sync-1", 1, "sync", 1, false, ""),
+        spec("sync-3", 3, "sync", 1, false, ""),
+        spec("sync-3-checked", 3, "sync", 1, true, ""),
+        spec("diloco-10", 3, "diloco", 10, false, ""),
+        spec("diloco-50", 3, "diloco", 50, false, ""),
+        spec(
+            "pipeline-3",
+            3,
+            "pipeline",
+            1,
+            false,
+            "encoding = \"bf16\"\nstages = 3",
+        ),
+        spec(
+            "sync-3-topk",
+            3,
+            "sync",
+            1,
+            false,
+            "encoding = \"topk\"\ntop_k = 0.01",
+        ),
     ];
     let mut results = Vec::new();
     for s in &runs {
@@ -231,12 +262,12 @@ fn run() -> anyhow::Result<()> {
         "run", "nodes", "rounds", "samples/s", "val loss", "bytes/round", "bytes total", "wall s"
     );
     for (s, m) in runs.iter().zip(&results) {
-        let rows = if s.mode == "sync" {
-            m.rounds * ROWS * SHARES
-        } else {
+        let rows = if s.mode == "diloco" {
             m.rounds * ROWS * SHARES * s.inner_steps
+        } else {
+            m.rounds * ROWS * SHARES
         };
-        let total = m.bytes_up + m.bytes_params;
+        let total = m.bytes_up + m.bytes_params + m.bytes_down;
         println!(
             "{:<16} {:>5} {:>7} {:>10.1} {:>12.4} {:>14} {:>14} {:>10.1}",
             s.name,
@@ -252,14 +283,15 @@ fn run() -> anyhow::Result<()> {
     let rate = |i: usize| {
         let s = &runs[i];
         let m = &results[i];
-        let rows = if s.mode == "sync" {
-            m.rounds * ROWS * SHARES
-        } else {
+        let rows = if s.mode == "diloco" {
             m.rounds * ROWS * SHARES * s.inner_steps
+        } else {
+            m.rounds * ROWS * SHARES
         };
         rows as f64 / m.seconds.max(1e-9)
     };
-    let bytes = |i: usize| (results[i].bytes_up + results[i].bytes_params) as f64;
+    let bytes =
+        |i: usize| (results[i].bytes_up + results[i].bytes_params + results[i].bytes_down) as f64;
     println!();
     println!(
         "samples/s, 3 nodes / 1 node (sync, checks off): {:.2}x; with spot checks on: {:.2}x",
@@ -274,6 +306,20 @@ fn run() -> anyhow::Result<()> {
     println!(
         "validation loss within the budget: sync {:.4}, DiLoCo H=10 {:.4}, DiLoCo H=50 {:.4}",
         results[1].val_loss, results[3].val_loss, results[4].val_loss
+    );
+    println!(
+        "pipeline, 3 stages on 3 nodes / sync on 3 nodes: samples/s {:.2}x, bytes {:.2}x \
+         (activations down {} B, answers up {} B)",
+        rate(5) / rate(1),
+        bytes(5) / bytes(1),
+        results[5].bytes_down,
+        results[5].bytes_up
+    );
+    println!(
+        "top-k 1% / bf16 (sync, 3 nodes): answer bytes {:.3}x; validation loss {:.4} vs {:.4}",
+        results[6].bytes_up as f64 / results[1].bytes_up as f64,
+        results[6].val_loss,
+        results[1].val_loss
     );
     Ok(())
 }

@@ -567,11 +567,7 @@ type Kept = (ModelId, Arc<Vec<u8>>, Option<Manifest>);
 /// is verified against the new manifest before it counts. A new round's
 /// checkpoint then costs only the blocks whose parameters moved. Returns the
 /// bytes reused.
-fn reuse_blocks(
-    cache: &std::collections::VecDeque<Kept>,
-    id: ModelId,
-    f: &mut MemoryFetch,
-) -> u64 {
+fn reuse_blocks(cache: &std::collections::VecDeque<Kept>, id: ModelId, f: &mut MemoryFetch) -> u64 {
     let Some(manifest) = f.fetch.manifest().cloned() else {
         return 0;
     };
