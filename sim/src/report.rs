@@ -54,7 +54,7 @@ pub fn summary(scenario: &Scenario, r: &Report) -> serde_json::Value {
         .iter()
         .filter_map(|a| a.corrupted_at_exclusion.map(|k| k as f64))
         .collect();
-    serde_json::json!({
+    let mut out = serde_json::json!({
         "scenario": scenario.name,
         "scenario_hash": r.scenario_hash,
         "seed": r.seed,
@@ -93,7 +93,28 @@ pub fn summary(scenario: &Scenario, r: &Report) -> serde_json::Value {
         "corrupt_results": last.map_or(0, |x| x.corrupt_results),
         "corrupt_tokens_released": last.map_or(0, |x| x.corrupt_tokens_released),
         "jobs_wrong": r.jobs_wrong,
-    })
+    });
+    if let (Some(t), Some(obj)) = (&r.training, out.as_object_mut()) {
+        let mut times = t.round_times_s.clone();
+        times.sort_by(f64::total_cmp);
+        let extra = serde_json::json!({
+            "train_rounds": t.rounds,
+            "train_finished_s": t.finished_s,
+            "train_round_p50_s": percentile(&times, 0.5),
+            "train_round_p95_s": percentile(&times, 0.95),
+            "train_shares_sent": t.shares_sent,
+            "train_reassigned": t.reassigned,
+            "train_late": t.late,
+            "train_useful_compute_s": t.useful_compute_s,
+            "train_wasted_compute_s": t.wasted_compute_s,
+            "train_bytes_down": t.bytes_down,
+            "train_bytes_up": t.bytes_up,
+        });
+        if let Some(extra) = extra.as_object() {
+            obj.extend(extra.clone());
+        }
+    }
+    out
 }
 
 /// Draws `series` (name, points) over simulated hours into an SVG file.

@@ -34,6 +34,20 @@
 //! compare_replays = true     # compare every step a checker replays
 //! sampling = "step"          # or "session": shadow whole hop sessions
 //!
+//! [network.nat]             # nodes behind NAT (left out: every node reachable)
+//! fraction = 0.4             # share of nodes behind NAT
+//! hole_punch_success = 0.7   # of those, reached directly after hole punching
+//! relay_rtt_ms = 40          # the others through a relay: this much longer round trips
+//! relay_mbps = 10            # and at most this bandwidth
+//!
+//! [training]                 # training rounds (left out: none)
+//! mode = "diloco"            # or "sync"
+//! rounds = 100
+//! shares = 8
+//! inner_steps = 50           # diloco: local steps per share
+//! parameters = 7500000
+//! tokens_per_step = 1536     # rows × length of one share's step
+//!
 //! [adversaries]
 //! fraction = 0.1             # share of nodes that corrupt results
 //! corrupt_probability = 0.3  # f: each result they return is wrong with this probability
@@ -87,6 +101,111 @@ pub struct Scenario {
     /// Nodes that corrupt their results.
     #[serde(default)]
     pub adversaries: Adversaries,
+    /// Training rounds run beside the jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<Training>,
+}
+
+/// Training rounds: a run of the real training coordinator
+/// (`commons_coordinator::train`) over the online nodes. A share's time is
+/// the fetch of the round's parameters (once per node and round), its
+/// compute, and the upload of its values, each over the node's links.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Training {
+    /// `sync` (a gradient per share) or `diloco` (`inner_steps` local steps
+    /// per share).
+    #[serde(default)]
+    pub mode: TrainingMode,
+    /// Rounds in the run.
+    pub rounds: u64,
+    /// Shares per round.
+    pub shares: u32,
+    /// DiLoCo: local steps per share.
+    #[serde(default = "default_inner")]
+    pub inner_steps: u32,
+    /// Model parameters.
+    pub parameters: u64,
+    /// Tokens in one step of one share (rows × length).
+    pub tokens_per_step: u64,
+    /// Work of one training token, in layers of the node's inference speed
+    /// (`tokens_per_s` is per layer): a forward and a backward pass cost
+    /// about three forwards; left out, three times the model's layers.
+    #[serde(default)]
+    pub layers_per_token: Option<f64>,
+    /// Bytes per parameter of a share's answer (2: bf16).
+    #[serde(default = "default_gradient_bytes")]
+    pub gradient_bytes: f64,
+    /// A share's deadline, seconds.
+    #[serde(default = "default_share_timeout")]
+    pub share_timeout_s: f64,
+    /// How long a node that failed or missed a deadline gets no share.
+    #[serde(default = "default_train_bench")]
+    pub bench_s: f64,
+    /// Seconds the coordinator takes to combine a round.
+    #[serde(default = "default_aggregate")]
+    pub aggregate_s: f64,
+}
+
+/// How a training round's shares are computed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainingMode {
+    /// A gradient per share.
+    #[default]
+    Sync,
+    /// Local steps per share.
+    Diloco,
+}
+
+fn default_inner() -> u32 {
+    1
+}
+
+fn default_gradient_bytes() -> f64 {
+    2.0
+}
+
+fn default_share_timeout() -> f64 {
+    600.0
+}
+
+fn default_train_bench() -> f64 {
+    60.0
+}
+
+fn default_aggregate() -> f64 {
+    1.0
+}
+
+/// Nodes behind NAT: not dialable; a share of them is reached directly
+/// after hole punching (DCUtR), the rest only through a relay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nat {
+    /// Share of nodes behind NAT.
+    pub fraction: f64,
+    /// Of those, the share reached directly after hole punching.
+    #[serde(default = "default_punch")]
+    pub hole_punch_success: f64,
+    /// Extra round trip through a relay, milliseconds.
+    #[serde(default = "default_relay_rtt")]
+    pub relay_rtt_ms: f64,
+    /// A relayed node's bandwidth cap, both ways, Mbit/s.
+    #[serde(default = "default_relay_mbps")]
+    pub relay_mbps: f64,
+}
+
+fn default_punch() -> f64 {
+    0.7
+}
+
+fn default_relay_rtt() -> f64 {
+    40.0
+}
+
+fn default_relay_mbps() -> f64 {
+    10.0
 }
 
 fn default_sample() -> f64 {
@@ -220,6 +339,12 @@ pub struct Nodes {
     pub tokens_per_s: Dist,
     /// Layers the node can hold.
     pub memory_layers: Dist,
+    /// Upload bandwidth, Mbit/s (left out: links never limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_mbps: Option<Dist>,
+    /// Download bandwidth, Mbit/s (left out: links never limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_mbps: Option<Dist>,
 }
 
 impl Default for Nodes {
@@ -233,6 +358,8 @@ impl Default for Nodes {
                 low: 4.0,
                 high: 16.0,
             },
+            up_mbps: None,
+            down_mbps: None,
         }
     }
 }
@@ -245,6 +372,10 @@ pub struct Model {
     pub layers: u32,
     /// Longest sequence.
     pub context: u32,
+    /// Bytes of one token's hidden state between hops (left out: 2,304,
+    /// SmolLM2-135M's 576 f32 values). Counted only where links are limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_bytes_per_token: Option<u64>,
 }
 
 impl Default for Model {
@@ -252,6 +383,7 @@ impl Default for Model {
         Self {
             layers: 30,
             context: 2048,
+            hidden_bytes_per_token: None,
         }
     }
 }
@@ -285,7 +417,7 @@ impl Default for Workload {
 /// `world_km`², and a round trip costs `base_rtt_ms` plus `ms_per_1000km`
 /// per 1000 km of distance (there and back).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Network {
     /// Side of the world, kilometres.
     pub world_km: f64,
@@ -293,6 +425,9 @@ pub struct Network {
     pub base_rtt_ms: f64,
     /// Added per 1000 km, milliseconds.
     pub ms_per_1000km: f64,
+    /// Nodes behind NAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<Nat>,
 }
 
 impl Default for Network {
@@ -301,6 +436,7 @@ impl Default for Network {
             world_km: 8000.0,
             base_rtt_ms: 2.0,
             ms_per_1000km: 20.0,
+            nat: None,
         }
     }
 }
@@ -507,11 +643,45 @@ impl Scenario {
                 return bad(format!("{what} must be a probability, 0 to 1 (got {x})"));
             }
         }
+        if let Some(nat) = &self.network.nat {
+            let p = |x: f64| x.is_finite() && (0.0..=1.0).contains(&x);
+            if !(p(nat.fraction) && p(nat.hole_punch_success)) {
+                return bad(
+                    "network.nat: fraction and hole_punch_success are probabilities".into(),
+                );
+            }
+            if !(nat.relay_rtt_ms >= 0.0 && nat.relay_mbps > 0.0) {
+                return bad("network.nat: relay_rtt_ms ≥ 0 and relay_mbps > 0".into());
+            }
+        }
+        if let Some(t) = &self.training {
+            if t.rounds == 0 || t.shares == 0 || t.inner_steps == 0 {
+                return bad("training: rounds, shares and inner_steps must be ≥ 1".into());
+            }
+            if t.parameters == 0 || t.tokens_per_step == 0 {
+                return bad("training: parameters and tokens_per_step must be ≥ 1".into());
+            }
+            let positive = |x: f64| x.is_finite() && x > 0.0;
+            if !(positive(t.share_timeout_s)
+                && positive(t.gradient_bytes)
+                && t.bench_s >= 0.0
+                && t.aggregate_s >= 0.0
+                && t.layers_per_token.is_none_or(positive))
+            {
+                return bad(
+                    "training: share_timeout_s, gradient_bytes and layers_per_token must be > 0, \
+                     bench_s and aggregate_s ≥ 0"
+                        .into(),
+                );
+            }
+        }
         for (what, d) in [
             ("churn.session", Some(&self.churn.session)),
             ("churn.downtime", self.churn.downtime.as_ref()),
             ("nodes.tokens_per_s", Some(&self.nodes.tokens_per_s)),
             ("nodes.memory_layers", Some(&self.nodes.memory_layers)),
+            ("nodes.up_mbps", self.nodes.up_mbps.as_ref()),
+            ("nodes.down_mbps", self.nodes.down_mbps.as_ref()),
         ] {
             if let Some(d) = d {
                 d.validate()

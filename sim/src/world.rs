@@ -28,7 +28,10 @@ use crate::dist::Dist;
 use crate::executor::{self, Session};
 use crate::scenario::Scenario;
 
+mod training;
 mod units;
+
+pub use training::TrainingReport;
 
 use units::{Flight, JobTrack};
 
@@ -90,6 +93,8 @@ pub struct Row {
     /// Jobs sent back to re-execute results of a node that failed
     /// verification, all time.
     pub rollbacks: u64,
+    /// Training rounds completed, all time.
+    pub train_rounds: u64,
 }
 
 /// What one adversary did, by the simulation's ground truth.
@@ -148,6 +153,8 @@ pub struct Report {
     pub chain_compute_s: f64,
     /// Finished jobs whose text differs from what honest nodes generate.
     pub jobs_wrong: u64,
+    /// The training run, when the scenario has one.
+    pub training: Option<TrainingReport>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -168,6 +175,15 @@ enum Event {
     Tick,
     Sample,
     Rebalance,
+    /// A training share's answer arrives.
+    ShareDone {
+        ticket: u64,
+        node: u32,
+        epoch: u32,
+    },
+    /// The training coordinator has combined a round.
+    Aggregated(u64),
+    TrainTick,
 }
 
 #[derive(Debug, Clone)]
@@ -186,6 +202,11 @@ struct SimNode {
     adversary: bool,
     /// Units it has run, all time.
     units: u64,
+    /// Upload and download, bits per second (infinite: links never limit).
+    up_bps: f64,
+    down_bps: f64,
+    /// Behind NAT without a direct path: reached through a relay.
+    relayed: bool,
 }
 
 /// Independent random streams, one per subsystem, each derived from the seed
@@ -199,6 +220,8 @@ struct Streams {
     adversaries: ChaCha8Rng,
     /// When a non-colluding adversary lies, and how.
     corruption: ChaCha8Rng,
+    /// Nodes' bandwidth and NAT.
+    links: ChaCha8Rng,
 }
 
 fn stream(seed: u64, name: &str) -> ChaCha8Rng {
@@ -265,6 +288,8 @@ pub struct Simulation {
     adversaries: BTreeMap<u32, Adversary>,
     /// Arrivals and departures come from a trace, not from the distributions.
     traced: bool,
+    /// Training rounds, when the scenario has them.
+    training: Option<training::TrainRun>,
 }
 
 impl std::fmt::Debug for Simulation {
@@ -319,6 +344,7 @@ impl Simulation {
                 jobs: stream(seed, "jobs"),
                 adversaries: stream(seed, "adversaries"),
                 corruption: stream(seed, "corruption"),
+                links: stream(seed, "links"),
             },
             nodes: Vec::new(),
             by_id: BTreeMap::new(),
@@ -365,6 +391,7 @@ impl Simulation {
             excluded: BTreeSet::new(),
             adversaries: BTreeMap::new(),
             traced: false,
+            training: scenario.training.clone().and_then(training::TrainRun::new),
             scenario,
         };
         for _ in 0..sim.scenario.population.initial {
@@ -372,6 +399,10 @@ impl Simulation {
             sim.at(0, Event::Join(i));
         }
         sim.choose_initial_adversaries();
+        if sim.training.is_some() {
+            // After the initial joins: the first shares go out at once.
+            sim.at(0, Event::TrainTick);
+        }
         let peak = sim.peak_arrival_rate();
         let gap = exp_gap(&mut sim.rng.arrivals, peak);
         sim.at(gap, Event::NodeArrival);
@@ -466,7 +497,25 @@ impl Simulation {
             joined_at: 0,
             adversary: false,
             units: 0,
+            up_bps: f64::INFINITY,
+            down_bps: f64::INFINITY,
+            relayed: false,
         };
+        let mut node = node;
+        // Links from their own stream, drawn only when the scenario limits
+        // them: other draws (and runs without limits) are unchanged.
+        let l = &mut self.rng.links;
+        if let Some(d) = &self.scenario.nodes.up_mbps {
+            node.up_bps = d.sample(l).max(1e-3) * 1e6;
+        }
+        if let Some(d) = &self.scenario.nodes.down_mbps {
+            node.down_bps = d.sample(l).max(1e-3) * 1e6;
+        }
+        if let Some(nat) = &self.scenario.network.nat {
+            let behind = l.random_bool(nat.fraction);
+            let punched = l.random_bool(nat.hole_punch_success);
+            node.relayed = behind && !punched;
+        }
         self.by_id.insert(node.id, i);
         self.nodes.push(node);
         self.profiles_dirty = true;
@@ -530,9 +579,30 @@ impl Simulation {
         let n = &self.nodes[i as usize];
         let c = self.scenario.network.world_km / 2.0;
         let km = ((n.pos.0 - c).powi(2) + (n.pos.1 - c).powi(2)).sqrt();
-        let ms =
+        let mut ms =
             self.scenario.network.base_rtt_ms + km / 1000.0 * self.scenario.network.ms_per_1000km;
+        if n.relayed
+            && let Some(nat) = &self.scenario.network.nat
+        {
+            ms += nat.relay_rtt_ms;
+        }
         secs(ms / 1000.0)
+    }
+
+    /// Time to move `bytes` to (`up`: from) node `i` over its link (capped
+    /// by its relay's when relayed); zero where links are not limited.
+    fn transfer(&self, i: u32, bytes: u64, up: bool) -> Micros {
+        let n = &self.nodes[i as usize];
+        let mut bps = if up { n.up_bps } else { n.down_bps };
+        if n.relayed
+            && let Some(nat) = &self.scenario.network.nat
+        {
+            bps = bps.min(nat.relay_mbps * 1e6);
+        }
+        if !bps.is_finite() || bytes == 0 {
+            return 0;
+        }
+        secs(bytes as f64 * 8.0 / bps)
     }
 
     fn capacity(&self, i: u32) -> NodeCapacity {
@@ -638,6 +708,7 @@ impl Simulation {
             verify: self.scheduler.verify_stats(),
             chain_compute_s: self.chain_us as f64 / SECOND as f64,
             jobs_wrong: self.jobs_wrong,
+            training: self.training.as_ref().map(training::TrainRun::report),
         }
     }
 
@@ -701,12 +772,22 @@ impl Simulation {
                 let every = secs(self.scenario.rebalance_every_s);
                 self.at(self.now + every, Event::Rebalance);
             }
+            Event::ShareDone {
+                ticket,
+                node,
+                epoch,
+            } => self.share_done(ticket, node, epoch),
+            Event::Aggregated(round) => self.aggregated(round),
+            Event::TrainTick => self.train_tick(),
         }
     }
 
     fn join(&mut self, i: u32) {
         let me = self.capacity(i);
         let span = placement::choose_span_in(&self.shape, &self.plan, &me);
+        if let Some(t) = &mut self.training {
+            t.nodes_dirty = true;
+        }
         let n = &mut self.nodes[i as usize];
         n.online = true;
         n.joined_at = self.now;
@@ -789,6 +870,9 @@ impl Simulation {
 
     /// Node `i` goes offline (announced or not), and comes back after `back` if given.
     fn depart(&mut self, i: u32, graceful: bool, back: Option<Micros>) {
+        if let Some(t) = &mut self.training {
+            t.nodes_dirty = true;
+        }
         let n = &mut self.nodes[i as usize];
         self.sessions_s.push((
             n.joined_at as f64 / SECOND as f64,
@@ -901,8 +985,18 @@ impl Simulation {
                     let compute =
                         secs(tokens as f64 * f64::from(unit.layers.len()) / n.tokens_per_s);
                     let rtt = self.rtt(i);
-                    let start = (self.now + rtt / 2).max(n.busy_until);
-                    let done = start + compute + rtt / 2;
+                    // Token ids in, hidden states between hops, a token out.
+                    let hidden = self.scenario.model.hidden_bytes_per_token.unwrap_or(2304);
+                    let bytes_in = tokens * if unit.layers.start == 0 { 4 } else { hidden };
+                    let bytes_out = if unit.layers.end == self.scenario.model.layers {
+                        8
+                    } else {
+                        tokens * hidden
+                    };
+                    let down = self.transfer(i, bytes_in, false);
+                    let up = self.transfer(i, bytes_out, true);
+                    let start = (self.now + rtt / 2 + down).max(n.busy_until);
+                    let done = start + compute + up + rtt / 2;
                     let epoch = n.epoch;
                     self.nodes[i as usize].busy_until = start + compute;
                     let flight = self.execute(i, &unit, lane, start, compute);
@@ -1065,6 +1159,7 @@ impl Simulation {
             corrupt_results: self.corrupt_results,
             corrupt_tokens_released: self.corrupt_released,
             rollbacks: stats.rollbacks,
+            train_rounds: self.training.as_ref().map_or(0, training::TrainRun::rounds),
         };
         self.tokens_at_last_row = self.tokens;
         if self.rows.last().is_some_and(|r| r.t_s == row.t_s) {
