@@ -78,7 +78,11 @@ pub(crate) struct Answer {
     values: Vec<f32>,
 }
 
-type Outcome = (Ticket, Task, Result<(Answer, Receipt, u64), String>);
+/// A checked answer: the answer, its receipt, its bytes and the digest of
+/// its outputs (equal for the same unit on nodes of one determinism class).
+type Checked = (Answer, Receipt, u64, Hash);
+
+type Outcome = (Ticket, Task, Result<Checked, String>);
 
 /// Drives a pipeline-parallel run (see the module docs).
 pub(crate) struct Driver {
@@ -154,11 +158,13 @@ impl Driver {
                 .map_err(|_| anyhow::anyhow!("the network stopped"))?;
             shared.push_back(params.checkpoint);
         }
+        let ledger = commons_coordinator::verify::Ledger::new(config.train.verify.config());
         let machine = PipelineTraining::new(
             config.pipeline_machine(),
             setup.snapshot,
             published.iter().map(|(p, _, _)| *p).collect(),
-        )?;
+        )?
+        .with_checks(ledger, config.train.coalition()?);
         let (results_tx, results_rx) = mpsc::channel(256);
         let driver = Self {
             dataset: setup.dataset,
@@ -194,11 +200,6 @@ impl Driver {
             "micro_batches": driver.config.train.shares,
             "stage_parameters": driver.stage_elements,
         }));
-        if driver.config.train.verify.enabled {
-            tracing::warn!(
-                "spot checks do not cover pipeline stage units: their results are taken unchecked"
-            );
-        }
         Ok(driver)
     }
 
@@ -219,11 +220,30 @@ impl Driver {
                         inputs,
                         deadline,
                         attempt,
+                        check,
                     } => {
                         self.send(
-                            ticket, node, round, task, params, &inputs, deadline, attempt,
+                            ticket, node, round, task, params, &inputs, deadline, attempt, check,
                         )
                         .await?;
+                    }
+                    Output::Excluded { round, node } => {
+                        tracing::warn!(round, %node, "a node's result was contradicted by two others: excluded from the run");
+                        self.event(serde_json::json!({
+                            "event": "excluded", "round": round, "node": node.to_string(),
+                        }));
+                    }
+                    Output::Undecided { round, task, nodes } => {
+                        tracing::warn!(
+                            round,
+                            ?task,
+                            "results disagree and no third operator's node can referee: the unit waits for one"
+                        );
+                        self.event(serde_json::json!({
+                            "event": "undecided", "round": round, "stage": task.stage,
+                            "micro": task.micro,
+                            "nodes": nodes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        }));
                     }
                     Output::Moved { stage, node, from } => {
                         let (from, reason) = match from {
@@ -275,6 +295,13 @@ impl Driver {
             "deadlines": s.deadlines,
             "reassigned": s.resent,
             "moves": s.moves,
+            "sampled": s.sampled,
+            "check_sends": s.check_sends,
+            "confirmed": s.confirmed,
+            "mismatches": s.mismatches,
+            "exclusions": s.exclusions,
+            "unverifiable": s.unverifiable,
+            "recomputed": s.recomputed,
         });
         (self.rows, self.machine.round(), stats)
     }
@@ -296,6 +323,18 @@ impl Driver {
                 "nodes": nodes.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>(),
             }));
         }
+        // Each node is its own operator: a node key is a member's key.
+        let profiles = nodes
+            .iter()
+            .map(|(node, class)| {
+                let profile = commons_coordinator::verify::Profile {
+                    operator: *node,
+                    class: class.clone(),
+                };
+                (*node, profile)
+            })
+            .collect();
+        self.machine.ledger_mut().set_profiles(profiles);
         self.machine
             .set_nodes(now(), nodes.into_iter().map(|(node, _)| node));
     }
@@ -319,6 +358,7 @@ impl Driver {
         inputs: &[Arc<Answer>],
         deadline: commons_protocol::UnixMillis,
         attempt: u32,
+        check: bool,
     ) -> anyhow::Result<()> {
         let stages = self.ranges.len() as u32;
         let (shard, batch) = self.dataset.share(&self.config, round, task.micro);
@@ -382,6 +422,7 @@ impl Driver {
             "event": "sent", "round": round, "stage": task.stage, "micro": task.micro,
             "pass": if task.pass == Pass::Forward { "forward" } else { "backward" },
             "attempt": attempt, "node": node.to_string(), "unit": id.to_string(),
+            "check": check,
         }));
         let shape = Shape {
             hidden: vec![
@@ -401,7 +442,7 @@ impl Driver {
             let outcome = match rx.await {
                 Ok(Ok(bytes)) => tokio::task::spawn_blocking(move || {
                     let n = bytes.len() as u64;
-                    open_answer(id, node, &bytes, task, &shape).map(|(a, r)| (a, r, n))
+                    open_answer(id, node, &bytes, task, &shape).map(|(a, r, d)| (a, r, n, d))
                 })
                 .await
                 .unwrap_or_else(|e| Err(e.to_string())),
@@ -413,16 +454,20 @@ impl Driver {
         Ok(())
     }
 
-    fn on_outcome(
-        &mut self,
-        ticket: Ticket,
-        task: Task,
-        outcome: Result<(Answer, Receipt, u64), String>,
-    ) {
+    fn on_outcome(&mut self, ticket: Ticket, task: Task, outcome: Result<Checked, String>) {
         match outcome {
-            Ok((answer, receipt, bytes)) => {
+            Ok((answer, receipt, bytes, digest)) => {
                 self.round_bytes_up += bytes;
-                let taken = self.machine.handle_result(now(), ticket, Arc::new(answer));
+                let mut draw = [0u8; 8];
+                // Without randomness, check: a predictable draw would let a
+                // node learn which results go unchecked.
+                let draw = match getrandom::fill(&mut draw) {
+                    Ok(()) => u64::from_le_bytes(draw),
+                    Err(_) => 0,
+                };
+                let taken =
+                    self.machine
+                        .handle_checked(now(), ticket, Arc::new(answer), digest, draw);
                 if taken != Taken::Dropped {
                     let line = serde_json::json!({
                         "unit": receipt.unit.to_string(),
@@ -443,6 +488,8 @@ impl Driver {
                         Taken::Accepted => "accepted",
                         Taken::Late => "late",
                         Taken::Dropped => "dropped",
+                        Taken::Checking => "checking",
+                        Taken::Rejected => "rejected",
                     },
                 }));
             }
@@ -613,9 +660,12 @@ fn open_answer(
     bytes: &[u8],
     task: Task,
     shape: &Shape,
-) -> Result<(Answer, Receipt), String> {
+) -> Result<(Answer, Receipt, Hash), String> {
     let (result, receipt) =
         crate::coordinate::check_response(unit, node, bytes, now()).map_err(|e| e.describe())?;
+    let digests: Vec<[u8; 32]> = result.outputs.iter().map(|t| t.digest().0).collect();
+    let parts: Vec<&[u8]> = digests.iter().map(<[u8; 32]>::as_slice).collect();
+    let digest = Hash::of_parts("commons stage outputs v1", &parts);
     let hidden = |t: &commons_protocol::Tensor, what: &str| {
         if t.shape() != shape.hidden.as_slice() || t.dtype() != commons_protocol::DType::F32 {
             return Err(format!(
@@ -650,6 +700,7 @@ fn open_answer(
                     values: Vec::new(),
                 },
                 receipt,
+                digest,
             ))
         }
         Pass::Backward => {
@@ -683,6 +734,7 @@ fn open_answer(
                     values,
                 },
                 receipt,
+                digest,
             ))
         }
     }

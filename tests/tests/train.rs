@@ -567,7 +567,10 @@ fn pipeline_stages_on_three_nodes_equal_one_process_and_survive_a_kill() {
     assert_eq!(holders.len(), 3, "{holders:?}");
     // The slow node is killed while it holds a unit of round 1.
     let sent = run.until(Duration::from_secs(60), |v| {
-        v["event"] == "sent" && v["node"] == slow.peer_id.as_str() && v["round"] == 1
+        v["event"] == "sent"
+            && v["node"] == slow.peer_id.as_str()
+            && v["round"] == 1
+            && v["check"] == false
     });
     slow.kill();
     let stage = sent["stage"].clone();
@@ -605,6 +608,81 @@ fn pipeline_stages_on_three_nodes_equal_one_process_and_survive_a_kill() {
     let csv = std::fs::read_to_string(h.join("pipeline/loss.csv")).unwrap();
     assert_eq!(csv.lines().count() as u64, rounds + 1, "{csv}");
     drop((a, b));
+}
+
+#[test]
+fn a_pipeline_stage_that_corrupts_its_outputs_is_caught_and_the_run_stays_exact() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
+    // Signs outputs it altered, every time; its id is drawn, so it may hold
+    // any stage or none.
+    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &["--train"]);
+    let boot = vec![a.addrs[0].clone()];
+    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &["--train"]);
+    let c = Node::start_with(h, &h.join("c"), &boot, Transports::Tcp, 6, &["--train"]);
+    let liar = Node::start_with(
+        h,
+        &h.join("liar"),
+        &boot,
+        Transports::Tcp,
+        6,
+        &["--train", "--fault", "corrupt:1"],
+    );
+    let all = [
+        a.addrs[0].clone(),
+        b.addrs[0].clone(),
+        c.addrs[0].clone(),
+        liar.addrs[0].clone(),
+    ];
+    let rounds = 3;
+    let config = write_config(
+        h,
+        "pipeline-checked.toml",
+        "pipeline",
+        rounds,
+        "stages = 3\n[model]\nn_layers = 3\ntie_embeddings = true\n",
+    );
+    let mut run = Run::start(h, &config, &h.join("pipeline-checked"), &all, 4);
+    let done = run.until(Duration::from_secs(120), |v| v["event"] == "done");
+    // Every node is on probation: the liar's first result is checked, and
+    // whether or not it held a stage, it is caught once it answers.
+    let liar_sent = run
+        .events("sent")
+        .into_iter()
+        .filter(|v| v["node"] == liar.peer_id.as_str())
+        .count();
+    let excluded = run.events("excluded");
+    if liar_sent > 0 {
+        assert_eq!(excluded.len(), 1, "{excluded:?}");
+        assert_eq!(excluded[0]["node"], liar.peer_id.as_str());
+    }
+    let liar_taken = run
+        .events("result")
+        .into_iter()
+        .filter(|v| v["node"] == liar.peer_id.as_str())
+        .filter(|v| v["taken"] == "accepted" || v["taken"] == "late")
+        .count();
+    assert_eq!(liar_taken, 0, "no result of the liar is used");
+    let checks = run
+        .events("sent")
+        .into_iter()
+        .filter(|v| v["check"] == true)
+        .count();
+    assert!(checks > 0, "results are checked");
+    let (_, expected) = sync_reference_of(three_layers, rounds);
+    let err = relative(&final_params(&done), &expected);
+    println!(
+        "pipeline with a corrupting node among 4: {liar_sent} units sent to it, excluded: {}, \
+         {checks} check sends; ‖Δθ‖/‖θ‖ = {err:.3e} against one process",
+        !excluded.is_empty()
+    );
+    assert!(err < 1e-5, "{err}");
+    assert!(
+        liar_sent > 0,
+        "the liar was given work (it holds a stage or checks)"
+    );
+    drop((a, b, c, liar));
 }
 
 #[test]

@@ -42,12 +42,26 @@
 //!   copies are dropped.
 //! - Every `persist_every` rounds, and after the last one,
 //!   [`Output::Persist`] gives the snapshot to keep.
+//!
+//! # Spot checks
+//!
+//! With a [`Ledger`] whose policy is on ([`PipelineTraining::with_checks`]),
+//! results reported with [`PipelineTraining::handle_checked`] are checked as
+//! data-parallel shares are: a unit is a pure function of its inputs, so a
+//! sampled unit (every one while its node is on probation) is held back and
+//! sent again to a node of another operator and the same determinism class;
+//! only a result two operators agree on is used. The loser of a
+//! disagreement (settled by a third operator's node) is excluded from the
+//! run and loses its stages, and every micro-batch of the round holding a
+//! result of it that no check confirmed is computed again from the start
+//! (results downstream of it, even confirmed ones, were computed from it).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use commons_protocol::{NodeId, UnixMillis};
+use commons_protocol::{Hash, NodeId, UnixMillis};
 
 use super::{Lost, ParamsRef, Snapshot, Ticket, TrainError};
+use crate::verify::{Ledger, Scope, VerifyConfig};
 
 /// Tunables of a pipeline-parallel run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +171,26 @@ pub enum Output<R> {
         deadline: UnixMillis,
         /// How many times this unit has been sent this round (from 1).
         attempt: u32,
+        /// A re-execution to check (or referee) another node's result.
+        check: bool,
+    },
+    /// `node` gave a result that two other operators' nodes contradicted:
+    /// it is excluded from the run and loses its stages.
+    Excluded {
+        /// The round.
+        round: u64,
+        /// The node.
+        node: NodeId,
+    },
+    /// Results for `task` disagree and no node of a third operator (of the
+    /// same determinism class) is there to referee: the unit waits for one.
+    Undecided {
+        /// The round.
+        round: u64,
+        /// The unit.
+        task: Task,
+        /// The nodes that disagree.
+        nodes: Vec<NodeId>,
     },
     /// `stage` moved to `node` (from `from`, which lost it for `reason`; none
     /// when the stage had no node).
@@ -196,8 +230,13 @@ pub enum Taken {
     Accepted,
     /// Kept, though its unit had already been sent again.
     Late,
-    /// The unit already had a result, or the ticket is of another round.
+    /// The unit already had a result, or the ticket is of another round
+    /// or of an excluded node.
     Dropped,
+    /// Held until another operator's node confirms it.
+    Checking,
+    /// Contradicted by two other operators' nodes.
+    Rejected,
 }
 
 /// Counters over the run.
@@ -219,6 +258,22 @@ pub struct PipelineStats {
     pub resent: u64,
     /// Stages that moved from one node to another.
     pub moves: u64,
+    /// Results sampled for a check.
+    pub sampled: u64,
+    /// Units sent to check or referee a result.
+    pub check_sends: u64,
+    /// Checks where every result agreed.
+    pub confirmed: u64,
+    /// Checks where a result was contradicted.
+    pub mismatches: u64,
+    /// Nodes excluded.
+    pub exclusions: u64,
+    /// Sampled results taken unchecked: no other operator's node of the
+    /// class was there.
+    pub unverifiable: u64,
+    /// Micro-batches computed again because an excluded node had a result
+    /// in them that no check confirmed.
+    pub recomputed: u64,
 }
 
 /// One completed round.
@@ -239,6 +294,23 @@ struct Flight {
     deadline: UnixMillis,
 }
 
+/// A unit's result in use.
+#[derive(Debug, Clone)]
+struct Done<R> {
+    result: R,
+    node: NodeId,
+    /// Taken without a check.
+    unchecked: bool,
+}
+
+/// A result held while its unit is checked.
+#[derive(Debug, Clone)]
+struct Candidate<R> {
+    result: R,
+    node: NodeId,
+    digest: Hash,
+}
+
 /// A pipeline-parallel training run (see the module docs).
 #[derive(Debug)]
 pub struct PipelineTraining<R> {
@@ -255,11 +327,17 @@ pub struct PipelineTraining<R> {
     holder: Vec<Option<NodeId>>,
     /// Stages taken from a node, until they have a new one.
     pending_moves: Vec<(u32, NodeId, Lost)>,
-    forward: BTreeMap<(u32, u32), R>,
-    backward: BTreeMap<(u32, u32), R>,
+    forward: BTreeMap<(u32, u32), Done<R>>,
+    backward: BTreeMap<(u32, u32), Done<R>>,
     in_flight: BTreeMap<Ticket, Flight>,
     /// Tickets of this round that were sent again (answers still taken).
-    stale: BTreeMap<Ticket, Task>,
+    stale: BTreeMap<Ticket, (Task, NodeId)>,
+    /// Units whose results are held for a check.
+    checking: BTreeMap<Task, Vec<Candidate<R>>>,
+    /// Units reported undecided (once each).
+    undecided: BTreeSet<Task>,
+    ledger: Ledger,
+    scope: Scope,
     attempts: BTreeMap<Task, u32>,
     next_ticket: u64,
     outputs: VecDeque<Output<R>>,
@@ -303,6 +381,13 @@ impl<R: Clone> PipelineTraining<R> {
             backward: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             stale: BTreeMap::new(),
+            checking: BTreeMap::new(),
+            undecided: BTreeSet::new(),
+            ledger: Ledger::new(VerifyConfig {
+                enabled: false,
+                ..VerifyConfig::default()
+            }),
+            scope: None,
             attempts: BTreeMap::new(),
             next_ticket: 0,
             outputs: VecDeque::new(),
@@ -318,6 +403,27 @@ impl<R: Clone> PipelineTraining<R> {
             });
         }
         Ok(run)
+    }
+
+    /// Spot-checks results reported with
+    /// [`PipelineTraining::handle_checked`] by `ledger`'s policy (see the
+    /// module docs); a node the ledger excludes from `scope` gets no work.
+    #[must_use]
+    pub fn with_checks(mut self, ledger: Ledger, scope: Scope) -> Self {
+        self.ledger = ledger;
+        self.scope = scope;
+        self
+    }
+
+    /// The verification ledger.
+    #[must_use]
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The verification ledger, to update nodes' profiles.
+    pub fn ledger_mut(&mut self) -> &mut Ledger {
+        &mut self.ledger
     }
 
     /// The configuration.
@@ -379,36 +485,111 @@ impl<R: Clone> PipelineTraining<R> {
         self.pump(now);
     }
 
-    /// A unit's result. Returns what became of it.
+    /// A unit's result, never spot-checked. Returns what became of it.
     pub fn handle_result(&mut self, now: UnixMillis, ticket: Ticket, result: R) -> Taken {
-        let (task, late) = if let Some(flight) = self.in_flight.remove(&ticket) {
-            (flight.task, false)
-        } else if let Some(task) = self.stale.remove(&ticket) {
-            (task, true)
+        self.take(now, ticket, result, None)
+    }
+
+    /// A unit's result, committed to by `digest` (bit-identical for the same
+    /// unit on nodes of one determinism class), with a uniform 64-bit `draw`
+    /// that decides whether it is checked.
+    pub fn handle_checked(
+        &mut self,
+        now: UnixMillis,
+        ticket: Ticket,
+        result: R,
+        digest: Hash,
+        draw: u64,
+    ) -> Taken {
+        self.take(now, ticket, result, Some((digest, draw)))
+    }
+
+    fn take(
+        &mut self,
+        now: UnixMillis,
+        ticket: Ticket,
+        result: R,
+        checked: Option<(Hash, u64)>,
+    ) -> Taken {
+        let (task, node, late) = if let Some(flight) = self.in_flight.remove(&ticket) {
+            (flight.task, flight.node, false)
+        } else if let Some((task, node)) = self.stale.remove(&ticket) {
+            (task, node, true)
         } else {
             self.stats.dropped += 1;
             return Taken::Dropped;
         };
+        if self.is_done(task) || self.ledger.is_excluded(&node, self.scope) {
+            self.stats.dropped += 1;
+            return Taken::Dropped;
+        }
+        let Some((digest, draw)) = checked else {
+            return self.accept(now, task, result, node, late, true);
+        };
+        let candidate = Candidate {
+            result,
+            node,
+            digest,
+        };
+        if let Some(held) = self.checking.get_mut(&task) {
+            held.push(candidate);
+            return self.settle(now, task, node);
+        }
+        if !self.ledger.sample(&node, draw) {
+            return self.accept(now, task, candidate.result, node, late, true);
+        }
+        self.stats.sampled += 1;
+        self.ledger.stats.sampled += 1;
+        // Other copies would only repeat it: the check goes to another operator.
+        self.drop_copies(task);
+        self.checking.insert(task, vec![candidate]);
+        self.pump(now);
+        if self.is_done(task) {
+            // No other operator's node: taken unverifiable.
+            if late { Taken::Late } else { Taken::Accepted }
+        } else {
+            Taken::Checking
+        }
+    }
+
+    fn is_done(&self, task: Task) -> bool {
+        let key = (task.stage, task.micro);
+        match task.pass {
+            Pass::Forward => self.forward.contains_key(&key),
+            Pass::Backward => self.backward.contains_key(&key),
+        }
+    }
+
+    /// Tickets in flight for `task` are no longer wanted.
+    fn drop_copies(&mut self, task: Task) {
+        self.in_flight.retain(|_, f| f.task != task);
+        self.stale.retain(|_, (t, _)| *t != task);
+    }
+
+    /// Uses `result` of `node` for `task`, and moves the round on.
+    fn accept(
+        &mut self,
+        now: UnixMillis,
+        task: Task,
+        result: R,
+        node: NodeId,
+        late: bool,
+        unchecked: bool,
+    ) -> Taken {
         let key = (task.stage, task.micro);
         let slot = match task.pass {
             Pass::Forward => &mut self.forward,
             Pass::Backward => &mut self.backward,
         };
-        if slot.contains_key(&key) {
-            self.stats.dropped += 1;
-            return Taken::Dropped;
-        }
-        slot.insert(key, result);
-        // Copies of the unit still in flight are no longer needed.
-        let copies: Vec<Ticket> = self
-            .in_flight
-            .iter()
-            .filter(|(_, f)| f.task == task)
-            .map(|(t, _)| *t)
-            .collect();
-        for t in copies {
-            self.in_flight.remove(&t);
-        }
+        slot.insert(
+            key,
+            Done {
+                result,
+                node,
+                unchecked,
+            },
+        );
+        self.drop_copies(task);
         self.stats.accepted += 1;
         if late {
             self.stats.late += 1;
@@ -416,6 +597,102 @@ impl<R: Clone> PipelineTraining<R> {
         self.complete_round();
         self.pump(now);
         if late { Taken::Late } else { Taken::Accepted }
+    }
+
+    /// `task` is under check and just got a result from `node`: uses the
+    /// result two operators agree on, excluding whoever contradicts it, or
+    /// waits for one more execution.
+    fn settle(&mut self, now: UnixMillis, task: Task, node: NodeId) -> Taken {
+        let held = self.checking.get(&task).map_or(&[][..], Vec::as_slice);
+        let agreed = held.iter().find_map(|c| {
+            let operators: BTreeSet<NodeId> = held
+                .iter()
+                .filter(|o| o.digest == c.digest)
+                .map(|o| self.ledger.operator(&o.node))
+                .collect();
+            (operators.len() >= 2).then_some(c.digest)
+        });
+        let Some(digest) = agreed else {
+            self.pump(now);
+            return Taken::Checking;
+        };
+        let held = self.checking.remove(&task).unwrap_or_default();
+        self.undecided.remove(&task);
+        let mut winner = None;
+        let mut losers = Vec::new();
+        let mut taken = Taken::Rejected;
+        for c in held {
+            if c.digest == digest {
+                self.ledger.valid(c.node);
+                if c.node == node {
+                    taken = Taken::Accepted;
+                }
+                if winner.is_none() {
+                    winner = Some(c);
+                }
+            } else {
+                losers.push(c.node);
+            }
+        }
+        self.ledger.stats.compared += 1;
+        if losers.is_empty() {
+            self.stats.confirmed += 1;
+        } else {
+            self.stats.mismatches += 1;
+            self.ledger.stats.mismatches += 1;
+            self.ledger.stats.decided += 1;
+        }
+        let micro = task.micro;
+        let mut wiped = false;
+        for loser in losers {
+            wiped |= self.exclude(loser).contains(&micro);
+        }
+        match winner {
+            // A confirmed result computed from a liar's input is no better.
+            Some(c) if !wiped => {
+                self.accept(now, task, c.result, c.node, false, false);
+            }
+            _ => self.pump(now),
+        }
+        taken
+    }
+
+    /// `node` lost a check: excluded from the run, its stages and units
+    /// taken away, and every micro-batch holding a result of it that no
+    /// check confirmed computed again. Returns those micro-batches.
+    fn exclude(&mut self, node: NodeId) -> BTreeSet<u32> {
+        self.ledger.invalid(node);
+        if !self.ledger.is_excluded(&node, self.scope) {
+            self.ledger.exclude(node, self.scope);
+            self.stats.exclusions += 1;
+            self.outputs.push_back(Output::Excluded {
+                round: self.round,
+                node,
+            });
+        }
+        let micros: BTreeSet<u32> = self
+            .forward
+            .iter()
+            .chain(&self.backward)
+            .filter(|(_, d)| d.node == node && d.unchecked)
+            .map(|((_, m), _)| *m)
+            .collect();
+        for &m in &micros {
+            self.forward.retain(|(_, k), _| *k != m);
+            self.backward.retain(|(_, k), _| *k != m);
+            self.checking.retain(|t, _| t.micro != m);
+            self.in_flight.retain(|_, f| f.task.micro != m);
+            self.stale.retain(|_, (t, _)| t.micro != m);
+            self.stats.recomputed += 1;
+        }
+        for held in self.checking.values_mut() {
+            held.retain(|c| c.node != node);
+        }
+        self.checking.retain(|_, held| !held.is_empty());
+        self.in_flight.retain(|_, f| f.node != node);
+        self.stale.retain(|_, (_, n)| *n != node);
+        self.lose(node, &Lost::Failed("excluded after a check".into()));
+        micros
     }
 
     /// A unit failed (unreachable node, refusal, invalid answer): its node
@@ -476,6 +753,8 @@ impl<R: Clone> PipelineTraining<R> {
         self.forward.clear();
         self.backward.clear();
         self.stale.clear();
+        self.checking.clear();
+        self.undecided.clear();
         self.attempts.clear();
         let last = self.round >= self.config.rounds;
         if last || self.round.is_multiple_of(self.config.persist_every) {
@@ -527,7 +806,7 @@ impl<R: Clone> PipelineTraining<R> {
             .collect();
         for t in tickets {
             if let Some(f) = self.in_flight.remove(&t) {
-                self.stale.insert(t, f.task);
+                self.stale.insert(t, (f.task, f.node));
                 self.stats.resent += 1;
                 self.round_resent += 1;
             }
@@ -581,7 +860,7 @@ impl<R: Clone> PipelineTraining<R> {
         }
         ready.sort();
         for task in ready {
-            if flying.contains(&task) {
+            if flying.contains(&task) || self.checking.contains_key(&task) {
                 continue;
             }
             let Some(node) = self.holder[task.stage as usize] else {
@@ -592,38 +871,115 @@ impl<R: Clone> PipelineTraining<R> {
                 continue;
             }
             *load += 1;
-            let mut inputs = Vec::new();
-            if task.stage > 0 {
-                inputs.push(self.forward[&(task.stage - 1, task.micro)].clone());
-            }
-            if task.pass == Pass::Backward && task.stage + 1 < stages {
-                inputs.push(self.backward[&(task.stage + 1, task.micro)].clone());
-            }
-            let ticket = Ticket(self.next_ticket);
-            self.next_ticket += 1;
-            let attempt = self.attempts.entry(task).or_default();
-            *attempt += 1;
-            let deadline = now.plus_millis(self.config.unit_timeout_ms);
-            self.in_flight.insert(
-                ticket,
-                Flight {
-                    task,
-                    node,
-                    deadline,
-                },
-            );
-            self.stats.sent += 1;
-            self.round_sends += 1;
-            self.outputs.push_back(Output::Send {
-                ticket,
-                node,
-                round: self.round,
+            self.send(now, task, node, false);
+        }
+        self.dispatch_checks(now, &mut busy);
+    }
+
+    /// The results `task` starts from, in the order [`Output::Send`] gives.
+    fn inputs(&self, task: Task) -> Vec<R> {
+        let mut inputs = Vec::new();
+        if task.stage > 0 {
+            inputs.push(self.forward[&(task.stage - 1, task.micro)].result.clone());
+        }
+        if task.pass == Pass::Backward && task.stage + 1 < self.config.stages {
+            inputs.push(self.backward[&(task.stage + 1, task.micro)].result.clone());
+        }
+        inputs
+    }
+
+    fn send(&mut self, now: UnixMillis, task: Task, node: NodeId, check: bool) {
+        let inputs = self.inputs(task);
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        let attempt = self.attempts.entry(task).or_default();
+        *attempt += 1;
+        let attempt = *attempt;
+        let deadline = now.plus_millis(self.config.unit_timeout_ms);
+        self.in_flight.insert(
+            ticket,
+            Flight {
                 task,
-                params: self.stage_params[task.stage as usize],
-                inputs,
+                node,
                 deadline,
-                attempt: *attempt,
-            });
+            },
+        );
+        self.stats.sent += 1;
+        self.round_sends += 1;
+        if check {
+            self.stats.check_sends += 1;
+            self.ledger.stats.check_units += 1;
+        }
+        self.outputs.push_back(Output::Send {
+            ticket,
+            node,
+            round: self.round,
+            task,
+            params: self.stage_params[task.stage as usize],
+            inputs,
+            deadline,
+            attempt,
+            check,
+        });
+    }
+
+    /// Sends every held unit with no copy in flight to a node of another
+    /// operator (and the first result's class); takes a lone result
+    /// unverifiable when no such node exists, and reports a disagreement
+    /// with no referee once.
+    fn dispatch_checks(&mut self, now: UnixMillis, busy: &mut BTreeMap<NodeId, u32>) {
+        let waiting: Vec<Task> = self
+            .checking
+            .keys()
+            .filter(|t| !self.in_flight.values().any(|f| f.task == **t))
+            .copied()
+            .collect();
+        for task in waiting {
+            let Some(held) = self.checking.get(&task) else {
+                continue;
+            };
+            let operators: BTreeSet<NodeId> =
+                held.iter().map(|c| self.ledger.operator(&c.node)).collect();
+            let first = held[0].node;
+            let eligible: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|n| {
+                    !self.benched.contains_key(n)
+                        && !self.ledger.is_excluded(n, self.scope)
+                        && !operators.contains(&self.ledger.operator(n))
+                        && self.ledger.same_class(&first, n)
+                })
+                .copied()
+                .collect();
+            let free = eligible
+                .iter()
+                .filter(|n| busy.get(n).copied().unwrap_or(0) < self.config.max_in_flight_per_node)
+                .min_by_key(|n| (busy.get(n).copied().unwrap_or(0), **n))
+                .copied();
+            if let Some(node) = free {
+                *busy.entry(node).or_default() += 1;
+                self.send(now, task, node, true);
+            } else if eligible.is_empty() {
+                if held.len() == 1 {
+                    let Some(mut held) = self.checking.remove(&task) else {
+                        continue;
+                    };
+                    let c = held.remove(0);
+                    self.stats.unverifiable += 1;
+                    self.ledger.stats.unverifiable += 1;
+                    self.accept(now, task, c.result, c.node, false, true);
+                    return;
+                }
+                if self.undecided.insert(task) {
+                    self.ledger.stats.undecided += 1;
+                    self.outputs.push_back(Output::Undecided {
+                        round: self.round,
+                        task,
+                        nodes: held.iter().map(|c| c.node).collect(),
+                    });
+                }
+            }
         }
     }
 
@@ -638,7 +994,9 @@ impl<R: Clone> PipelineTraining<R> {
             let Some(node) = self
                 .nodes
                 .iter()
-                .filter(|n| !self.benched.contains_key(n))
+                .filter(|n| {
+                    !self.benched.contains_key(n) && !self.ledger.is_excluded(n, self.scope)
+                })
                 .min_by_key(|n| (held(n), **n))
                 .copied()
             else {
@@ -670,12 +1028,12 @@ impl<R: Clone> PipelineTraining<R> {
         }
         self.aggregating = true;
         for (t, f) in std::mem::take(&mut self.in_flight) {
-            self.stale.insert(t, f.task);
+            self.stale.insert(t, (f.task, f.node));
         }
         let results = (0..stages)
             .map(|s| {
                 (0..micros)
-                    .map(|m| self.backward[&(s, m)].clone())
+                    .map(|m| self.backward[&(s, m)].result.clone())
                     .collect()
             })
             .collect();
@@ -1001,6 +1359,134 @@ mod tests {
         drain(&mut t, &mut queue, UnixMillis(1), &mut log);
         assert!(log.iter().any(|o| matches!(o, Output::Moved { node: n, from: Some((_, Lost::Left)), .. } if *n == node(2))));
         assert_eq!(t.holders(), &[Some(node(2)); 2]);
+    }
+
+    /// The aggregates, the run and its outputs.
+    type Checked = (Vec<Vec<Vec<u64>>>, PipelineTraining<u64>, Vec<Output<u64>>);
+
+    /// Runs rounds of 3 stages × 2 micro-batches over nodes 1 to 4, every
+    /// result reported checked; `lies(round, node)` says whether a node's
+    /// results are wrong, and `draw(round, node, n)` gives the draw of its
+    /// `n`-th result of the round. Returns the aggregates and the run.
+    fn checked_run(
+        rounds: u64,
+        config: VerifyConfig,
+        lies: impl Fn(u64, NodeId) -> bool,
+        draw: impl Fn(u64, NodeId, u32) -> u64,
+    ) -> Checked {
+        let class = commons_protocol::messages::DeterminismClass {
+            kernel: "cpu".into(),
+            build: "test".into(),
+        };
+        let nodes: Vec<NodeId> = (1..=4).map(node).collect();
+        let mut ledger = Ledger::new(config);
+        ledger.set_profiles(
+            nodes
+                .iter()
+                .map(|n| {
+                    (
+                        *n,
+                        crate::verify::Profile {
+                            operator: *n,
+                            class: class.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        );
+        let mut t = fresh(3, 2, rounds).with_checks(ledger, None);
+        let mut queue = VecDeque::new();
+        let mut log = Vec::new();
+        t.set_nodes(UnixMillis(0), nodes);
+        let mut aggregates = drain(&mut t, &mut queue, UnixMillis(0), &mut log);
+        let mut count: BTreeMap<(u64, NodeId), u32> = BTreeMap::new();
+        let mut steps = 0;
+        while let Some(s) = queue.pop_front() {
+            steps += 1;
+            assert!(steps < 10_000, "the run does not end");
+            let honest = execute(3, s.round, s.task, &s.inputs);
+            let value = if lies(s.round, s.node) {
+                honest ^ 1
+            } else {
+                honest
+            };
+            let n = count.entry((s.round, s.node)).or_default();
+            *n += 1;
+            let digest = Hash::of_parts("test", &[&value.to_le_bytes()]);
+            t.handle_checked(
+                UnixMillis(steps),
+                s.ticket,
+                value,
+                digest,
+                draw(s.round, s.node, *n),
+            );
+            aggregates.extend(drain(&mut t, &mut queue, UnixMillis(steps), &mut log));
+        }
+        (aggregates, t, log)
+    }
+
+    #[test]
+    fn a_liar_on_probation_is_caught_and_never_used() {
+        let liar = node(2);
+        let (aggregates, t, log) = checked_run(
+            2,
+            VerifyConfig::default(),
+            |_, n| n == liar,
+            |_, _, _| u64::MAX,
+        );
+        assert_eq!(aggregates, vec![expected(3, 2, 0), expected(3, 2, 1)]);
+        let excluded: Vec<&Output<u64>> = log
+            .iter()
+            .filter(|o| matches!(o, Output::Excluded { .. }))
+            .collect();
+        assert_eq!(excluded.len(), 1, "{excluded:?}");
+        assert!(matches!(excluded[0], Output::Excluded { node: n, round: 0 } if *n == liar));
+        assert!(!t.holders().contains(&Some(liar)));
+        let stats = t.stats();
+        assert!(stats.check_sends > 0 && stats.confirmed > 0 && stats.mismatches >= 1);
+        assert_eq!(stats.exclusions, 1);
+        assert!(t.ledger().is_excluded(&liar, None));
+    }
+
+    #[test]
+    fn an_unchecked_lie_caught_later_recomputes_its_micro_batches() {
+        // Off probation at once (p = 1 / streak), so the draws decide: the
+        // liar's first lies in round 1 go unchecked, its fourth is checked.
+        let liar = node(1);
+        let config = VerifyConfig {
+            probation: 0,
+            p_min: 0.0,
+            ..VerifyConfig::default()
+        };
+        let (aggregates, t, log) = checked_run(
+            2,
+            config,
+            |round, n| round == 1 && n == liar,
+            |round, n, k| {
+                if round == 1 && n == liar && k >= 4 {
+                    0
+                } else {
+                    u64::MAX
+                }
+            },
+        );
+        assert_eq!(aggregates, vec![expected(3, 2, 0), expected(3, 2, 1)]);
+        assert!(
+            log.iter()
+                .any(|o| matches!(o, Output::Excluded { node: n, round: 1 } if *n == liar))
+        );
+        assert!(t.stats().recomputed >= 1, "{:?}", t.stats());
+        // Without the recomputation the lies would have reached the aggregate.
+        let (unchecked, _, _) = checked_run(
+            2,
+            VerifyConfig {
+                enabled: false,
+                ..VerifyConfig::default()
+            },
+            |round, n| round == 1 && n == liar,
+            |_, _, _| u64::MAX,
+        );
+        assert_ne!(unchecked[1], expected(3, 2, 1));
     }
 
     #[test]
