@@ -185,21 +185,66 @@ fn place(plan: &mut Plan, model: &ModelShape, node: &NodeCapacity) {
 
 /// For a replica: the span length (up to `max_len`) that leaves the highest
 /// bottleneck when placed on the weakest window of that length; among equals
-/// the longest, which adds the most capacity for later.
+/// the longest, which adds the most capacity for later. The bottleneck after
+/// a placement is the least of the layers before the window, after it (from
+/// prefix and suffix minima) and inside it with the span's share added: the
+/// same values as adding and scanning, in linear time per length.
 fn best_replica_len(plan: &Plan, node: &NodeCapacity, max_len: usize) -> usize {
+    let t = &plan.layer_throughput;
+    let n = t.len();
+    // prefix[i]: least of t[..i]; suffix[i]: least of t[i..].
+    let mut prefix = vec![f64::INFINITY; n + 1];
+    let mut suffix = vec![f64::INFINITY; n + 1];
+    for i in 0..n {
+        prefix[i + 1] = prefix[i].min(t[i]);
+        suffix[n - 1 - i] = suffix[n - i].min(t[n - 1 - i]);
+    }
+    let starts = weakest_windows(t, max_len);
     let mut best = (f64::NEG_INFINITY, max_len);
     for len in (1..=max_len).rev() {
-        let start = weakest_window(&plan.layer_throughput, len);
-        let mut t = plan.layer_throughput.clone();
-        for x in &mut t[start..start + len] {
-            *x += node.layer_throughput / len as f64;
-        }
-        let bottleneck = t.iter().copied().fold(f64::INFINITY, f64::min);
+        let start = starts[len - 1];
+        let add = node.layer_throughput / len as f64;
+        let inside = t[start..start + len]
+            .iter()
+            .map(|x| *x + add)
+            .fold(f64::INFINITY, f64::min);
+        let bottleneck = prefix[start].min(suffix[start + len]).min(inside);
         if bottleneck > best.0 + 1e-12 {
             best = (bottleneck, len);
         }
     }
     best.1
+}
+
+/// [`weakest_window`] for every length from 1 to `max_len` at once (entry
+/// `len - 1`): the weakest layer of each window grows by one layer per
+/// length instead of being scanned again, and each length's total is the
+/// same running sum, so the starts are exactly [`weakest_window`]'s.
+fn weakest_windows(layer_throughput: &[f64], max_len: usize) -> Vec<usize> {
+    let n = layer_throughput.len();
+    // mins[s]: the least throughput of the window of the current length at s.
+    let mut mins: Vec<f64> = layer_throughput.to_vec();
+    let mut starts = Vec::with_capacity(max_len);
+    for len in 1..=max_len.min(n) {
+        if len > 1 {
+            for s in 0..=n - len {
+                mins[s] = mins[s].min(layer_throughput[s + len - 1]);
+            }
+        }
+        let mut best = (f64::INFINITY, 0);
+        let mut sum: f64 = layer_throughput[..len].iter().sum();
+        for start in 0..=n - len {
+            if start > 0 {
+                sum += layer_throughput[start + len - 1] - layer_throughput[start - 1];
+            }
+            let key = mins[start] * 1e9 + sum;
+            if key < best.0 {
+                best = (key, start);
+            }
+        }
+        starts.push(best.1);
+    }
+    starts
 }
 
 /// Adjusts `current` to the nodes now present: drops departed nodes and places
@@ -370,4 +415,56 @@ pub fn should_move(
         throughput: me.layer_throughput / f64::from(span.len().max(1)),
     });
     (gaps(&current(model, &after)) < gaps(&now)).then_some(span)
+}
+
+#[cfg(test)]
+mod fast_paths {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The plain definition the fast path must equal.
+    fn best_replica_len_plain(plan: &Plan, node: &NodeCapacity, max_len: usize) -> usize {
+        let mut best = (f64::NEG_INFINITY, max_len);
+        for len in (1..=max_len).rev() {
+            let start = weakest_window(&plan.layer_throughput, len);
+            let mut t = plan.layer_throughput.clone();
+            for x in &mut t[start..start + len] {
+                *x += node.layer_throughput / len as f64;
+            }
+            let bottleneck = t.iter().copied().fold(f64::INFINITY, f64::min);
+            if bottleneck > best.0 + 1e-12 {
+                best = (bottleneck, len);
+            }
+        }
+        best.1
+    }
+
+    proptest! {
+        #[test]
+        fn the_replica_length_equals_its_plain_definition(
+            // Few distinct values, so ties and equal minima are common.
+            t in proptest::collection::vec((0u32..6).prop_map(|v| f64::from(v) * 1.5), 1..40),
+            len in 1usize..40,
+            throughput in 0.1f64..50.0,
+        ) {
+            let len = len.min(t.len());
+            let starts = weakest_windows(&t, len);
+            for (k, start) in starts.iter().enumerate() {
+                prop_assert_eq!(*start, weakest_window(&t, k + 1));
+            }
+            let plan = Plan {
+                assignments: Vec::new(),
+                layer_throughput: t.clone(),
+            };
+            let node = NodeCapacity {
+                node: commons_protocol::NodeId([1; 32]),
+                layer_throughput: throughput,
+                memory_bytes: 1,
+            };
+            prop_assert_eq!(
+                best_replica_len(&plan, &node, len),
+                best_replica_len_plain(&plan, &node, len)
+            );
+        }
+    }
 }

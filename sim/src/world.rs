@@ -290,6 +290,9 @@ pub struct Simulation {
     traced: bool,
     /// Training rounds, when the scenario has them.
     training: Option<training::TrainRun>,
+    /// Nodes online, and online with a span, kept as they change.
+    online_count: u32,
+    serving_count: u32,
 }
 
 impl std::fmt::Debug for Simulation {
@@ -392,6 +395,8 @@ impl Simulation {
             adversaries: BTreeMap::new(),
             traced: false,
             training: scenario.training.clone().and_then(training::TrainRun::new),
+            online_count: 0,
+            serving_count: 0,
             scenario,
         };
         for _ in 0..sim.scenario.population.initial {
@@ -629,8 +634,21 @@ impl Simulation {
                 *x += t;
             }
         }
+        let was = n.online && n.span.is_some();
         self.nodes[i as usize].span = span;
+        self.count_serving(i, was);
         self.offers_dirty = true;
+    }
+
+    /// Keeps `serving_count` right after node `i` changed, given whether it
+    /// served before.
+    fn count_serving(&mut self, i: u32, was: bool) {
+        let n = &self.nodes[i as usize];
+        match (was, n.online && n.span.is_some()) {
+            (false, true) => self.serving_count += 1,
+            (true, false) => self.serving_count -= 1,
+            _ => {}
+        }
     }
 
     fn refresh_offers(&mut self) {
@@ -788,10 +806,15 @@ impl Simulation {
         if let Some(t) = &mut self.training {
             t.nodes_dirty = true;
         }
+        let was = self.nodes[i as usize].online && self.nodes[i as usize].span.is_some();
+        if !self.nodes[i as usize].online {
+            self.online_count += 1;
+        }
         let n = &mut self.nodes[i as usize];
         n.online = true;
         n.joined_at = self.now;
         n.busy_until = self.now;
+        self.count_serving(i, was);
         self.set_span(i, span);
         if !self.traced {
             let session = secs(self.scenario.churn.session.sample(&mut self.rng.churn)).max(1);
@@ -873,6 +896,10 @@ impl Simulation {
         if let Some(t) = &mut self.training {
             t.nodes_dirty = true;
         }
+        let was = self.nodes[i as usize].online && self.nodes[i as usize].span.is_some();
+        if self.nodes[i as usize].online {
+            self.online_count -= 1;
+        }
         let n = &mut self.nodes[i as usize];
         self.sessions_s.push((
             n.joined_at as f64 / SECOND as f64,
@@ -880,6 +907,7 @@ impl Simulation {
         ));
         n.online = false;
         n.epoch += 1;
+        self.count_serving(i, was);
         self.set_span(i, None);
         // Units in flight there are lost; an announced leave fails them now,
         // a crash only at their deadline.
@@ -1121,12 +1149,18 @@ impl Simulation {
     }
 
     fn sample(&mut self) {
-        let online = self.nodes.iter().filter(|n| n.online).count() as u32;
-        let serving = self
-            .nodes
-            .iter()
-            .filter(|n| n.online && n.span.is_some())
-            .count() as u32;
+        let (online, serving) = (self.online_count, self.serving_count);
+        debug_assert_eq!(
+            online,
+            self.nodes.iter().filter(|n| n.online).count() as u32
+        );
+        debug_assert_eq!(
+            serving,
+            self.nodes
+                .iter()
+                .filter(|n| n.online && n.span.is_some())
+                .count() as u32
+        );
         let layers = self.plan.layer_throughput.len().max(1);
         let covered = self
             .plan
