@@ -345,6 +345,20 @@ pub enum Taken {
     Rejected,
 }
 
+impl Taken {
+    /// Its name in reports and events.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Late => "late",
+            Self::Dropped => "dropped",
+            Self::Checking => "checking",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
 /// A completed round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundRecord {

@@ -32,7 +32,7 @@ use commons_protocol::messages::{
 };
 use commons_protocol::replay::ReplayGuard;
 use commons_protocol::{
-    BoundedVec, CoalitionId, Identity, JobId, ModelId, NodeId, Nonce, UnitId, UnixMillis,
+    BoundedVec, CoalitionId, Identity, JobId, ModelId, NodeId, UnitId, UnixMillis,
 };
 
 use crate::audit::{AuditEntry, Lane};
@@ -130,8 +130,7 @@ pub struct Coordinating<C> {
     meta: HashMap<JobId, JobMeta>,
     watchers: Vec<Watcher<C>>,
     replay: ReplayGuard,
-    nonce_counter: u64,
-    nonce_seed: [u8; 8],
+    nonces: crate::identity::Nonces,
     coalitions: Coalitions,
     quotas: Option<Quotas<NodeId>>,
     refusals: BTreeMap<String, u64>,
@@ -193,8 +192,7 @@ impl<C> Coordinating<C> {
             meta: HashMap::new(),
             watchers: Vec::new(),
             replay: ReplayGuard::new(10 * 60_000, 1 << 18),
-            nonce_counter: 0,
-            nonce_seed: seed.to_le_bytes(),
+            nonces: crate::identity::Nonces::new(seed.to_le_bytes()),
             coalitions: Coalitions::open(),
             quotas: None,
             refusals: BTreeMap::new(),
@@ -634,14 +632,6 @@ impl<C> Coordinating<C> {
         Ok(())
     }
 
-    fn next_nonce(&mut self) -> Nonce {
-        self.nonce_counter += 1;
-        let mut n = [0u8; 16];
-        n[..8].copy_from_slice(&self.nonce_seed);
-        n[8..].copy_from_slice(&self.nonce_counter.to_le_bytes());
-        Nonce(n)
-    }
-
     /// Drains the scheduler: units to send, tokens to sample, watchers to answer.
     pub fn drain(&mut self, now: UnixMillis) -> (Vec<Outgoing>, Vec<(C, Vec<u8>)>) {
         let sends = self.drain_sends(now);
@@ -668,7 +658,7 @@ impl<C> Coordinating<C> {
                     let (step, layers) = (unit.step, unit.layers);
                     let unit = WorkUnit {
                         issuer: self.identity.node_id(),
-                        nonce: self.next_nonce(),
+                        nonce: self.nonces.take(),
                         issued_at: now,
                         expires_at: deadline,
                         body: WorkBody::Inference(unit),

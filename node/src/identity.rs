@@ -245,3 +245,39 @@ mod tests {
         ));
     }
 }
+
+/// Nonces for what this process signs: a random 8-byte prefix chosen once,
+/// then a counter, so that no two of its messages share one (the replay key
+/// is the signer and the nonce).
+#[derive(Debug, Clone)]
+pub struct Nonces {
+    seed: [u8; 8],
+    counter: u64,
+}
+
+impl Nonces {
+    /// Nonces under `seed`.
+    #[must_use]
+    pub fn new(seed: [u8; 8]) -> Self {
+        Self { seed, counter: 0 }
+    }
+
+    /// Nonces under a random seed.
+    ///
+    /// # Errors
+    /// When the system has no randomness.
+    pub fn random() -> Result<Self, getrandom::Error> {
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed)?;
+        Ok(Self::new(seed))
+    }
+
+    /// The next nonce.
+    pub fn take(&mut self) -> commons_protocol::Nonce {
+        self.counter += 1;
+        let mut n = [0u8; 16];
+        n[..8].copy_from_slice(&self.seed);
+        n[8..].copy_from_slice(&self.counter.to_le_bytes());
+        commons_protocol::Nonce(n)
+    }
+}

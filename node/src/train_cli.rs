@@ -58,7 +58,7 @@ use commons_protocol::messages::{
     AdamWParams, DataShardRef, GradientEncoding, GradientMode, GradientUnit, ParamsRef, Receipt,
     WorkBody, WorkUnit,
 };
-use commons_protocol::{CoalitionId, Hash, Identity, JobId, ModelId, NodeId, Nonce, UnixMillis};
+use commons_protocol::{CoalitionId, Hash, Identity, JobId, ModelId, NodeId, UnixMillis};
 use commons_train::data::token_bytes;
 use commons_train::{AdamW, CharTokenizer, Checkpoint, Model, OuterNesterov, Params};
 use libp2p::Multiaddr;
@@ -158,11 +158,7 @@ impl Learner {
             .map(|v| params.unflatten(v))
             .collect::<Result<Vec<_>, _>>()?;
         let averaged = commons_train::grad::average(&lists)?;
-        match &mut self.optimizer {
-            Optimizer::AdamW(o) => o.step(params, &averaged)?,
-            Optimizer::Outer(o) => o.step(params, &averaged)?,
-        }
-        Ok(())
+        self.step_tensors(&averaged)
     }
 
     /// Takes the optimiser step with gradients in the model's canonical
@@ -342,6 +338,84 @@ impl State {
     }
 }
 
+/// Writes the optimiser's state, `state.json` (snapshot `snapshot` with the
+/// loss curve so far) and the curve's files in `out`; returns the state.
+pub(crate) fn save_snapshot(
+    learner: &Learner,
+    run: JobId,
+    snapshot: Snapshot,
+    rows: &[Row],
+    out: &Path,
+) -> anyhow::Result<State> {
+    let optimizer = learner.save_optimizer()?;
+    let state = State {
+        run: run.to_string(),
+        round: snapshot.round,
+        params_root: snapshot.params.root.to_string(),
+        checkpoint: snapshot.params.checkpoint.to_string(),
+        optimizer: optimizer.to_string(),
+        rows: rows.to_vec(),
+    };
+    state.save(out)?;
+    write_curve(out, rows, run)?;
+    Ok(state)
+}
+
+/// Each training node as its own operator (a node key is a member's key),
+/// with its determinism class: the verification ledger's profiles.
+pub(crate) fn profiles(
+    nodes: &[(NodeId, DeterminismClass)],
+) -> std::collections::BTreeMap<NodeId, commons_coordinator::verify::Profile> {
+    nodes
+        .iter()
+        .map(|(node, class)| {
+            let profile = commons_coordinator::verify::Profile {
+                operator: *node,
+                class: class.clone(),
+            };
+            (*node, profile)
+        })
+        .collect()
+}
+
+/// A uniform draw that decides whether a result is checked. Without
+/// randomness, 0 (check): a predictable draw would let a node learn which
+/// results go unchecked.
+pub(crate) fn check_draw() -> u64 {
+    let mut draw = [0u8; 8];
+    match getrandom::fill(&mut draw) {
+        Ok(()) => u64::from_le_bytes(draw),
+        Err(_) => 0,
+    }
+}
+
+/// Appends a taken result's signed receipt to `receipts.jsonl`.
+pub(crate) fn append_receipt(file: &mut std::fs::File, receipt: &Receipt) {
+    let line = serde_json::json!({
+        "unit": receipt.unit.to_string(),
+        "executor": receipt.executor.to_string(),
+        "commitment": receipt.commitment.to_string(),
+        "compute_micros": receipt.metrics.compute_micros,
+        "tokens": receipt.metrics.tokens,
+        "signature": hex::encode(receipt.signature.0),
+    });
+    if let Err(e) = writeln!(file, "{line}") {
+        tracing::warn!(%e, "cannot append to receipts.jsonl");
+    }
+}
+
+/// blake3, under `domain`, over the digests of a result's `outputs` alone
+/// (the receipt's commitment also binds the unit, whose nonce differs
+/// between copies): equal for the same unit on nodes of one class.
+pub(crate) fn outputs_digest<'a>(
+    domain: &str,
+    outputs: impl IntoIterator<Item = &'a commons_protocol::Tensor>,
+) -> Hash {
+    let digests: Vec<[u8; 32]> = outputs.into_iter().map(|t| t.digest().0).collect();
+    let parts: Vec<&[u8]> = digests.iter().map(<[u8; 32]>::as_slice).collect();
+    Hash::of_parts(domain, &parts)
+}
+
 /// A share's checked result.
 #[derive(Debug)]
 struct ShareOutcome {
@@ -376,8 +450,7 @@ struct Driver {
     results_tx: mpsc::Sender<(Ticket, Result<ShareOutcome, String>)>,
     results_rx: mpsc::Receiver<(Ticket, Result<ShareOutcome, String>)>,
     rows: Vec<Row>,
-    nonce_seed: [u8; 8],
-    nonce_counter: u64,
+    nonces: crate::identity::Nonces,
     json: bool,
     bar: indicatif::ProgressBar,
     started: Instant,
@@ -727,8 +800,8 @@ async fn submit(
         .append(true)
         .open(out.join("receipts.jsonl"))
         .context("cannot open receipts.jsonl")?;
-    let mut nonce_seed = [0u8; 8];
-    getrandom::fill(&mut nonce_seed).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let nonces =
+        crate::identity::Nonces::random().map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let shard_files: Vec<ShardFile> = shard_files.into_iter().map(|(f, _)| f).collect();
     let started = Instant::now();
     let (outcome, rows, rounds, stats) = if config.train.mode == ModeName::Pipeline {
@@ -742,7 +815,7 @@ async fn submit(
             learner,
             shard_files,
             rows,
-            nonce_seed,
+            nonces,
             json: args.json,
             bar,
             receipts,
@@ -779,8 +852,7 @@ async fn submit(
             results_tx,
             results_rx,
             rows,
-            nonce_seed,
-            nonce_counter: 0,
+            nonces,
             json: args.json,
             bar,
             started,
@@ -914,12 +986,10 @@ fn open_answer(
     if values.iter().any(|v| !v.is_finite()) {
         return Err("the values are not all finite".into());
     }
-    let digests: Vec<[u8; 32]> = std::iter::once(loss_tensor)
-        .chain(value_tensors)
-        .map(|t| t.digest().0)
-        .collect();
-    let parts: Vec<&[u8]> = digests.iter().map(<[u8; 32]>::as_slice).collect();
-    let digest = Hash::of_parts("commons share outputs v1", &parts);
+    let digest = outputs_digest(
+        "commons share outputs v1",
+        std::iter::once(loss_tensor).chain(value_tensors),
+    );
     Ok(ShareOutcome {
         loss,
         values,
@@ -1049,32 +1119,13 @@ impl Driver {
                 "nodes": nodes.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>(),
             }));
         }
-        // Each node is its own operator: a node key is a member's key.
-        let profiles = nodes
-            .iter()
-            .map(|(node, class)| {
-                let profile = commons_coordinator::verify::Profile {
-                    operator: *node,
-                    class: class.clone(),
-                };
-                (*node, profile)
-            })
-            .collect();
-        self.training.ledger_mut().set_profiles(profiles);
+        self.training.ledger_mut().set_profiles(profiles(&nodes));
         self.training
             .set_nodes(now(), nodes.into_iter().map(|(node, _)| node));
     }
 
     fn training_coalition(&self) -> Option<CoalitionId> {
         self.config.train.coalition().ok().flatten()
-    }
-
-    fn next_nonce(&mut self) -> Nonce {
-        self.nonce_counter += 1;
-        let mut n = [0u8; 16];
-        n[..8].copy_from_slice(&self.nonce_seed);
-        n[8..].copy_from_slice(&self.nonce_counter.to_le_bytes());
-        Nonce(n)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1109,7 +1160,7 @@ impl Driver {
         let encoding = self.config.encoding();
         let unit = WorkUnit {
             issuer: self.identity.node_id(),
-            nonce: self.next_nonce(),
+            nonce: self.nonces.take(),
             issued_at: now(),
             expires_at: deadline,
             body: WorkBody::Gradient(GradientUnit {
@@ -1164,39 +1215,15 @@ impl Driver {
                 let receipt = share.receipt.clone();
                 let loss = share.loss;
                 let digest = share.digest;
-                let mut draw = [0u8; 8];
-                // Without randomness, check: a predictable draw would let a
-                // node learn which results go unchecked.
-                let draw = match getrandom::fill(&mut draw) {
-                    Ok(()) => u64::from_le_bytes(draw),
-                    Err(_) => 0,
-                };
-                let taken = self
-                    .training
-                    .handle_checked(now(), ticket, share, digest, draw);
-                let taken_name = match taken {
-                    Taken::Accepted => "accepted",
-                    Taken::Late => "late",
-                    Taken::Dropped => "dropped",
-                    Taken::Checking => "checking",
-                    Taken::Rejected => "rejected",
-                };
+                let taken =
+                    self.training
+                        .handle_checked(now(), ticket, share, digest, check_draw());
                 if taken != Taken::Dropped {
-                    let line = serde_json::json!({
-                        "unit": receipt.unit.to_string(),
-                        "executor": receipt.executor.to_string(),
-                        "commitment": receipt.commitment.to_string(),
-                        "compute_micros": receipt.metrics.compute_micros,
-                        "tokens": receipt.metrics.tokens,
-                        "signature": hex::encode(receipt.signature.0),
-                    });
-                    if let Err(e) = writeln!(self.receipts, "{line}") {
-                        tracing::warn!(%e, "cannot append to receipts.jsonl");
-                    }
+                    append_receipt(&mut self.receipts, &receipt);
                 }
                 self.event(serde_json::json!({
                     "event": "result", "unit": receipt.unit.to_string(),
-                    "node": receipt.executor.to_string(), "loss": loss, "taken": taken_name,
+                    "node": receipt.executor.to_string(), "loss": loss, "taken": taken.name(),
                 }));
             }
             Err(reason) => {
@@ -1296,27 +1323,12 @@ impl Driver {
         let Some(learner) = &self.learner else {
             bail!("the model is missing");
         };
-        let optimizer = learner.save_optimizer()?;
-        let state = State {
-            run: self.run.to_string(),
-            round: snapshot.round,
-            params_root: snapshot.params.root.to_string(),
-            checkpoint: snapshot.params.checkpoint.to_string(),
-            optimizer: optimizer.to_string(),
-            rows: self.rows.clone(),
-        };
-        state.save(&self.out)?;
-        self.write_curve()?;
+        let state = save_snapshot(learner, self.run, snapshot, &self.rows, &self.out)?;
         self.event(serde_json::json!({
             "event": "persisted", "round": snapshot.round,
             "checkpoint": state.checkpoint, "optimizer": state.optimizer,
         }));
         Ok(())
-    }
-
-    /// `loss.csv` and `loss.svg`.
-    fn write_curve(&self) -> anyhow::Result<()> {
-        write_curve(&self.out, &self.rows, self.run)
     }
 }
 

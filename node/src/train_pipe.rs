@@ -20,7 +20,6 @@
 //! batches up to f32 rounding. Then every stage's new checkpoint is shared.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::io::Write as _;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,12 +33,15 @@ use commons_protocol::messages::{
     DataShardRef, GradientEncoding, GradientMode, GradientUnit, LayerRange, ParamsRef, Receipt,
     StagePass, WorkBody, WorkUnit,
 };
-use commons_protocol::{CoalitionId, Hash, Identity, JobId, ModelId, NodeId, Nonce};
+use commons_protocol::{CoalitionId, Hash, Identity, JobId, ModelId, NodeId};
 use commons_train::even_ranges;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::network::Command;
-use crate::train_cli::{Learner, Row, ShardFile, State, event, now, trainers, write_curve};
+use crate::train_cli::{
+    Learner, Row, ShardFile, append_receipt, check_draw, event, now, outputs_digest, profiles,
+    save_snapshot, trainers,
+};
 use crate::train_config::{Dataset, RunConfig};
 
 /// Stage checkpoints kept shared: this round's and the last.
@@ -56,7 +58,7 @@ pub(crate) struct Setup {
     pub(crate) learner: Learner,
     pub(crate) shard_files: Vec<ShardFile>,
     pub(crate) rows: Vec<Row>,
-    pub(crate) nonce_seed: [u8; 8],
+    pub(crate) nonces: crate::identity::Nonces,
     pub(crate) json: bool,
     pub(crate) bar: indicatif::ProgressBar,
     pub(crate) receipts: std::fs::File,
@@ -104,8 +106,7 @@ pub(crate) struct Driver {
     results_tx: mpsc::Sender<Outcome>,
     results_rx: mpsc::Receiver<Outcome>,
     rows: Vec<Row>,
-    nonce_seed: [u8; 8],
-    nonce_counter: u64,
+    nonces: crate::identity::Nonces,
     json: bool,
     bar: indicatif::ProgressBar,
     started: Instant,
@@ -182,8 +183,7 @@ impl Driver {
             results_tx,
             results_rx,
             rows: setup.rows,
-            nonce_seed: setup.nonce_seed,
-            nonce_counter: 0,
+            nonces: setup.nonces,
             json: setup.json,
             bar: setup.bar,
             started: setup.started,
@@ -323,28 +323,9 @@ impl Driver {
                 "nodes": nodes.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>(),
             }));
         }
-        // Each node is its own operator: a node key is a member's key.
-        let profiles = nodes
-            .iter()
-            .map(|(node, class)| {
-                let profile = commons_coordinator::verify::Profile {
-                    operator: *node,
-                    class: class.clone(),
-                };
-                (*node, profile)
-            })
-            .collect();
-        self.machine.ledger_mut().set_profiles(profiles);
+        self.machine.ledger_mut().set_profiles(profiles(&nodes));
         self.machine
             .set_nodes(now(), nodes.into_iter().map(|(node, _)| node));
-    }
-
-    fn next_nonce(&mut self) -> Nonce {
-        self.nonce_counter += 1;
-        let mut n = [0u8; 16];
-        n[..8].copy_from_slice(&self.nonce_seed);
-        n[8..].copy_from_slice(&self.nonce_counter.to_le_bytes());
-        Nonce(n)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -381,7 +362,7 @@ impl Driver {
         let encoding = self.config.encoding();
         let unit = WorkUnit {
             issuer: self.identity.node_id(),
-            nonce: self.next_nonce(),
+            nonce: self.nonces.take(),
             issued_at: now(),
             expires_at: deadline,
             body: WorkBody::Gradient(GradientUnit {
@@ -458,39 +439,20 @@ impl Driver {
         match outcome {
             Ok((answer, receipt, bytes, digest)) => {
                 self.round_bytes_up += bytes;
-                let mut draw = [0u8; 8];
-                // Without randomness, check: a predictable draw would let a
-                // node learn which results go unchecked.
-                let draw = match getrandom::fill(&mut draw) {
-                    Ok(()) => u64::from_le_bytes(draw),
-                    Err(_) => 0,
-                };
-                let taken =
-                    self.machine
-                        .handle_checked(now(), ticket, Arc::new(answer), digest, draw);
+                let taken = self.machine.handle_checked(
+                    now(),
+                    ticket,
+                    Arc::new(answer),
+                    digest,
+                    check_draw(),
+                );
                 if taken != Taken::Dropped {
-                    let line = serde_json::json!({
-                        "unit": receipt.unit.to_string(),
-                        "executor": receipt.executor.to_string(),
-                        "commitment": receipt.commitment.to_string(),
-                        "compute_micros": receipt.metrics.compute_micros,
-                        "tokens": receipt.metrics.tokens,
-                        "signature": hex::encode(receipt.signature.0),
-                    });
-                    if let Err(e) = writeln!(self.receipts, "{line}") {
-                        tracing::warn!(%e, "cannot append to receipts.jsonl");
-                    }
+                    append_receipt(&mut self.receipts, &receipt);
                 }
                 self.event(serde_json::json!({
                     "event": "result", "unit": receipt.unit.to_string(),
                     "node": receipt.executor.to_string(), "stage": task.stage, "micro": task.micro,
-                    "taken": match taken {
-                        Taken::Accepted => "accepted",
-                        Taken::Late => "late",
-                        Taken::Dropped => "dropped",
-                        Taken::Checking => "checking",
-                        Taken::Rejected => "rejected",
-                    },
+                    "taken": taken.name(),
                 }));
             }
             Err(reason) => {
@@ -622,17 +584,7 @@ impl Driver {
         let Some(learner) = &self.learner else {
             bail!("the model is missing");
         };
-        let optimizer = learner.save_optimizer()?;
-        let state = State {
-            run: self.run.to_string(),
-            round: snapshot.round,
-            params_root: snapshot.params.root.to_string(),
-            checkpoint: snapshot.params.checkpoint.to_string(),
-            optimizer: optimizer.to_string(),
-            rows: self.rows.clone(),
-        };
-        state.save(&self.out)?;
-        write_curve(&self.out, &self.rows, self.run)?;
+        let state = save_snapshot(learner, self.run, snapshot, &self.rows, &self.out)?;
         self.event(serde_json::json!({
             "event": "persisted", "round": snapshot.round,
             "checkpoint": state.checkpoint, "optimizer": state.optimizer,
@@ -663,9 +615,7 @@ fn open_answer(
 ) -> Result<(Answer, Receipt, Hash), String> {
     let (result, receipt) =
         crate::coordinate::check_response(unit, node, bytes, now()).map_err(|e| e.describe())?;
-    let digests: Vec<[u8; 32]> = result.outputs.iter().map(|t| t.digest().0).collect();
-    let parts: Vec<&[u8]> = digests.iter().map(<[u8; 32]>::as_slice).collect();
-    let digest = Hash::of_parts("commons stage outputs v1", &parts);
+    let digest = outputs_digest("commons stage outputs v1", &result.outputs);
     let hidden = |t: &commons_protocol::Tensor, what: &str| {
         if t.shape() != shape.hidden.as_slice() || t.dtype() != commons_protocol::DType::F32 {
             return Err(format!(

@@ -60,6 +60,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use commons_protocol::{Hash, NodeId, UnixMillis};
 
+/// What became of a result: as for a data-parallel share, the unit standing
+/// for the share ([`Taken::Late`]: kept though the unit had been sent again;
+/// [`Taken::Dropped`]: also for an excluded node's answer).
+pub use super::Taken;
 use super::{Lost, ParamsRef, Snapshot, Ticket, TrainError};
 use crate::verify::{Ledger, Scope, VerifyConfig};
 
@@ -221,22 +225,6 @@ pub enum Output<R> {
         /// The final parameters (the whole model's).
         params: ParamsRef,
     },
-}
-
-/// What became of a result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Taken {
-    /// Kept.
-    Accepted,
-    /// Kept, though its unit had already been sent again.
-    Late,
-    /// The unit already had a result, or the ticket is of another round
-    /// or of an excluded node.
-    Dropped,
-    /// Held until another operator's node confirms it.
-    Checking,
-    /// Contradicted by two other operators' nodes.
-    Rejected,
 }
 
 /// Counters over the run.
