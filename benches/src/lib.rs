@@ -13,6 +13,34 @@ pub fn model_path() -> anyhow::Result<PathBuf> {
     commons_node::run_local::bundled_model()
 }
 
+/// Environment variable naming the `commons` binary a bench measures.
+pub const ENV_BIN: &str = "COMMONS_BIN";
+
+/// The `commons` binary: `$COMMONS_BIN`, else the release build beside this
+/// program (which is `target/<profile>/<bench>`).
+///
+/// # Errors
+/// When there is no such file.
+pub fn commons_bin() -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    if let Some(path) = std::env::var_os(ENV_BIN) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .context("cannot find the target directory")?
+        .join("release")
+        .join(format!("commons{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: run `cargo build --release -p commons-node --bin commons` or set {ENV_BIN}",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// A prompt of `n` ordinary tokens.
 #[must_use]
 pub fn prompt(n: usize) -> Vec<u32> {

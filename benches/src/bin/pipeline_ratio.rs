@@ -24,12 +24,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use commons_benches::{machine, median, model_path};
+use commons_benches::{commons_bin, machine, median, model_path};
 use commons_node::job_cli::{JobClient, new_job_id};
 use commons_protocol::messages::{JobInput, JobOp, JobReport, JobSpec, JobState, SamplingParams};
 
 /// Environment variable naming the `commons` binary to measure.
-const ENV_BIN: &str = "COMMONS_BIN";
 /// A prompt the bundled model answers at length.
 const PROMPT: &str = "Tell me a long story about a lighthouse keeper.";
 /// The three stages of the pipeline (the bundled model has 30 layers).
@@ -129,27 +128,6 @@ fn run() -> anyhow::Result<()> {
     println!();
     failover(&commons, &mut swarm, &opts)?;
     Ok(())
-}
-
-/// The `commons` binary: `$COMMONS_BIN`, else the release build of this workspace.
-fn commons_bin() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(ENV_BIN) {
-        return Ok(PathBuf::from(path));
-    }
-    // This program is target/<profile>/pipeline-ratio; measure the release build beside it.
-    let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("cannot find the target directory")?
-        .join("release")
-        .join(format!("commons{}", std::env::consts::EXE_SUFFIX));
-    ensure!(
-        path.is_file(),
-        "{} is missing: run `cargo build --release -p commons-node --bin commons` or set {ENV_BIN}",
-        path.display()
-    );
-    Ok(path)
 }
 
 /// How to run `commons` here: the binary, a private home for its settings,

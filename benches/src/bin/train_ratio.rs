@@ -28,10 +28,8 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
-use commons_benches::machine;
+use commons_benches::{commons_bin, machine};
 
-/// Environment variable naming the `commons` binary to measure.
-const ENV_BIN: &str = "COMMONS_BIN";
 /// Rows through the model in each mode's budget.
 const BUDGET_ROWS: u64 = 2_400;
 /// Rows per share per step.
@@ -71,20 +69,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn binary() -> anyhow::Result<PathBuf> {
-    let bin = std::env::var_os(ENV_BIN).map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/commons"),
-        PathBuf::from,
-    );
-    if !bin.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p commons-node --bin commons` or set {ENV_BIN}",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 fn config(spec: &Spec, data: &Path) -> String {
@@ -190,7 +174,7 @@ fn measure(bin: &Path, dir: &Path, spec: &Spec, data: &Path) -> anyhow::Result<M
 }
 
 fn run() -> anyhow::Result<()> {
-    let bin = binary()?;
+    let bin = commons_bin()?;
     let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/shakespeare");
     if !data.is_dir() {
         bail!(
