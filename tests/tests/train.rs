@@ -59,6 +59,36 @@ fn corpus_text() -> String {
     text
 }
 
+/// Training nodes on loopback under `h`, one per (name, extra flags), each
+/// with `--train`, the first the bootstrap of the others; and each one's
+/// first address.
+fn trainers<const N: usize>(h: &Path, nodes: [(&str, &[&str]); N]) -> ([Node; N], [String; N]) {
+    let mut started: Vec<Node> = Vec::with_capacity(N);
+    for (name, extra) in nodes {
+        let boot: Vec<String> = started
+            .first()
+            .map(|n| n.addrs[0].clone())
+            .into_iter()
+            .collect();
+        let flags: Vec<&str> = std::iter::once("--train")
+            .chain(extra.iter().copied())
+            .collect();
+        started.push(Node::start_with(
+            h,
+            &h.join(name),
+            &boot,
+            Transports::Tcp,
+            6,
+            &flags,
+        ));
+    }
+    let addrs = std::array::from_fn(|i| started[i].addrs[0].clone());
+    let nodes = started
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one node per entry"));
+    (nodes, addrs)
+}
+
 fn write_config(dir: &Path, name: &str, mode: &str, rounds: u64, extra: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(
@@ -252,23 +282,15 @@ fn data_parallel_rounds_over_three_nodes_equal_one_process_and_survive_a_kill() 
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
-    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &["--train"]);
-    let boot = vec![a.addrs[0].clone()];
-    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &["--train"]);
     // The slow node holds each share two seconds: killed while it holds one.
-    let mut slow = Node::start_with(
+    let ([a, b, mut slow], all) = trainers(
         h,
-        &h.join("slow"),
-        &boot,
-        Transports::Tcp,
-        6,
-        &["--train", "--train-delay-ms", "2000"],
+        [
+            ("a", &[]),
+            ("b", &[]),
+            ("slow", &["--train-delay-ms", "2000"]),
+        ],
     );
-    let all = [
-        a.addrs[0].clone(),
-        b.addrs[0].clone(),
-        slow.addrs[0].clone(),
-    ];
 
     // Synchronous data-parallel over the three. The coordinator is killed
     // once round 1 is persisted, and started again: it resumes from there.
@@ -462,25 +484,16 @@ fn a_node_that_corrupts_its_gradients_is_caught_and_the_run_stays_exact() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
-    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &["--train"]);
-    let boot = vec![a.addrs[0].clone()];
-    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &["--train"]);
-    let c = Node::start_with(h, &h.join("c"), &boot, Transports::Tcp, 6, &["--train"]);
-    // Signs a gradient it altered, every time.
-    let liar = Node::start_with(
+    // The liar signs a gradient it altered, every time.
+    let ([_a, _b, _c, liar], all) = trainers(
         h,
-        &h.join("liar"),
-        &boot,
-        Transports::Tcp,
-        6,
-        &["--train", "--fault", "corrupt:1"],
+        [
+            ("a", &[]),
+            ("b", &[]),
+            ("c", &[]),
+            ("liar", &["--fault", "corrupt:1"]),
+        ],
     );
-    let all = [
-        a.addrs[0].clone(),
-        b.addrs[0].clone(),
-        c.addrs[0].clone(),
-        liar.addrs[0].clone(),
-    ];
     let config = write_config(h, "checked.toml", "sync", ROUNDS, "");
     let mut run = Run::start(h, &config, &h.join("checked"), &all, 4);
     let excluded = run.until(Duration::from_secs(60), |v| v["event"] == "excluded");
@@ -526,23 +539,15 @@ fn pipeline_stages_on_three_nodes_equal_one_process_and_survive_a_kill() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
-    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &["--train"]);
-    let boot = vec![a.addrs[0].clone()];
-    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &["--train"]);
-    // Holds each unit a second: killed while it holds one.
-    let mut slow = Node::start_with(
+    // The slow node holds each unit a second: killed while it holds one.
+    let ([a, b, mut slow], all) = trainers(
         h,
-        &h.join("slow"),
-        &boot,
-        Transports::Tcp,
-        6,
-        &["--train", "--train-delay-ms", "1000"],
+        [
+            ("a", &[]),
+            ("b", &[]),
+            ("slow", &["--train-delay-ms", "1000"]),
+        ],
     );
-    let all = [
-        a.addrs[0].clone(),
-        b.addrs[0].clone(),
-        slow.addrs[0].clone(),
-    ];
     let rounds = 4;
     let config = write_config(
         h,
@@ -615,26 +620,17 @@ fn a_pipeline_stage_that_corrupts_its_outputs_is_caught_and_the_run_stays_exact(
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
-    // Signs outputs it altered, every time; its id is drawn, so it may hold
-    // any stage or none.
-    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &["--train"]);
-    let boot = vec![a.addrs[0].clone()];
-    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &["--train"]);
-    let c = Node::start_with(h, &h.join("c"), &boot, Transports::Tcp, 6, &["--train"]);
-    let liar = Node::start_with(
+    // The liar signs outputs it altered, every time; its id is drawn, so it
+    // may hold any stage or none.
+    let ([a, b, c, liar], all) = trainers(
         h,
-        &h.join("liar"),
-        &boot,
-        Transports::Tcp,
-        6,
-        &["--train", "--fault", "corrupt:1"],
+        [
+            ("a", &[]),
+            ("b", &[]),
+            ("c", &[]),
+            ("liar", &["--fault", "corrupt:1"]),
+        ],
     );
-    let all = [
-        a.addrs[0].clone(),
-        b.addrs[0].clone(),
-        c.addrs[0].clone(),
-        liar.addrs[0].clone(),
-    ];
     let rounds = 3;
     let config = write_config(
         h,
@@ -690,10 +686,7 @@ fn top_k_shares_send_a_fraction_of_the_bytes_and_still_train() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     std::fs::write(h.join("corpus.txt"), corpus_text()).unwrap();
-    let a = Node::start_with(h, &h.join("a"), &[], Transports::Tcp, 6, &["--train"]);
-    let boot = vec![a.addrs[0].clone()];
-    let b = Node::start_with(h, &h.join("b"), &boot, Transports::Tcp, 6, &["--train"]);
-    let all = [a.addrs[0].clone(), b.addrs[0].clone()];
+    let ([a, b], all) = trainers(h, [("a", &[]), ("b", &[])]);
     let rounds = 6;
     let dense = write_config(
         h,
