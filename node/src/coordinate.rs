@@ -40,6 +40,8 @@ use crate::executor::{ChatMessage, Sampler, SamplingConfig, Tokenizer};
 use crate::jobstore::{JobStore, StoredJob};
 use crate::network::{ExcludedStatus, RecordStatus, VerificationStatus};
 
+mod durable;
+
 /// A model the coordinator can plan jobs for: it holds the tokenizer.
 #[derive(Debug)]
 pub struct KnownModel {
@@ -86,6 +88,9 @@ struct Watcher<C> {
     from_token: u32,
     deadline: Instant,
     channel: C,
+    /// An answer that waits for a commit, not for tokens: released by the
+    /// commit of a batch cut after this many (see [`Coordinating::hold`]).
+    held_after: Option<u64>,
 }
 
 /// What a job needs beyond the scheduler's view.
@@ -123,7 +128,7 @@ const RESUME_GRACE_MS: u64 = 30_000;
 
 /// The coordinator's state; `C` is the response channel of a job request.
 pub struct Coordinating<C> {
-    store: Option<JobStore>,
+    store: Option<Arc<JobStore>>,
     identity: Arc<Identity>,
     scheduler: Scheduler,
     models: BTreeMap<ModelId, KnownModel>,
@@ -140,10 +145,10 @@ pub struct Coordinating<C> {
     audit_pending: Vec<AuditEntry>,
     /// The ledger's revision and exclusion count last kept in the store, and when.
     ledger_kept: (u64, u64, std::time::Instant),
-    /// Each job's audit log head as last committed, for its reports.
-    anchors: HashMap<JobId, AuditAnchor>,
     /// Jobs changed since the last [`Coordinating::settle`].
     changed: Vec<JobId>,
+    /// What is on disk, and the batch being committed.
+    durable: durable::Durable,
 }
 
 /// How often a changed verification ledger is written at most, unless a
@@ -185,7 +190,7 @@ impl<C> Coordinating<C> {
     ) -> Self {
         let seed = random_u64();
         let mut this = Self {
-            store,
+            store: store.map(Arc::new),
             identity,
             scheduler: Scheduler::new(SchedulerConfig::default(), seed),
             models: models.into_iter().map(|m| (m.id, m)).collect(),
@@ -199,8 +204,8 @@ impl<C> Coordinating<C> {
             rejected: BTreeMap::new(),
             audit_pending: Vec::new(),
             ledger_kept: (0, 0, std::time::Instant::now()),
-            anchors: HashMap::new(),
             changed: Vec::new(),
+            durable: durable::Durable::default(),
         };
         this.restore_ledger();
         this.resume_stored(now);
@@ -504,10 +509,6 @@ impl<C> Coordinating<C> {
 
     /// Handles a signed job request.
     pub fn on_request(&mut self, bytes: &[u8], channel: C, now: UnixMillis) -> Answer<C> {
-        // Receipts taken are logged before any report can mention them.
-        if !self.audit_pending.is_empty() {
-            self.persist(&[], now);
-        }
         let request: JobRequest = match Envelope::open_bytes(bytes, now) {
             Ok(r) => r,
             Err(e) => {
@@ -526,7 +527,13 @@ impl<C> Coordinating<C> {
             JobOp::Submit(spec) => {
                 let job = spec.job;
                 match self.submit(request.submitter, spec, now) {
-                    Ok(()) => Answer::Now(channel, self.report_bytes(&job, 0, now)),
+                    // Accepted means recorded: the report goes out after the commit.
+                    Ok(true) => {
+                        self.hold(job, channel);
+                        Answer::Later
+                    }
+                    // A submission seen before, recorded with the first.
+                    Ok(false) => Answer::Now(channel, self.report_bytes(&job, 0, now)),
                     Err((code, message)) => {
                         Answer::Now(channel, self.refuse_request(code, message, now))
                     }
@@ -544,7 +551,7 @@ impl<C> Coordinating<C> {
                     let refusal = self.refuse_request(ErrorCode::UNAUTHORIZED, e.to_string(), now);
                     return Answer::Now(channel, refusal);
                 }
-                let Some((tokens, ended)) = self.scheduler.progress(&job) else {
+                let Some((tokens, ended)) = self.durable_progress(&job) else {
                     return Answer::Now(channel, self.report_bytes(&job, from_token, now));
                 };
                 if tokens > from_token as usize || ended || wait_ms == 0 {
@@ -556,12 +563,15 @@ impl<C> Coordinating<C> {
                     deadline: Instant::now()
                         + Duration::from_millis(u64::from(wait_ms)).min(MAX_WAIT),
                     channel,
+                    held_after: None,
                 });
                 Answer::Later
             }
             JobOp::Cancel { job } => {
                 if self.scheduler.cancel(now, &job, &request.submitter) {
-                    Answer::Now(channel, self.report_bytes(&job, 0, now))
+                    // The report says cancelled once that is recorded.
+                    self.hold(job, channel);
+                    Answer::Later
                 } else {
                     let refusal = self.refuse_request(
                         ErrorCode::UNKNOWN_JOB,
@@ -582,19 +592,19 @@ impl<C> Coordinating<C> {
         }
     }
 
+    /// Takes a job; true when it is new, false when it was submitted before.
     fn submit(
         &mut self,
         submitter: NodeId,
         spec: JobSpec,
         now: UnixMillis,
-    ) -> Result<(), (ErrorCode, String)> {
-        let job_id = spec.job;
+    ) -> Result<bool, (ErrorCode, String)> {
         self.coalitions
             .authorize(spec.coalition, &submitter)
             .map_err(|e| (ErrorCode::UNAUTHORIZED, format!("job refused: {e}")))?;
         if let Some(existing) = self.meta.get(&spec.job) {
             return if existing.spec == spec {
-                Ok(())
+                Ok(false)
             } else {
                 Err((
                     ErrorCode::BAD_REQUEST,
@@ -627,22 +637,22 @@ impl<C> Coordinating<C> {
                 segment: 0,
             },
         );
-        // Accepted means recorded: the report goes out after the commit.
-        self.persist(&[job_id], now);
-        Ok(())
+        Ok(true)
     }
 
-    /// Drains the scheduler: units to send, tokens to sample, watchers to answer.
-    pub fn drain(&mut self, now: UnixMillis) -> (Vec<Outgoing>, Vec<(C, Vec<u8>)>) {
+    /// Drains the scheduler (units to send, tokens to sample) and commits
+    /// what changed on this thread: watchers to answer. For tests; the
+    /// shell sends first, then commits off its event loop.
+    #[cfg(test)]
+    pub(crate) fn drain(&mut self, now: UnixMillis) -> (Vec<Outgoing>, Vec<(C, Vec<u8>)>) {
         let sends = self.drain_sends(now);
-        let answers = self.settle(now);
+        let answers = self.commit_now(now);
         (sends, answers)
     }
 
     /// The units to send now (tokens to sample are sampled on the way). The
-    /// jobs that changed wait for [`Coordinating::settle`], so that the next
-    /// hop's unit leaves before the previous result is written to disk: a
-    /// durable commit per step would otherwise sit between every two hops.
+    /// jobs that changed wait for [`Coordinating::settle`], which cuts them
+    /// into the next commit.
     pub fn drain_sends(&mut self, now: UnixMillis) -> Vec<Outgoing> {
         let mut sends = Vec::new();
         while let Some(out) = self.scheduler.poll_output() {
@@ -706,87 +716,6 @@ impl<C> Coordinating<C> {
         sends
     }
 
-    /// Records the jobs that changed since the last call, with their
-    /// receipts, in one transaction; then answers their watchers (never
-    /// before their progress is on disk).
-    pub fn settle(&mut self, now: UnixMillis) -> Vec<(C, Vec<u8>)> {
-        let mut changed = std::mem::take(&mut self.changed);
-        changed.sort();
-        changed.dedup();
-        self.persist(&changed, now);
-        self.answer_watchers(&changed, now)
-    }
-
-    /// Records the current state of `jobs`, and appends the receipts taken
-    /// since the last commit to their jobs' audit logs (with those jobs'
-    /// records), in one transaction.
-    fn persist(&mut self, jobs: &[JobId], now: UnixMillis) {
-        let Some(store) = &self.store else {
-            self.audit_pending.clear();
-            return;
-        };
-        let mut ids = jobs.to_vec();
-        ids.extend(self.audit_pending.iter().map(|e| e.job));
-        ids.sort();
-        ids.dedup();
-        let records: Vec<StoredJob> = ids
-            .iter()
-            .filter_map(|id| {
-                let v = self.scheduler.view(id)?;
-                let meta = self.meta.get(id)?;
-                let error = match &v.status {
-                    JobStatus::Failed { code, message } => Some(format!("{message} ({code})")),
-                    _ => None,
-                };
-                Some(StoredJob {
-                    submitter: v.submitter,
-                    spec: meta.spec.clone(),
-                    tokens: v.tokens,
-                    state: state_of(&v.status).name().into(),
-                    error,
-                    updated_at: now.0,
-                    receipts: v.receipts,
-                    transcript: Some(v.transcript),
-                    segment: meta.segment,
-                    audit: None,
-                })
-            })
-            .collect();
-        let ledger = self.scheduler.ledger();
-        let (revision, exclusions, at) = self.ledger_kept;
-        let keep_ledger = ledger.revision() != revision
-            && (ledger.stats.exclusions != exclusions || at.elapsed() >= LEDGER_KEEP_INTERVAL);
-        let state = keep_ledger.then(|| ledger.state());
-        let kept = (ledger.revision(), ledger.stats.exclusions);
-        match store.commit_with(&records, &self.audit_pending, state.as_ref()) {
-            Ok(heads) => {
-                self.audit_pending.clear();
-                for (job, head) in heads {
-                    self.anchors.insert(
-                        job,
-                        AuditAnchor {
-                            entries: head.entries,
-                            head: head.head,
-                        },
-                    );
-                }
-                if keep_ledger {
-                    self.ledger_kept = (kept.0, kept.1, std::time::Instant::now());
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "cannot record jobs and receipts");
-                // Kept for the next commit; past the bound, the oldest are
-                // lost, and an audit of their jobs will say so.
-                let excess = self.audit_pending.len().saturating_sub(MAX_PENDING_AUDIT);
-                if excess > 0 {
-                    tracing::error!(lost = excess, "audit entries dropped");
-                    self.audit_pending.drain(..excess);
-                }
-            }
-        }
-    }
-
     fn sample(&mut self, job: &JobId, logits: &commons_protocol::Tensor) -> anyhow::Result<u32> {
         let history: Vec<u32> = self
             .scheduler
@@ -811,7 +740,7 @@ impl<C> Coordinating<C> {
 
     /// The answer to a unit: a signed result or error envelope. A result the
     /// scheduler takes into the job's transcript is queued for the job's
-    /// audit log, committed by the next [`Coordinating::drain`].
+    /// audit log, cut into the next batch by [`Coordinating::settle`].
     pub fn on_response(&mut self, pending: Pending, node: NodeId, bytes: &[u8], now: UnixMillis) {
         let (outcome, receipt) = match check_response(pending.unit, node, bytes, now) {
             Ok((result, receipt)) => (Ok(result), Some(receipt)),
@@ -885,17 +814,26 @@ impl<C> Coordinating<C> {
     }
 
     /// Watchers whose wait is over or whose job changed.
-    fn answer_watchers(&mut self, changed: &[JobId], now: UnixMillis) -> Vec<(C, Vec<u8>)> {
+    /// Watchers whose wait is over, or whose job is among `committed` (sorted)
+    /// with news for them, by the commit of the `cut`th batch.
+    fn answer_watchers(
+        &mut self,
+        committed: &[JobId],
+        cut: u64,
+        now: UnixMillis,
+    ) -> Vec<(C, Vec<u8>)> {
         let instant = Instant::now();
         let mut out = Vec::new();
         let mut kept = Vec::new();
         for w in std::mem::take(&mut self.watchers) {
-            let ready = instant >= w.deadline
-                || (changed.contains(&w.job)
-                    && self
-                        .scheduler
-                        .progress(&w.job)
-                        .is_none_or(|(tokens, ended)| tokens > w.from_token as usize || ended));
+            let news = committed.binary_search(&w.job).is_ok()
+                && match w.held_after {
+                    Some(after) => cut > after,
+                    None => self
+                        .durable_progress(&w.job)
+                        .is_none_or(|(tokens, ended)| tokens > w.from_token as usize || ended),
+                };
+            let ready = instant >= w.deadline || news;
             if ready {
                 let bytes = self.report_bytes(&w.job, w.from_token, now);
                 out.push((w.channel, bytes));
@@ -909,7 +847,7 @@ impl<C> Coordinating<C> {
 
     /// Answers every watcher whose wait is over.
     pub fn expire_watchers(&mut self, now: UnixMillis) -> Vec<(C, Vec<u8>)> {
-        self.answer_watchers(&[], now)
+        self.answer_watchers(&[], 0, now)
     }
 
     /// A job's state, if known.
@@ -978,18 +916,30 @@ impl<C> Coordinating<C> {
         })
     }
 
+    /// The report of a job the scheduler knows: its tokens, state, receipts,
+    /// transcript and audit head as last committed, the rest (route, counts,
+    /// timings) as they are now.
     fn report(&self, job: &JobId, from: u32, now: UnixMillis) -> Option<JobReport> {
         let Some(v) = self.scheduler.view(job) else {
             return self.stored_report(job, from, now);
         };
+        // Not yet recorded: nothing to show but that it waits.
+        let unrecorded = durable::Snapshot {
+            status: JobStatus::Queued,
+            tokens: Vec::new(),
+            receipts: 0,
+            transcript: commons_protocol::Hash([0; 32]),
+            audit: None,
+        };
+        let shown = self.durable.snapshots.get(job).unwrap_or(&unrecorded);
         let text = self
             .models
             .get(&v.model)
-            .and_then(|m| m.tokenizer.decode(&v.tokens).ok())
+            .and_then(|m| m.tokenizer.decode(&shown.tokens).ok())
             .map(|t| t.trim_end_matches('\u{FFFD}').to_owned())
             .unwrap_or_default();
-        let from = (from as usize).min(v.tokens.len());
-        let state = state_of(&v.status);
+        let from = (from as usize).min(shown.tokens.len());
+        let state = state_of(&shown.status);
         Some(JobReport {
             coordinator: self.identity.node_id(),
             job: *job,
@@ -997,8 +947,8 @@ impl<C> Coordinating<C> {
             state,
             prompt_tokens: v.prompt.len() as u32,
             from_token: from as u32,
-            tokens: BoundedVec::try_from_vec(v.tokens[from..].to_vec()).unwrap_or_default(),
-            total_tokens: v.tokens.len() as u32,
+            tokens: BoundedVec::try_from_vec(shown.tokens[from..].to_vec()).unwrap_or_default(),
+            total_tokens: shown.tokens.len() as u32,
             text,
             route: BoundedVec::try_from_vec(
                 v.hops
@@ -1013,14 +963,14 @@ impl<C> Coordinating<C> {
             )
             .unwrap_or_default(),
             failovers: v.failovers,
-            receipts: v.receipts,
-            transcript: v.transcript,
+            receipts: shown.receipts,
+            transcript: shown.transcript,
             verified: v.verified,
             check_units: v.check_units,
             revisions: v.revisions,
             prefill_ms: v.prefill_ms,
             decode_ms: v.decode_ms,
-            audit: self.anchors.get(job).copied(),
+            audit: shown.audit,
             issued_at: now,
             expires_at: now.plus_millis(REPORT_TTL_MS),
         })
@@ -1178,287 +1128,4 @@ pub fn check_response(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use commons_coordinator::routing::SpanOffer;
-    use commons_protocol::messages::{ExecMetrics, SamplingParams};
-    use commons_protocol::{Hash, Tensor};
-
-    const NOW: UnixMillis = UnixMillis(1_000_000);
-
-    fn executor() -> Identity {
-        Identity::from_secret([21; 32])
-    }
-
-    fn metrics() -> ExecMetrics {
-        ExecMetrics {
-            queue_micros: 5,
-            compute_micros: 700,
-            tokens: 1,
-            peak_memory_bytes: 0,
-        }
-    }
-
-    fn result_for(unit: UnitId, token: u32) -> WorkResult {
-        let output = Tensor::from_u32(&[1], &[token]).unwrap();
-        WorkResult::sign(
-            &executor(),
-            unit,
-            vec![output],
-            metrics(),
-            NOW,
-            NOW.plus_millis(60_000),
-        )
-        .unwrap()
-    }
-
-    fn sealed(result: &WorkResult) -> Vec<u8> {
-        Envelope::seal(&executor(), result).unwrap().to_bytes()
-    }
-
-    fn unit() -> UnitId {
-        UnitId(Hash::of(b"a unit"))
-    }
-
-    #[test]
-    fn a_valid_result_is_taken_with_its_receipt() {
-        let result = result_for(unit(), 7);
-        let (step, receipt) =
-            check_response(unit(), executor().node_id(), &sealed(&result), NOW).unwrap();
-        assert_eq!(step.commitment, result.commitment);
-        assert_eq!(receipt, result.receipt());
-        receipt.verify().unwrap();
-    }
-
-    #[test]
-    fn a_forged_receipt_is_refused_with_its_own_error() {
-        // Metrics altered after signing, sealed again by the executor: the
-        // envelope opens, the receipt does not verify.
-        let mut result = result_for(unit(), 7);
-        result.metrics.compute_micros = 1;
-        let err = check_response(unit(), executor().node_id(), &sealed(&result), NOW).unwrap_err();
-        assert!(
-            matches!(err, AnswerError::ForgedReceipt { unit: u, .. } if u == unit()),
-            "{err:?}"
-        );
-        assert_eq!(err.name(), "forged_receipt");
-        assert!(
-            err.describe().contains("forged receipt"),
-            "{}",
-            err.describe()
-        );
-        // A signature byte flipped.
-        let mut result = result_for(unit(), 7);
-        result.signature.0[10] ^= 0x40;
-        let err = check_response(unit(), executor().node_id(), &sealed(&result), NOW).unwrap_err();
-        assert!(matches!(err, AnswerError::ForgedReceipt { .. }), "{err:?}");
-    }
-
-    #[test]
-    fn other_bad_answers_have_their_own_errors() {
-        let me = executor().node_id();
-        // Validly signed, for another unit.
-        let other = UnitId(Hash::of(b"another unit"));
-        let err = check_response(unit(), me, &sealed(&result_for(other, 7)), NOW).unwrap_err();
-        assert!(matches!(err, AnswerError::WrongUnit { .. }), "{err:?}");
-        // Validly signed, by a node the unit did not go to.
-        let elsewhere = Identity::from_secret([22; 32]).node_id();
-        let err =
-            check_response(unit(), elsewhere, &sealed(&result_for(unit(), 7)), NOW).unwrap_err();
-        assert!(matches!(err, AnswerError::WrongExecutor { .. }), "{err:?}");
-        // Signed over a commitment its outputs do not have.
-        let mut result = result_for(unit(), 7);
-        result.commitment = Hash::of(b"something else");
-        result.signature = executor().sign(&Receipt::signed_bytes(
-            &result.unit,
-            &result.commitment,
-            &result.metrics,
-        ));
-        let err = check_response(unit(), me, &sealed(&result), NOW).unwrap_err();
-        assert!(matches!(err, AnswerError::Inconsistent(_)), "{err:?}");
-        // Not an envelope.
-        let err = check_response(unit(), me, b"garbage", NOW).unwrap_err();
-        assert!(matches!(err, AnswerError::Envelope(_)), "{err:?}");
-        // A refusal.
-        let reply = ErrorReply {
-            code: ErrorCode::OVERLOADED,
-            message: "busy".into(),
-            regarding: None,
-            responder: me,
-            issued_at: NOW,
-            expires_at: NOW.plus_millis(1000),
-        };
-        let bytes = Envelope::seal(&executor(), &reply).unwrap().to_bytes();
-        let err = check_response(unit(), me, &bytes, NOW).unwrap_err();
-        assert!(
-            matches!(err, AnswerError::Refused { code, .. } if code == ErrorCode::OVERLOADED),
-            "{err:?}"
-        );
-    }
-
-    /// A coordinator with a job database and one node serving all of a
-    /// two-layer model, with a job submitted to the scheduler directly (the
-    /// shell's model lookup needs a tokenizer).
-    fn rig(dir: &std::path::Path) -> Coordinating<()> {
-        let store = JobStore::open(&dir.join("jobs.redb")).unwrap();
-        let mut c = Coordinating::new(
-            Arc::new(Identity::from_secret([20; 32])),
-            Vec::new(),
-            Some(store),
-            NOW,
-        );
-        let model = ModelId(Hash::of(b"model"));
-        c.scheduler.set_offers(
-            model,
-            2,
-            64,
-            vec![SpanOffer {
-                node: executor().node_id(),
-                layers: LayerRange { start: 0, end: 2 },
-                ms_per_layer: 1.0,
-                rtt_ms: 1.0,
-                queue_ms: 0.0,
-            }],
-        );
-        c
-    }
-
-    fn submit(c: &mut Coordinating<()>, n: u8) -> JobId {
-        let sampling = SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repetition_penalty: 1.0,
-            seed: 1,
-        };
-        let spec = JobSpec {
-            job: JobId([n; 16]),
-            model: ModelId(Hash::of(b"model")),
-            input: JobInput::Text("hello".into()),
-            max_tokens: 4,
-            sampling: sampling.clone(),
-            coalition: None,
-        };
-        let submitter = Identity::from_secret([30; 32]).node_id();
-        c.scheduler
-            .submit_in(
-                NOW,
-                NewJob {
-                    id: spec.job,
-                    submitter,
-                    model: spec.model,
-                    prompt: vec![1, 2, 3],
-                    max_tokens: spec.max_tokens,
-                    stop_tokens: vec![0],
-                    sampling,
-                },
-                None,
-            )
-            .unwrap();
-        c.meta.insert(
-            spec.job,
-            JobMeta {
-                spec,
-                sampler: None,
-                segment: 0,
-            },
-        );
-        JobId([n; 16])
-    }
-
-    fn sent_to_executor(c: &mut Coordinating<()>, job: JobId) -> Pending {
-        let (sends, _) = c.drain(NOW);
-        sends
-            .into_iter()
-            .find(|o| o.pending.job == job)
-            .map(|o| o.pending)
-            .expect("a unit for the job")
-    }
-
-    #[test]
-    fn taken_results_are_logged_before_reports_and_forged_ones_are_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = rig(dir.path());
-        let me = executor().node_id();
-
-        // A valid result: taken into the transcript, and logged by the next drain.
-        let job = submit(&mut c, 1);
-        let pending = sent_to_executor(&mut c, job);
-        assert_eq!(pending.step, 0);
-        c.on_response(pending, me, &sealed(&result_for(pending.unit, 9)), NOW);
-        assert_eq!(c.audit_pending.len(), 1);
-        let view = c.view(&job).unwrap();
-        assert_eq!(view.receipts, 1);
-        let _ = c.drain(NOW);
-        assert!(c.audit_pending.is_empty());
-
-        // A forged answer to another job's unit: refused, counted, not logged.
-        let other = submit(&mut c, 2);
-        let pending = sent_to_executor(&mut c, other);
-        let mut forged = result_for(pending.unit, 9);
-        forged.metrics.tokens = 1000;
-        c.on_response(pending, me, &sealed(&forged), NOW);
-        assert!(c.audit_pending.is_empty());
-        assert_eq!(c.rejected_results().get("forged_receipt"), Some(&1));
-        assert_eq!(c.view(&other).unwrap().receipts, 0);
-        let _ = c.drain(NOW);
-
-        let store = c.store.as_ref().unwrap();
-        let stored = store.get(&job).unwrap().unwrap();
-        assert_eq!(stored.receipts, 1);
-        assert_eq!(stored.transcript, Some(view.transcript));
-        let records = store.audit(&job).unwrap();
-        assert_eq!(records.len(), 1);
-        let record = records[0].record.clone().unwrap();
-        assert_eq!(record.entry.lane, Lane::Main);
-        assert_eq!(record.entry.layers, LayerRange { start: 0, end: 2 });
-        assert_eq!(record.entry.receipt.executor, me);
-        let report = crate::audit::check(&stored, records);
-        assert!(report.passed(), "{:?}", report.problems);
-        assert!(store.audit(&other).unwrap().is_empty());
-        let stored_other = store.get(&other).unwrap().unwrap();
-        assert!(crate::audit::check(&stored_other, Vec::new()).passed());
-    }
-
-    #[test]
-    fn exclusions_and_records_outlive_a_restart() {
-        use commons_coordinator::verify::{LedgerState, Record, VerifyStats};
-        let dir = tempfile::tempdir().unwrap();
-        let liar = NodeId([66; 32]);
-        let trusted = executor().node_id();
-        let state = LedgerState {
-            records: vec![(
-                trusted,
-                Record {
-                    valid_streak: 40,
-                    valid: 40,
-                    invalid: 0,
-                },
-            )],
-            excluded: vec![(liar, vec![None])],
-            disagreed: Vec::new(),
-            stats: VerifyStats {
-                exclusions: 1,
-                ..VerifyStats::default()
-            },
-        };
-        {
-            let mut c = rig(dir.path());
-            c.scheduler.restore_ledger(state.clone());
-            // An exclusion is kept at once, not at the next interval.
-            c.persist(&[], NOW);
-            assert_eq!(c.store.as_ref().unwrap().ledger().unwrap(), Some(state));
-        }
-        let c = rig(dir.path());
-        let ledger = c.scheduler.ledger();
-        assert!(ledger.is_excluded(&liar, None));
-        assert_eq!(ledger.record(&trusted).valid_streak, 40);
-        assert!(ledger.probability(&trusted) < 0.1, "not back on probation");
-        assert!(
-            c.verification()
-                .excluded
-                .iter()
-                .any(|e| e.peer_id == liar.to_string() && e.coalition.is_none())
-        );
-    }
-}
+mod tests;

@@ -1,8 +1,10 @@
 //! The coordinator's durable record of jobs, in an embedded database (redb).
 //!
 //! Every accepted job is written with its spec, its submitter and the tokens
-//! generated so far, in the same transaction as any other change of the
-//! same drain; a commit is durable before the coordinator answers about it.
+//! generated so far. The coordinator gathers what changed into a [`Batch`]
+//! and commits it on a thread of its own ([`Committer`]), one batch at a
+//! time, so that many results share a disk flush; a commit is durable
+//! before the coordinator answers about it.
 //! After a crash and restart, every job not finished is resumed from its
 //! tokens (the scheduler replays them through a new chain) or reported
 //! failed with its reason; none is silently lost.
@@ -84,6 +86,61 @@ impl StoredJob {
 #[derive(Debug)]
 pub struct JobStore {
     db: redb::Database,
+}
+
+/// A set of changes to commit in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// The current record of every job that changed.
+    pub jobs: Vec<StoredJob>,
+    /// Receipts to append to their jobs' audit logs, in order.
+    pub entries: Vec<AuditEntry>,
+    /// The verification ledger, when it is due to be kept.
+    pub ledger: Option<LedgerState>,
+}
+
+/// How a commit ended: the audit log head of each job written, or why it failed.
+pub type Committed = Result<Vec<(JobId, AuditHead)>, String>;
+
+/// A thread that commits batches, so that the disk flush of a commit never
+/// holds up the caller: [`Committer::send`] hands it a batch, and the
+/// outcome arrives on the receiver [`Committer::spawn`] returned. It ends
+/// when the `Committer` is dropped, after the batch it holds.
+#[derive(Debug)]
+pub struct Committer {
+    batches: std::sync::mpsc::SyncSender<Batch>,
+}
+
+impl Committer {
+    /// Starts the thread, committing to `store`.
+    pub fn spawn(
+        store: std::sync::Arc<JobStore>,
+    ) -> anyhow::Result<(Self, tokio::sync::mpsc::Receiver<Committed>)> {
+        // One batch in flight at a time (the caller cuts the next when told).
+        let (batches, incoming) = std::sync::mpsc::sync_channel::<Batch>(1);
+        let (outcomes, results) = tokio::sync::mpsc::channel(1);
+        std::thread::Builder::new()
+            .name("commons-jobstore".into())
+            .spawn(move || {
+                while let Ok(batch) = incoming.recv() {
+                    let outcome = store.commit_batch(&batch).map_err(|e| format!("{e:#}"));
+                    if outcomes.blocking_send(outcome).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("cannot start the job database's writer")?;
+        Ok((Self { batches }, results))
+    }
+
+    /// Hands `batch` to the thread; gives it back if the thread holds one
+    /// already or has stopped.
+    pub fn send(&self, batch: Batch) -> Result<(), Box<Batch>> {
+        self.batches.try_send(batch).map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(b)
+            | std::sync::mpsc::TrySendError::Disconnected(b) => Box::new(b),
+        })
+    }
 }
 
 /// `job id ‖ seq`, big-endian: a job's entries sort together and in order.
@@ -191,6 +248,11 @@ impl JobStore {
         }
         tx.commit()?;
         Ok(heads)
+    }
+
+    /// Commits `batch` ([`JobStore::commit_with`]).
+    pub fn commit_batch(&self, batch: &Batch) -> anyhow::Result<Vec<(JobId, AuditHead)>> {
+        self.commit_with(&batch.jobs, &batch.entries, batch.ledger.as_ref())
     }
 
     /// The verification ledger kept, if any.

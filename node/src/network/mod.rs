@@ -12,6 +12,7 @@
 pub mod bandwidth;
 pub mod blobs;
 mod charters;
+mod coordinating;
 mod peers;
 pub mod ping;
 mod status;
@@ -34,7 +35,7 @@ use anyhow::Context as _;
 use commons_protocol::envelope::Envelope;
 use commons_protocol::messages::{CapacityAdvert, Leave};
 use commons_protocol::{BoundedVec, Identity, NodeId, UnixMillis};
-use futures::{FutureExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
@@ -46,11 +47,10 @@ use tokio::sync::{mpsc, oneshot};
 use std::collections::HashMap;
 
 use crate::capacity::Capacity;
-use crate::coordinate::{Answer, Coordinating, KnownModel, Outgoing, Pending};
+use crate::coordinate::{Coordinating, KnownModel, Pending};
 use crate::executor::serve;
 use crate::jobstore::JobStore;
 use commons_coordinator::quota::RateLimit;
-use commons_coordinator::verify::Profile;
 
 /// Kademlia protocol id of the Commons DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/commons/kad/1.0.0");
@@ -334,6 +334,19 @@ pub struct EventLoop {
     blob_fetches: blobs::MemoryFetches,
     fetch_tx: mpsc::Sender<blobs::FetchRequest>,
     fetch_rx: mpsc::Receiver<blobs::FetchRequest>,
+    /// Commits the coordinator's job database off the event loop.
+    committer: Option<crate::jobstore::Committer>,
+    committed_rx: Option<mpsc::Receiver<crate::jobstore::Committed>>,
+}
+
+/// The next commit outcome, or never without a committer.
+async fn next_commit(
+    rx: &mut Option<mpsc::Receiver<crate::jobstore::Committed>>,
+) -> Option<crate::jobstore::Committed> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A node that chooses its own layers from what the swarm serves
@@ -473,6 +486,13 @@ impl EventLoop {
         let (fetch_tx, fetch_rx) = mpsc::channel(64);
         let coordinating = coordinating
             .map(|(models, store)| Coordinating::new(identity.clone(), models, store, now()));
+        let (committer, committed_rx) = match coordinating.as_ref().and_then(Coordinating::store) {
+            Some(store) => {
+                let (c, rx) = crate::jobstore::Committer::spawn(store)?;
+                (Some(c), Some(rx))
+            }
+            None => (None, None),
+        };
         let topic = gossipsub::IdentTopic::new(ADVERT_TOPIC);
         swarm
             .behaviour_mut()
@@ -529,6 +549,8 @@ impl EventLoop {
             blob_fetches: blobs::MemoryFetches::default(),
             fetch_tx,
             fetch_rx,
+            committer,
+            committed_rx,
         })
     }
 
@@ -721,6 +743,7 @@ impl EventLoop {
                     }
                 }
                 _ = coordinate.tick(), if self.coordinating.is_some() => self.coordinate_tick(),
+                Some(outcome) = next_commit(&mut self.committed_rx) => self.on_committed(outcome),
                 Some((channel, answer)) = self.responses_rx.recv() => {
                     self.counters.count_unit(answer.refused);
                     let _ = self.swarm.behaviour_mut().work.send_response(channel, answer.bytes);
@@ -1160,237 +1183,8 @@ impl EventLoop {
         }
     }
 
-    /// What the swarm offers now, for the coordinator: connected peers' adverts and our own.
-    fn span_offers(
-        &self,
-        c: &Coordinating<Reply>,
-    ) -> Vec<(
-        commons_protocol::ModelId,
-        commons_coordinator::routing::SpanOffer,
-    )> {
-        use commons_coordinator::routing::SpanOffer;
-        let mut load: HashMap<NodeId, usize> = HashMap::new();
-        for (_, node) in self.units_out.values() {
-            *load.entry(*node).or_default() += 1;
-        }
-        let mut offers = Vec::new();
-        let mut add = |node: NodeId,
-                       model,
-                       layers: commons_protocol::messages::LayerRange,
-                       mflops,
-                       rtt_ms| {
-            let ms_per_layer = c.ms_per_layer(&model, mflops);
-            let queue_ms = load.get(&node).copied().unwrap_or(0) as f64
-                * ms_per_layer
-                * f64::from(layers.len());
-            offers.push((
-                model,
-                SpanOffer {
-                    node,
-                    layers,
-                    ms_per_layer,
-                    rtt_ms,
-                    queue_ms,
-                },
-            ));
-        };
-        for entry in self.peers.peers() {
-            let Ok(peer) = PeerId::from_bytes(&entry.advert.node.peer_id_bytes()) else {
-                continue;
-            };
-            if !self.swarm.is_connected(&peer) {
-                continue;
-            }
-            let rtt = self.rtts.get(&peer).map_or(1.0, |d| d.as_secs_f64() * 1e3);
-            for held in entry.advert.models.iter() {
-                add(
-                    entry.advert.node,
-                    held.model,
-                    held.layers,
-                    entry.advert.matmul_mflops,
-                    rtt,
-                );
-            }
-        }
-        if let Some(s) = &self.served {
-            add(
-                self.identity.node_id(),
-                s.model,
-                s.layers,
-                self.capacity.matmul_mflops,
-                0.0,
-            );
-        }
-        offers
-    }
-
-    /// Tells the coordinator what the swarm offers now, and which coalitions
-    /// each node serves (as its advert says; this node's from its charters).
-    fn update_offers(&self, c: &mut Coordinating<Reply>) {
-        let offers = self.span_offers(c);
-        let mut coalitions: std::collections::BTreeMap<NodeId, _> = self
-            .peers
-            .peers()
-            .into_iter()
-            .filter(|e| !e.advert.coalitions.is_empty())
-            .map(|e| (e.advert.node, e.advert.coalitions.iter().copied().collect()))
-            .collect();
-        coalitions.insert(self.identity.node_id(), self.admission.coalitions().ids());
-        c.set_offers(&offers, coalitions);
-        // Each node is its own operator: a node key is a member's key.
-        let mut profiles: std::collections::BTreeMap<NodeId, Profile> = self
-            .peers
-            .peers()
-            .into_iter()
-            .map(|e| {
-                let profile = Profile {
-                    operator: e.advert.node,
-                    class: e.advert.determinism.clone(),
-                };
-                (e.advert.node, profile)
-            })
-            .collect();
-        let me = self.identity.node_id();
-        profiles.insert(
-            me,
-            Profile {
-                operator: me,
-                class: crate::capacity::determinism_class(),
-            },
-        );
-        c.set_profiles(profiles);
-    }
-
-    fn coordinate_tick(&mut self) {
-        let Some(mut c) = self.coordinating.take() else {
-            return;
-        };
-        self.update_offers(&mut c);
-        let t = now();
-        c.tick(t);
-        for (reply, bytes) in c.expire_watchers(t) {
-            self.respond(reply, bytes);
-        }
-        self.coordinating = Some(c);
-    }
-
-    /// Sends what the coordinator decided: units to nodes, reports to watchers.
-    fn flush_coordinator(&mut self) {
-        let Some(c) = self.coordinating.as_mut() else {
-            return;
-        };
-        // Units first: the next hop computes while this node writes the
-        // previous step to disk and answers the job's watchers.
-        let sends = c.drain_sends(now());
-        let sent = !sends.is_empty();
-        for out in sends {
-            self.send_unit(out);
-        }
-        if sent {
-            // Poll the swarm once, so the units reach their connections'
-            // tasks (which write them out) before the disk write below. The
-            // main loop polls it again with its own waker right after.
-            for _ in 0..16 {
-                match self.swarm.select_next_some().now_or_never() {
-                    Some(event) => self.on_swarm_event(event),
-                    None => break,
-                }
-            }
-        }
-        let Some(c) = self.coordinating.as_mut() else {
-            return;
-        };
-        for (reply, bytes) in c.settle(now()) {
-            self.respond(reply, bytes);
-        }
-    }
-
-    fn send_unit(&mut self, out: Outgoing) {
-        let Outgoing {
-            node,
-            bytes,
-            pending,
-        } = out;
-        if node == self.identity.node_id() {
-            // A span this node serves itself: run it here.
-            let tx = self.local_tx.clone();
-            let Some(served) = self.served.clone() else {
-                if let Some(c) = self.coordinating.as_mut() {
-                    c.on_failure(pending, "this node serves no model".into(), now());
-                }
-                return;
-            };
-            let identity = self.identity.clone();
-            match serve::admit(&served, &mut self.admission, &bytes, now()) {
-                Err(refusal) => {
-                    let reply = serve::UnitAnswer::refusal(&identity, &refusal, now());
-                    tokio::spawn(async move {
-                        let _ = tx.send((pending, reply)).await;
-                    });
-                }
-                Ok((id, unit)) => {
-                    tokio::spawn(async move {
-                        let reply = serve::run(&served, &identity, id, unit, now).await;
-                        let _ = tx.send((pending, reply)).await;
-                    });
-                }
-            }
-            return;
-        }
-        match PeerId::from_bytes(&node.peer_id_bytes()) {
-            Ok(peer) => {
-                let id = self.swarm.behaviour_mut().work.send_request(&peer, bytes);
-                self.units_out.insert(id, (pending, node));
-            }
-            Err(e) => {
-                if let Some(c) = self.coordinating.as_mut() {
-                    c.on_failure(pending, format!("bad peer id: {e}"), now());
-                }
-            }
-        }
-    }
-
-    fn respond(&mut self, reply: Reply, bytes: Vec<u8>) {
-        match reply {
-            Reply::Remote(channel) => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .jobs
-                    .send_response(channel, bytes);
-            }
-            Reply::Local(tx) => {
-                let _ = tx.send(bytes);
-            }
-        }
-    }
-
-    fn on_job_request(&mut self, request: Vec<u8>, channel: Reply) {
-        let Some(mut c) = self.coordinating.take() else {
-            let reply = commons_protocol::messages::ErrorReply {
-                code: commons_protocol::messages::ErrorCode::BAD_REQUEST,
-                message: "this node is not a coordinator (start it with --coordinator)".into(),
-                regarding: None,
-                responder: self.identity.node_id(),
-                issued_at: now(),
-                expires_at: now().plus_millis(60_000),
-            };
-            let bytes = Envelope::seal(&self.identity, &reply)
-                .map(|e| e.to_bytes())
-                .unwrap_or_default();
-            self.respond(channel, bytes);
-            return;
-        };
-        // Plan with the adverts that arrived since the last tick.
-        self.update_offers(&mut c);
-        let answer = c.on_request(&request, channel, now());
-        self.coordinating = Some(c);
-        if let Answer::Now(channel, bytes) = answer {
-            self.respond(channel, bytes);
-        }
-    }
-
     async fn leave(&mut self) {
+        self.finish_commits().await;
         let now = now();
         let leave = Leave {
             node: self.identity.node_id(),
