@@ -19,6 +19,22 @@
 //! the hops after them, whose caches are intact, continue as if nothing
 //! happened: the text is identical to an uninterrupted run.
 //!
+//! # Streaming
+//!
+//! With [`SchedulerConfig::stream_depth`] above 0, a chain whose hops are
+//! all at the same step gets the step's units all at once, every hop but
+//! the first told to wait for its input from the hop before, which sends
+//! its output there directly: the coordinator is off the path between two
+//! hops. At depth 2 a greedy job's next step goes out too, its first hop
+//! waiting for the token the last hop sends it, so the chain runs from
+//! token to token without the coordinator between. Every hop still returns
+//! its result to the coordinator, which takes them into the job in chain
+//! order, each only once the result before it is in and it commits to that
+//! result as its input. Anything else (a failure, a result that names
+//! another input, a failover, a rollback) drops the steps in flight, and
+//! the job goes on one unit at a time, each with its recorded input, until
+//! its hops are at the same step again (see [`stream`]).
+//!
 //! # Coalitions
 //!
 //! A job may run for a coalition ([`Scheduler::submit_in`]). Its units carry
@@ -44,6 +60,9 @@ use crate::trust;
 use crate::verify::{Ledger, Profile, Sampling, VerifyConfig, VerifyStats};
 
 mod check;
+mod stream;
+
+pub use stream::StreamStats;
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +79,13 @@ pub struct SchedulerConfig {
     pub keep_finished: usize,
     /// Spot checks of results.
     pub verify: VerifyConfig,
+    /// Steps a job's chain may have in flight at once, each sent to every
+    /// hop ahead of its input, which each hop forwards to the next
+    /// ([`stream`](self#streaming)). 0 sends one unit at a time, each with
+    /// its input; 1 sends a step to every hop at once; 2 sends the next step
+    /// too, so that a greedy job's last hop hands its token straight to the
+    /// first.
+    pub stream_depth: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -71,6 +97,7 @@ impl Default for SchedulerConfig {
             max_active_jobs: 64,
             keep_finished: 4096,
             verify: VerifyConfig::default(),
+            stream_depth: 0,
         }
     }
 }
@@ -165,6 +192,13 @@ pub enum Output {
         /// The job.
         job: JobId,
     },
+    /// The result of the chain unit sent with `ticket` entered the job's
+    /// transcript (its receipt belongs in the job's log). A streamed result
+    /// may enter after results that arrived later.
+    Taken {
+        /// The unit's ticket.
+        ticket: Ticket,
+    },
 }
 
 /// A checked result from a hop.
@@ -176,6 +210,9 @@ pub struct StepResult {
     pub outputs: Vec<Tensor>,
     /// Its commitment.
     pub commitment: Hash,
+    /// For a unit whose input was forwarded: the commitment of the result
+    /// it says it ran on, which must be its upstream hop's.
+    pub input: Option<Hash>,
 }
 
 /// Why a unit brought no result.
@@ -358,6 +395,8 @@ struct Job {
     check_units: u32,
     revisions: u32,
     in_flight: Option<InFlight>,
+    /// Steps sent to the whole chain ahead of their inputs.
+    stream: stream::Stream,
     awaiting_sample: bool,
     banned: BTreeSet<NodeId>,
     failovers: u32,
@@ -416,6 +455,7 @@ pub struct Scheduler {
     next_seq: u64,
     outputs: VecDeque<Output>,
     ledger: Ledger,
+    stream_stats: StreamStats,
 }
 
 const TRANSCRIPT_DOMAIN: &str = "commons job transcript v1";
@@ -451,6 +491,7 @@ impl Scheduler {
             next_seq: 0,
             outputs: VecDeque::new(),
             ledger: Ledger::new(config.verify.clone()),
+            stream_stats: StreamStats::default(),
         }
     }
 
@@ -715,6 +756,7 @@ impl Scheduler {
                 check_units: 0,
                 revisions: 0,
                 in_flight: None,
+                stream: stream::Stream::default(),
                 awaiting_sample: false,
                 banned: BTreeSet::new(),
                 failovers: 0,
@@ -765,11 +807,15 @@ impl Scheduler {
                 let checks = j
                     .chain
                     .iter()
-                    .filter_map(|h| h.check.as_ref()?.in_flight.as_ref());
-                j.in_flight.iter().chain(checks)
+                    .filter_map(|h| h.check.as_ref()?.in_flight.as_ref())
+                    .map(|f| (f.ticket, f.deadline));
+                j.in_flight
+                    .iter()
+                    .map(|f| (f.ticket, f.deadline))
+                    .chain(checks)
+                    .chain(j.stream.awaited())
             })
-            .filter(|f| f.deadline < now)
-            .map(|f| (f.ticket, f.deadline))
+            .filter(|&(_, deadline)| deadline < now)
             .collect();
         for (ticket, deadline) in late {
             self.handle_result(
@@ -797,6 +843,11 @@ impl Scheduler {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
+        if job.stream.holds(ticket) {
+            self.on_stream_result(now, id, ticket, outcome);
+            self.pump(now, id);
+            return;
+        }
         let Some(flight) = job.in_flight.take_if(|f| f.ticket == ticket) else {
             self.on_check_result(now, id, ticket, outcome);
             self.pump(now, id);
@@ -813,7 +864,9 @@ impl Scheduler {
             Ok(r)
         });
         match outcome {
-            Ok(result) => self.on_result(now, id, flight, result),
+            Ok(result) => {
+                self.on_result(now, id, flight, result);
+            }
             Err(failure) => self.on_failure(now, id, flight.hop, &failure),
         }
         self.pump(now, id);
@@ -832,9 +885,16 @@ impl Scheduler {
         self.pump(now, *job);
     }
 
-    fn on_result(&mut self, now: UnixMillis, id: JobId, flight: InFlight, result: StepResult) {
+    /// Takes `result` into the job: true when it entered the transcript.
+    fn on_result(
+        &mut self,
+        now: UnixMillis,
+        id: JobId,
+        flight: InFlight,
+        result: StepResult,
+    ) -> bool {
         let Some(job) = self.jobs.get_mut(&id) else {
-            return;
+            return false;
         };
         let step = flight.step;
         let last = flight.hop + 1 == job.chain.len();
@@ -850,7 +910,7 @@ impl Scheduler {
                 flight.hop,
                 &StepFailure::Invalid(format!("{} outputs, not 1", result.outputs.len())),
             );
-            return;
+            return false;
         };
         if !last {
             let shape = output.shape();
@@ -863,10 +923,13 @@ impl Scheduler {
                         "hidden states of shape {shape:?} for {input_len} tokens"
                     )),
                 );
-                return;
+                return false;
             }
         }
         job.receipts += 1;
+        self.outputs.push_back(Output::Taken {
+            ticket: flight.ticket,
+        });
         job.transcript = transcript_next(&job.transcript, &result.commitment);
         let hop = &mut job.chain[flight.hop];
         hop.done += 1;
@@ -895,11 +958,11 @@ impl Scheduler {
             if next.inputs.len() == step {
                 next.inputs.push(output.clone());
             }
-            return;
+            return true;
         }
         if step < job.tokens.len() {
             // A replayed step: its token was chosen before.
-            return;
+            return true;
         }
         if let Some(token) = output.to_u32().filter(|t| t.len() == 1) {
             self.accept_token(now, id, token[0]);
@@ -917,6 +980,7 @@ impl Scheduler {
                 &StepFailure::Invalid("the last hop returned neither a token nor logits".into()),
             );
         }
+        true
     }
 
     fn accept_token(&mut self, now: UnixMillis, id: JobId, token: u32) {
@@ -1012,6 +1076,7 @@ impl Scheduler {
         if let Some(f) = job.in_flight.take() {
             self.tickets.remove(&f.ticket);
         }
+        job.stream.abandon(&mut self.tickets);
         job.status = status;
         job.awaiting_sample = false;
         job.ending = None;
@@ -1154,12 +1219,18 @@ impl Scheduler {
     }
 
     fn pump_chain(&mut self, now: UnixMillis, id: JobId) {
-        let Some(job) = self.jobs.get_mut(&id) else {
+        let Some(job) = self.jobs.get(&id) else {
             return;
         };
         if job.status != JobStatus::Running || job.in_flight.is_some() || job.awaiting_sample {
             return;
         }
+        if self.pump_stream(now, id) {
+            return;
+        }
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
         let Some(h) = job.chain.iter().position(|h| h.done < h.inputs.len()) else {
             return;
         };
@@ -1167,7 +1238,8 @@ impl Scheduler {
         let (node, session) = (job.chain[h].node, job.chain[h].session);
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
-        let (unit, deadline) = unit_for(&self.config, now, id, job, h, step, session);
+        let (mut unit, deadline) = unit_for(&self.config, now, id, job, h, step, session);
+        unit.options.order = ticket.0;
         job.in_flight = Some(InFlight {
             ticket,
             hop: h,
@@ -1202,9 +1274,26 @@ fn unit_for(
     step: usize,
     session: SessionId,
 ) -> (InferenceUnit, UnixMillis) {
-    let hop = &job.chain[h];
-    let input = hop.inputs[step].clone();
+    let input = job.chain[h].inputs[step].clone();
     let tokens_in = input.shape().get(1).copied().unwrap_or(1);
+    unit_with(config, now, id, job, h, step, session, input, tokens_in)
+}
+
+/// [`unit_for`] with `input` (`tokens_in` tokens) given: empty for a unit
+/// whose input is forwarded.
+#[allow(clippy::too_many_arguments)]
+fn unit_with(
+    config: &SchedulerConfig,
+    now: UnixMillis,
+    id: JobId,
+    job: &Job,
+    h: usize,
+    step: usize,
+    session: SessionId,
+    input: Tensor,
+    tokens_in: u64,
+) -> (InferenceUnit, UnixMillis) {
+    let hop = &job.chain[h];
     let start_pos = if step == 0 {
         0
     } else {
@@ -1224,6 +1313,9 @@ fn unit_for(
             max_session_tokens: (job.spec.prompt.len() as u32).saturating_add(job.spec.max_tokens),
             sampling: (h + 1 == job.chain.len()).then(|| job.spec.sampling.clone()),
             close_session: false,
+            input_from: None,
+            forward_to: None,
+            order: 0,
         },
         coalition: job.coalition,
     };

@@ -143,6 +143,8 @@ pub struct Coordinating<C> {
     rejected: BTreeMap<String, u64>,
     /// Receipts taken and not yet committed to the audit log.
     audit_pending: Vec<AuditEntry>,
+    /// Receipts of chain results the scheduler has not taken yet, by ticket.
+    held: HashMap<commons_coordinator::job::Ticket, AuditEntry>,
     /// The ledger's revision and exclusion count last kept in the store, and when.
     ledger_kept: (u64, u64, std::time::Instant),
     /// Jobs changed since the last [`Coordinating::settle`].
@@ -203,6 +205,7 @@ impl<C> Coordinating<C> {
             refusals: BTreeMap::new(),
             rejected: BTreeMap::new(),
             audit_pending: Vec::new(),
+            held: HashMap::new(),
             ledger_kept: (0, 0, std::time::Instant::now()),
             changed: Vec::new(),
             durable: durable::Durable::default(),
@@ -711,6 +714,11 @@ impl<C> Coordinating<C> {
                     }
                 }
                 Output::Changed { job } => self.changed.push(job),
+                Output::Taken { ticket } => {
+                    if let Some(entry) = self.held.remove(&ticket) {
+                        self.audit_pending.push(entry);
+                    }
+                }
             }
         }
         sends
@@ -775,31 +783,29 @@ impl<C> Coordinating<C> {
             self.scheduler.handle_result(now, pending.ticket, outcome);
             return;
         }
-        let before = match (&receipt, &self.store) {
-            (Some(_), Some(_)) => self.scheduler.view(&pending.job).map(|v| v.receipts),
-            _ => None,
-        };
-        self.scheduler.handle_result(now, pending.ticket, outcome);
-        let (Some(receipt), Some(before)) = (receipt, before) else {
-            return;
-        };
-        // Taken into the transcript: the scheduler counted one more receipt.
-        let taken = self
-            .scheduler
-            .view(&pending.job)
-            .is_some_and(|v| v.receipts == before + 1);
-        if taken {
-            self.audit_pending.push(AuditEntry {
-                job: pending.job,
-                seq: 0,
-                segment: self.meta.get(&pending.job).map_or(0, |m| m.segment),
-                lane: Lane::Main,
-                step: pending.step,
-                layers: pending.layers,
-                recorded_at: now,
-                receipt,
-            });
+        // Logged once the scheduler takes it into the transcript
+        // ([`Output::Taken`]): a streamed result may wait for others.
+        if let (Some(receipt), Some(_)) = (receipt, &self.store) {
+            if self.held.len() >= MAX_PENDING_AUDIT {
+                let scheduler = &self.scheduler;
+                self.held
+                    .retain(|_, e| scheduler.progress(&e.job).is_some_and(|(_, ended)| !ended));
+            }
+            self.held.insert(
+                pending.ticket,
+                AuditEntry {
+                    job: pending.job,
+                    seq: 0,
+                    segment: self.meta.get(&pending.job).map_or(0, |m| m.segment),
+                    lane: Lane::Main,
+                    step: pending.step,
+                    layers: pending.layers,
+                    recorded_at: now,
+                    receipt,
+                },
+            );
         }
+        self.scheduler.handle_result(now, pending.ticket, outcome);
     }
 
     /// A unit that got no answer.
@@ -1111,6 +1117,7 @@ pub fn check_response(
                 StepResult {
                     executor: result.executor,
                     commitment: result.commitment,
+                    input: result.input,
                     outputs: result.outputs.into_vec(),
                 },
                 receipt,

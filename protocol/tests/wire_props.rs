@@ -8,10 +8,11 @@ use commons_protocol::envelope::Envelope;
 use commons_protocol::ids::{CoalitionId, JobId, ModelId, Nonce, SessionId, UnitId};
 use commons_protocol::messages::{
     AdamWParams, AuditAnchor, BatchSpec, CapacityAdvert, ChatTurn, CoalitionCharter, CpuInfo,
-    DataShardRef, DeterminismClass, ErrorCode, ErrorReply, ExecMetrics, GpuBackend, GpuInfo,
-    GradientEncoding, GradientMode, GradientUnit, HeldModel, InferenceOptions, InferenceUnit,
-    JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, LayerRange, Leave, ParamsRef,
-    Receipt, RouteHop, SamplingParams, StagePass, WorkBody, WorkResult, WorkUnit,
+    DataShardRef, DeterminismClass, Downstream, ErrorCode, ErrorReply, ExecMetrics, Forwarded,
+    GpuBackend, GpuInfo, GradientEncoding, GradientMode, GradientUnit, HeldModel, InferenceOptions,
+    InferenceUnit, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, LayerRange, Leave,
+    ParamsRef, Receipt, RouteHop, SamplingParams, StagePass, Upstream, WorkBody, WorkResult,
+    WorkUnit,
 };
 use commons_protocol::{BoundedVec, DType, Hash, Identity, Message, NodeId, Tensor, UnixMillis};
 use proptest::collection::vec;
@@ -223,6 +224,23 @@ fn gradient_body() -> impl Strategy<Value = WorkBody> {
         )
 }
 
+fn upstream() -> impl Strategy<Value = Upstream> {
+    (node(), any::<u64>()).prop_map(|(executor, link)| Upstream { executor, link })
+}
+
+fn downstream() -> impl Strategy<Value = Downstream> {
+    (
+        node(),
+        any::<u64>(),
+        proptest::collection::vec(any::<u32>(), 0..=16),
+    )
+        .prop_map(|(node, link, unless)| Downstream {
+            node,
+            link,
+            unless: BoundedVec::try_from_vec(unless).expect("at most 16"),
+        })
+}
+
 fn work_unit() -> impl Strategy<Value = WorkUnit> {
     let inference = (
         any::<[u8; 16]>(),
@@ -236,6 +254,11 @@ fn work_unit() -> impl Strategy<Value = WorkUnit> {
         proptest::option::of(sampling()),
         any::<bool>(),
         proptest::option::of(hash().prop_map(CoalitionId)),
+        (
+            proptest::option::of(upstream()),
+            proptest::option::of(downstream()),
+            any::<u64>(),
+        ),
     )
         .prop_map(
             |(
@@ -250,6 +273,7 @@ fn work_unit() -> impl Strategy<Value = WorkUnit> {
                 sampling,
                 close_session,
                 coalition,
+                (input_from, forward_to, order),
             )| {
                 WorkBody::Inference(InferenceUnit {
                     job: JobId(job),
@@ -263,6 +287,9 @@ fn work_unit() -> impl Strategy<Value = WorkUnit> {
                         max_session_tokens,
                         sampling,
                         close_session,
+                        input_from,
+                        forward_to,
+                        order,
                     },
                     coalition,
                 })
@@ -296,6 +323,7 @@ fn work_result() -> impl Strategy<Value = WorkResult> {
         any::<u64>(),
         time(),
         time(),
+        proptest::option::of(hash()),
     )
         .prop_map(
             |(
@@ -308,6 +336,7 @@ fn work_result() -> impl Strategy<Value = WorkResult> {
                 peak_memory_bytes,
                 i,
                 e,
+                input,
             )| {
                 let metrics = ExecMetrics {
                     queue_micros,
@@ -315,9 +344,10 @@ fn work_result() -> impl Strategy<Value = WorkResult> {
                     tokens,
                     peak_memory_bytes,
                 };
-                WorkResult::sign(
+                WorkResult::sign_with_input(
                     &Identity::from_secret(secret),
                     UnitId(unit),
+                    input,
                     outputs,
                     metrics,
                     i,
@@ -637,6 +667,30 @@ proptest! {
     fn job_report_roundtrips(m in job_report()) { roundtrip(&m)?; }
 
     #[test]
+    fn forwarded_roundtrips_and_commits_as_its_result(
+        unit in hash(),
+        link in any::<u64>(),
+        output in tensor(),
+        secret in any::<[u8; 32]>(),
+    ) {
+        let f = Forwarded { unit: UnitId(unit), link, output };
+        let bytes = codec::encode(&f).unwrap();
+        let back: Forwarded = codec::decode(&bytes, Forwarded::LIMIT).unwrap();
+        prop_assert_eq!(&back, &f);
+        // The sender's own result commits to the same output the same way.
+        let result = WorkResult::sign(
+            &Identity::from_secret(secret),
+            f.unit,
+            vec![f.output.clone()],
+            ExecMetrics::default(),
+            UnixMillis(1),
+            UnixMillis(2),
+        )
+        .unwrap();
+        prop_assert_eq!(result.commitment, f.commitment());
+    }
+
+    #[test]
     fn tensor_roundtrips(t in tensor()) {
         let bytes = codec::encode(&t).unwrap();
         let back: Tensor = codec::decode(&bytes, Limit::M64).unwrap();
@@ -655,6 +709,7 @@ proptest! {
         never_panics::<JobRequest>(&bytes);
         never_panics::<JobReport>(&bytes);
         let _ = codec::decode::<Tensor>(&bytes, Limit::M64);
+        let _ = codec::decode::<Forwarded>(&bytes, Forwarded::LIMIT);
         let _ = codec::decode::<BlobRequest>(&bytes, Limit::K4);
         let _ = codec::decode::<BlobResponse>(&bytes, Limit::M64);
     }

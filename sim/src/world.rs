@@ -1049,6 +1049,7 @@ impl Simulation {
                     );
                 }
                 Output::Changed { job } => self.job_changed(job),
+                Output::Taken { .. } => {}
             }
         }
         self.observe_verification();

@@ -161,6 +161,7 @@ impl Fake {
             executor: to,
             commitment: output.digest(),
             outputs: vec![output],
+            input: None,
         })
     }
 }

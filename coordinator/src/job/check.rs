@@ -330,6 +330,7 @@ impl Scheduler {
         if let Some(f) = job.in_flight.take() {
             self.tickets.remove(&f.ticket);
         }
+        job.stream.abandon(&mut self.tickets);
         job.awaiting_sample = false;
         job.ending = None;
         job.tokens.truncate(from);
@@ -448,7 +449,8 @@ impl Scheduler {
         };
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
-        let (unit, deadline) = unit_for(&self.config, now, id, job, h, step, session);
+        let (mut unit, deadline) = unit_for(&self.config, now, id, job, h, step, session);
+        unit.options.order = ticket.0;
         job.check_units += 1;
         self.ledger.stats.check_units += 1;
         if let Some(shadow) = job.chain[h].check.as_mut() {

@@ -170,6 +170,7 @@ impl Swarm {
             executor: to,
             outputs: vec![output],
             commitment,
+            input: None,
         })
     }
 
@@ -186,7 +187,7 @@ impl Swarm {
                     s.handle_result(now, ticket, r);
                 }
                 Some(Output::Sample { .. }) => panic!("greedy jobs never sample"),
-                Some(Output::Changed { .. }) => {}
+                Some(Output::Changed { .. } | Output::Taken { .. }) => {}
                 None => return,
             }
         }
@@ -614,6 +615,7 @@ fn drive_watching(swarm: &mut Swarm, s: &mut Scheduler, id: JobId, honest: &[u32
                 );
             }
             Some(Output::Sample { .. }) => panic!("greedy jobs never sample"),
+            Some(Output::Taken { .. }) => {}
             None => return,
         }
     }

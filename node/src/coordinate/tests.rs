@@ -204,6 +204,10 @@ fn taken_results_are_logged_before_reports_and_forged_ones_are_not() {
     let pending = sent_to_executor(&mut c, job);
     assert_eq!(pending.step, 0);
     c.on_response(pending, me, &sealed(&result_for(pending.unit, 9)), NOW);
+    // Held until the scheduler says it took the result, then queued.
+    assert_eq!(c.held.len(), 1);
+    let _ = c.drain_sends(NOW);
+    assert!(c.held.is_empty());
     assert_eq!(c.audit_pending.len(), 1);
     let view = c.view(&job).unwrap();
     assert_eq!(view.receipts, 1);

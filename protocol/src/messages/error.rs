@@ -38,6 +38,11 @@ impl ErrorCode {
     pub const TIMEOUT: Self = Self(12);
     /// The coordinator restarted and could not resume the job.
     pub const LOST: Self = Self(13);
+    /// A unit issued later for the same session and an earlier (or the
+    /// same) position took this one's place.
+    pub const SUPERSEDED: Self = Self(14);
+    /// A unit's input, to come from another node, did not come in time.
+    pub const NO_INPUT: Self = Self(15);
     /// The work failed on the node.
     pub const INTERNAL: Self = Self(100);
 
@@ -58,6 +63,8 @@ impl ErrorCode {
             Self::NO_ROUTE => "no_route",
             Self::TIMEOUT => "timeout",
             Self::LOST => "lost",
+            Self::SUPERSEDED => "superseded",
+            Self::NO_INPUT => "no_input",
             Self::INTERNAL => "internal",
             _ => "unknown",
         }

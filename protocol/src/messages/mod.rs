@@ -19,9 +19,10 @@ pub use job::{
     AuditAnchor, ChatTurn, JobInput, JobOp, JobReport, JobRequest, JobSpec, JobState, RouteHop,
 };
 pub use work::{
-    AdamWParams, BatchSpec, DataShardRef, ExecMetrics, GradientEncoding, GradientMode,
-    GradientUnit, InferenceOptions, InferenceUnit, LayerRange, ParamsRef, Receipt, ResultError,
-    SamplingParams, StagePass, WorkBody, WorkResult, WorkUnit, commitment,
+    AdamWParams, BatchSpec, DataShardRef, Downstream, ExecMetrics, Forwarded, GradientEncoding,
+    GradientMode, GradientUnit, InferenceOptions, InferenceUnit, LayerRange, ParamsRef, Receipt,
+    ResultError, SamplingParams, StagePass, Upstream, WorkBody, WorkResult, WorkUnit, commitment,
+    commitment_to,
 };
 
 use serde::Serialize;

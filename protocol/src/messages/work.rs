@@ -93,7 +93,8 @@ pub struct InferenceUnit {
     pub session: SessionId,
     /// Step number within the session, starting at 0; steps run in order.
     pub step: u64,
-    /// Token ids (first stage) or hidden states (later stages).
+    /// Token ids (first stage) or hidden states (later stages); empty when
+    /// the input comes from another node ([`InferenceOptions::input_from`]).
     pub input: Tensor,
     /// How to run it.
     pub options: InferenceOptions,
@@ -114,6 +115,71 @@ pub struct InferenceOptions {
     pub sampling: Option<SamplingParams>,
     /// Drop the session after this step.
     pub close_session: bool,
+    /// The input is not in the unit: it is the output of another node's
+    /// unit, which that node sends here directly ([`Forwarded`]). The unit
+    /// waits for it, runs only where its session's cache ends exactly at
+    /// `start_pos`, and its result commits to the input it ran on
+    /// ([`WorkResult::input`]).
+    pub input_from: Option<Upstream>,
+    /// Besides returning the output, send it straight to the node that runs
+    /// the next hop ([`Forwarded`]).
+    pub forward_to: Option<Downstream>,
+    /// The issuer's count of units sent, increasing: a unit never runs in
+    /// its session after one issued later for the same or an earlier
+    /// position (it was superseded, [`ErrorCode::SUPERSEDED`]).
+    ///
+    /// [`ErrorCode::SUPERSEDED`]: crate::messages::ErrorCode::SUPERSEDED
+    pub order: u64,
+}
+
+/// Where a unit's input comes from: the node that sends it, and the link
+/// (chosen by the issuer, who names the same link in the sending unit's
+/// [`Downstream`]) it comes by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Upstream {
+    /// The node that runs the unit before, and sends its output.
+    pub executor: NodeId,
+    /// The link between the two units.
+    pub link: u64,
+}
+
+/// Where a unit's output goes besides its issuer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Downstream {
+    /// The node running the next hop.
+    pub node: NodeId,
+    /// The link the next unit waits on ([`Upstream::link`]).
+    pub link: u64,
+    /// Tokens not to send on (they end the job): a last hop that samples
+    /// one of these returns it to its issuer alone.
+    pub unless: BoundedVec<u32, 16>,
+}
+
+/// The output of a unit, sent by its executor to the node that runs the
+/// next hop. Unsigned: the connection authenticates the sender, whom the
+/// receiving unit names ([`Upstream::executor`]); the receiver's result
+/// commits to what it received, which the issuer checks against the
+/// sender's own signed result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forwarded {
+    /// The unit whose output this is.
+    pub unit: UnitId,
+    /// The link it goes by ([`Downstream::link`]).
+    pub link: u64,
+    /// Its output (the same tensor its result carries).
+    pub output: Tensor,
+}
+
+impl Forwarded {
+    /// The most bytes a forwarded output's encoding may take.
+    pub const LIMIT: Limit = Limit::M64;
+
+    /// The commitment of the unit's result to this output: what the
+    /// receiver's result names as its input.
+    #[must_use]
+    pub fn commitment(&self) -> Hash {
+        commitment(&self.unit, std::slice::from_ref(&self.output))
+    }
 }
 
 /// Token sampling.
@@ -430,6 +496,10 @@ pub struct WorkResult {
     pub executor: NodeId,
     /// The executor's signature over (unit id ‖ commitment ‖ metrics).
     pub signature: Signature,
+    /// For a unit whose input came from another node: the commitment of
+    /// that node's result to the output received (covered by this result's
+    /// commitment).
+    pub input: Option<Hash>,
     /// Issue time.
     pub issued_at: UnixMillis,
     /// After this instant the result may be discarded.
@@ -473,12 +543,27 @@ pub enum ResultError {
 /// and each output's dtype, shape and little-endian bytes.
 #[must_use]
 pub fn commitment(unit: &UnitId, outputs: &[Tensor]) -> Hash {
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(outputs.len() + 1);
+    commitment_to(unit, None, outputs)
+}
+
+/// [`commitment`] of a result that also commits to the input it ran on
+/// (the commitment of the result it came from), when there is one.
+#[must_use]
+pub fn commitment_to(unit: &UnitId, input: Option<&Hash>, outputs: &[Tensor]) -> Hash {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(outputs.len() + 3);
     parts.push(&unit.0.0);
+    if let Some(input) = input {
+        parts.push(INPUT_TAG);
+        parts.push(&input.0);
+    }
     let digests: Vec<[u8; 32]> = outputs.iter().map(|t| t.digest().0).collect();
     parts.extend(digests.iter().map(|d| d.as_slice()));
     Hash::of_parts(COMMITMENT_DOMAIN, &parts)
 }
+
+/// Marks the input's commitment among a result commitment's parts (an
+/// output digest is never these 5 bytes: digests are 32).
+const INPUT_TAG: &[u8] = b"input";
 
 impl WorkResult {
     /// Builds and signs the result of `unit`.
@@ -490,10 +575,26 @@ impl WorkResult {
         issued_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> Result<Self, ResultError> {
+        Self::sign_with_input(
+            executor, unit, None, outputs, metrics, issued_at, expires_at,
+        )
+    }
+
+    /// [`WorkResult::sign`] for a unit that ran on a forwarded input, whose
+    /// commitment `input` the result commits to.
+    pub fn sign_with_input(
+        executor: &Identity,
+        unit: UnitId,
+        input: Option<Hash>,
+        outputs: Vec<Tensor>,
+        metrics: ExecMetrics,
+        issued_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> Result<Self, ResultError> {
         let count = outputs.len();
         let outputs =
             BoundedVec::try_from_vec(outputs).map_err(|_| ResultError::TooManyOutputs { count })?;
-        let commitment = commitment(&unit, &outputs);
+        let commitment = commitment_to(&unit, input.as_ref(), &outputs);
         let signature = executor.sign(&Receipt::signed_bytes(&unit, &commitment, &metrics));
         Ok(Self {
             unit,
@@ -502,6 +603,7 @@ impl WorkResult {
             metrics,
             executor: executor.node_id(),
             signature,
+            input,
             issued_at,
             expires_at,
         })
@@ -534,7 +636,7 @@ impl WorkResult {
                 .verify()
                 .map_err(|source| ResultError::Output { index, source })?;
         }
-        let actual = commitment(&self.unit, &self.outputs);
+        let actual = commitment_to(&self.unit, self.input.as_ref(), &self.outputs);
         if actual != self.commitment {
             return Err(ResultError::CommitmentMismatch {
                 claimed: self.commitment,
@@ -671,6 +773,47 @@ mod tests {
         .concat();
         result.signature = executor.sign(&v1);
         assert!(matches!(result.verify(), Err(ResultError::Signature(_))));
+    }
+
+    #[test]
+    fn a_result_commits_to_the_input_it_ran_on() {
+        let executor = Identity::from_secret([3; 32]);
+        let output = Tensor::from_f32(&[1, 2], &[0.5, -1.0]).expect("a valid tensor");
+        let unit = UnitId(Hash::of(b"unit"));
+        let input = Hash::of(b"the upstream result's commitment");
+        let sign = |input| {
+            WorkResult::sign_with_input(
+                &executor,
+                unit,
+                input,
+                vec![output.clone()],
+                ExecMetrics::default(),
+                UnixMillis(1),
+                UnixMillis(2),
+            )
+            .expect("one output")
+        };
+        let with = sign(Some(input));
+        with.verify().expect("verifies");
+        let without = sign(None);
+        assert_eq!(
+            without.commitment,
+            commitment(&unit, std::slice::from_ref(&output))
+        );
+        assert_ne!(with.commitment, without.commitment);
+        // Claiming another input afterwards breaks the commitment.
+        let mut claimed = with.clone();
+        claimed.input = Some(Hash::of(b"another input"));
+        assert!(matches!(
+            claimed.verify(),
+            Err(ResultError::CommitmentMismatch { .. })
+        ));
+        let mut dropped = with;
+        dropped.input = None;
+        assert!(matches!(
+            dropped.verify(),
+            Err(ResultError::CommitmentMismatch { .. })
+        ));
     }
 
     #[test]

@@ -219,6 +219,7 @@ impl Simulation {
             executor: id,
             commitment: output.digest(),
             outputs: vec![output],
+            input: None,
         });
         self.refresh_offers();
         let now = self.unix();
