@@ -17,7 +17,6 @@ use commons_coordinator::job::{
     JobStatus, NewJob, Output, Scheduler, SchedulerConfig, StepFailure, Ticket,
 };
 use commons_coordinator::placement::{self, Assignment, ModelShape, NodeCapacity, Plan};
-use commons_coordinator::routing::SpanOffer;
 use commons_coordinator::verify::VerifyStats;
 use commons_protocol::messages::{LayerRange, SamplingParams};
 use commons_protocol::{Hash, JobId, ModelId, NodeId, SessionId, UnixMillis};
@@ -28,11 +27,13 @@ use crate::dist::Dist;
 use crate::executor::{self, Session};
 use crate::scenario::Scenario;
 
+mod offers;
 mod training;
 mod units;
 
 pub use training::TrainingReport;
 
+use offers::OfferBook;
 use units::{Flight, JobTrack};
 
 /// Microseconds of simulated time.
@@ -247,9 +248,8 @@ pub struct Simulation {
     plan: Plan,
     shape: ModelShape,
     scheduler: Scheduler,
-    /// The online nodes with a span, as last given to the scheduler.
-    offer_nodes: Vec<u32>,
-    offers_dirty: bool,
+    /// Whose offers the scheduler has yet to see changed.
+    offers: OfferBook,
     /// Nodes were added since the scheduler last got their profiles.
     profiles_dirty: bool,
     /// Units in flight, by ticket.
@@ -360,8 +360,7 @@ impl Simulation {
                 },
                 seed,
             ),
-            offer_nodes: Vec::new(),
-            offers_dirty: true,
+            offers: OfferBook::default(),
             profiles_dirty: true,
             in_flight: BTreeMap::new(),
             sessions: BTreeMap::new(),
@@ -637,7 +636,7 @@ impl Simulation {
         let was = n.online && n.span.is_some();
         self.nodes[i as usize].span = span;
         self.count_serving(i, was);
-        self.offers_dirty = true;
+        self.offers.changed(i);
     }
 
     /// Keeps `serving_count` right after node `i` changed, given whether it
@@ -649,55 +648,6 @@ impl Simulation {
             (true, false) => self.serving_count -= 1,
             _ => {}
         }
-    }
-
-    fn refresh_offers(&mut self) {
-        self.refresh_profiles();
-        if !self.offers_dirty {
-            return;
-        }
-        self.offers_dirty = false;
-        self.offer_nodes = (0..self.nodes.len() as u32)
-            .filter(|&i| self.nodes[i as usize].online && self.nodes[i as usize].span.is_some())
-            .collect();
-        self.push_offers();
-    }
-
-    /// Brings the offers' queues up to date, as a node's driver does from
-    /// its units in flight (done when a job arrives, so new jobs are routed
-    /// on the current load; rebuilding them after every unit would cost too
-    /// much at scale).
-    fn refresh_queues(&mut self) {
-        self.refresh_profiles();
-        if self.offers_dirty {
-            self.refresh_offers();
-        } else if !self.offer_nodes.is_empty() {
-            self.push_offers();
-        }
-    }
-
-    /// Gives the scheduler what the nodes in `offer_nodes` offer now.
-    fn push_offers(&mut self) {
-        let offers: Vec<SpanOffer> = self
-            .offer_nodes
-            .iter()
-            .filter_map(|&i| {
-                let n = &self.nodes[i as usize];
-                Some(SpanOffer {
-                    node: n.id,
-                    layers: n.span?,
-                    ms_per_layer: 1000.0 / n.tokens_per_s,
-                    rtt_ms: self.rtt(i) as f64 / 1000.0,
-                    queue_ms: n.busy_until.saturating_sub(self.now) as f64 / 1000.0,
-                })
-            })
-            .collect();
-        self.scheduler.set_offers(
-            MODEL,
-            self.scenario.model.layers,
-            self.scenario.model.context,
-            offers,
-        );
     }
 
     fn unix(&self) -> UnixMillis {
@@ -1026,7 +976,7 @@ impl Simulation {
                     let start = (self.now + rtt / 2 + down).max(n.busy_until);
                     let done = start + compute + up + rtt / 2;
                     let epoch = n.epoch;
-                    self.nodes[i as usize].busy_until = start + compute;
+                    self.set_busy(i, start + compute);
                     let flight = self.execute(i, &unit, lane, start, compute);
                     self.in_flight.insert(ticket.0, flight);
                     self.at(
