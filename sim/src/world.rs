@@ -10,8 +10,7 @@
 //! outputs depend on each session's history, and adversaries that corrupt
 //! them. Knowing the truth, it counts what verification caught and missed.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use commons_coordinator::job::{
     JobStatus, NewJob, Output, Scheduler, SchedulerConfig, StepFailure, Ticket,
@@ -28,12 +27,14 @@ use crate::executor::{self, Session};
 use crate::scenario::Scenario;
 
 mod offers;
+mod queue;
 mod training;
 mod units;
 
 pub use training::TrainingReport;
 
 use offers::OfferBook;
+use queue::Queue;
 use units::{Flight, JobTrack};
 
 /// Microseconds of simulated time.
@@ -158,7 +159,7 @@ pub struct Report {
     pub training: Option<TrainingReport>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Event {
     NodeArrival,
     Join(u32),
@@ -240,7 +241,7 @@ pub struct Simulation {
     now: Micros,
     end: Micros,
     seq: u64,
-    queue: BinaryHeap<Reverse<(Micros, u64, Event)>>,
+    queue: Queue<Event>,
     rng: Streams,
     nodes: Vec<SimNode>,
     by_id: BTreeMap<NodeId, u32>,
@@ -339,7 +340,7 @@ impl Simulation {
             now: 0,
             end,
             seq: 0,
-            queue: BinaryHeap::new(),
+            queue: Queue::new(),
             rng: Streams {
                 arrivals: stream(seed, "arrivals"),
                 churn: stream(seed, "churn"),
@@ -458,12 +459,14 @@ impl Simulation {
         sim
     }
 
+    /// Schedules `e` at `t` (never before now), after everything already
+    /// scheduled for the same time.
     fn at(&mut self, t: Micros, e: Event) {
         if t > self.end {
             return;
         }
         self.seq += 1;
-        self.queue.push(Reverse((t, self.seq, e)));
+        self.queue.push(t.max(self.now), self.seq, e);
     }
 
     /// Feeds an event to the run's hash (a fixed binary form: cheap) and, when
@@ -656,7 +659,7 @@ impl Simulation {
 
     /// Runs to the end and reports.
     pub fn run(mut self) -> Report {
-        while let Some(Reverse((t, _, event))) = self.queue.pop() {
+        while let Some((t, event)) = self.queue.pop() {
             self.now = t;
             self.events += 1;
             self.handle(event);
