@@ -244,7 +244,6 @@ pub struct Simulation {
     queue: Queue<Event>,
     rng: Streams,
     nodes: Vec<SimNode>,
-    by_id: BTreeMap<NodeId, u32>,
     /// What online nodes serve, kept up to date.
     plan: Plan,
     shape: ModelShape,
@@ -259,7 +258,7 @@ pub struct Simulation {
     sessions: BTreeMap<JobId, BTreeMap<(u32, SessionId), Session>>,
     submitted: BTreeMap<JobId, Micros>,
     next_job: u64,
-    log: blake3::Hasher,
+    log: LogHash,
     log_lines: Option<Vec<String>>,
     events: u64,
     rows: Vec<Row>,
@@ -306,11 +305,59 @@ impl std::fmt::Debug for Simulation {
     }
 }
 
+/// The hash of the event log: blake3 over every event's fixed binary form,
+/// in order. Events are gathered into blocks before hashing (the hash of a
+/// stream does not depend on how it is cut), so blake3 hashes many chunks at
+/// once instead of being called 25 bytes at a time.
+struct LogHash {
+    hasher: blake3::Hasher,
+    block: Vec<u8>,
+}
+
+/// Bytes gathered before they are hashed: sixteen 1 KiB chunks, as many as
+/// blake3 hashes side by side.
+const LOG_BLOCK: usize = 16 * 1024;
+
+impl Default for LogHash {
+    fn default() -> Self {
+        Self {
+            hasher: blake3::Hasher::new(),
+            block: Vec::with_capacity(LOG_BLOCK),
+        }
+    }
+}
+
+impl LogHash {
+    fn update(&mut self, bytes: &[u8]) {
+        if self.block.len() + bytes.len() > LOG_BLOCK {
+            self.hasher.update(&self.block);
+            self.block.clear();
+        }
+        self.block.extend_from_slice(bytes);
+    }
+
+    fn finalize(mut self) -> blake3::Hash {
+        self.hasher.update(&self.block);
+        self.hasher.finalize()
+    }
+}
+
 fn node_id(index: u32) -> NodeId {
     let mut b = [0u8; 32];
     // Big-endian, so ids order as indices do.
     b[..4].copy_from_slice(&index.to_be_bytes());
     NodeId(b)
+}
+
+impl Simulation {
+    /// The index of the node with `id`, if it is one of the simulation's
+    /// (submitters are not): read back from the id, which is made from it.
+    fn index_of(&self, id: &NodeId) -> Option<u32> {
+        let (head, rest) = id.0.split_at(4);
+        let i = u32::from_be_bytes(head.try_into().ok()?);
+        let known = rest.iter().all(|b| *b == 0) && (i as usize) < self.nodes.len();
+        known.then_some(i)
+    }
 }
 
 fn exp_gap(rng: &mut ChaCha8Rng, per_second: f64) -> Micros {
@@ -351,7 +398,6 @@ impl Simulation {
                 links: stream(seed, "links"),
             },
             nodes: Vec::new(),
-            by_id: BTreeMap::new(),
             plan: placement::current(&shape, &[]),
             shape,
             scheduler: Scheduler::new(
@@ -367,7 +413,7 @@ impl Simulation {
             sessions: BTreeMap::new(),
             submitted: BTreeMap::new(),
             next_job: 0,
-            log: blake3::Hasher::new(),
+            log: LogHash::default(),
             log_lines: keep_log.then(Vec::new),
             events: 0,
             rows: Vec::new(),
@@ -399,6 +445,7 @@ impl Simulation {
             serving_count: 0,
             scenario,
         };
+        sim.nodes.reserve(sim.scenario.population.initial as usize);
         for _ in 0..sim.scenario.population.initial {
             let i = sim.new_node();
             sim.at(0, Event::Join(i));
@@ -523,7 +570,6 @@ impl Simulation {
             let punched = l.random_bool(nat.hole_punch_success);
             node.relayed = behind && !punched;
         }
-        self.by_id.insert(node.id, i);
         self.nodes.push(node);
         self.profiles_dirty = true;
         i
@@ -669,7 +715,10 @@ impl Simulation {
         Report {
             seed: self.seed,
             scenario_hash: self.scenario.hash(),
-            event_log_hash: self.log.finalize().to_hex().to_string(),
+            event_log_hash: std::mem::take(&mut self.log)
+                .finalize()
+                .to_hex()
+                .to_string(),
             events: self.events,
             rows: self.rows,
             sessions_s: self.sessions_s,
@@ -805,6 +854,10 @@ impl Simulation {
     /// Arrival rate now, per second.
     fn arrival_rate(&self) -> f64 {
         let p = &self.scenario.population;
+        if p.diurnal_amplitude == 0.0 {
+            // What the cycle below gives without one, without its cosine.
+            return p.arrivals_per_hour / 3600.0;
+        }
         let hour = (self.now as f64 / SECOND as f64 / 3600.0) % 24.0;
         let phase = 2.0 * std::f64::consts::PI * (hour - p.diurnal_peak_hour) / 24.0;
         p.arrivals_per_hour / 3600.0 * (1.0 + p.diurnal_amplitude * phase.cos())
@@ -954,7 +1007,7 @@ impl Simulation {
                     lane,
                     ..
                 } => {
-                    let Some(&i) = self.by_id.get(&node) else {
+                    let Some(i) = self.index_of(&node) else {
                         continue;
                     };
                     let n = &self.nodes[i as usize];

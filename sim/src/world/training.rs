@@ -205,7 +205,7 @@ impl Simulation {
         round: u64,
         share: u32,
     ) {
-        let Some(&i) = self.by_id.get(&node) else {
+        let Some(i) = self.index_of(&node) else {
             return;
         };
         let n = &self.nodes[i as usize];
