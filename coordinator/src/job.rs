@@ -55,7 +55,7 @@ use commons_protocol::messages::{
 };
 use commons_protocol::{CoalitionId, Hash, JobId, ModelId, NodeId, SessionId, Tensor, UnixMillis};
 
-use crate::routing::{self, SpanOffer, Spans};
+use crate::routing::{self, Offers, SpanOffer, Spans};
 use crate::trust;
 use crate::verify::{Ledger, Profile, Sampling, VerifyConfig, VerifyStats};
 
@@ -436,7 +436,7 @@ impl Job {
 struct ModelInfo {
     n_layers: u32,
     context_length: u32,
-    offers: Vec<SpanOffer>,
+    offers: Offers,
 }
 
 /// Many jobs, their chains, and their recovery.
@@ -508,9 +508,16 @@ impl Scheduler {
             ModelInfo {
                 n_layers,
                 context_length,
-                offers,
+                offers: offers.into_iter().collect(),
             },
         );
+    }
+
+    /// What the swarm offers for `model`, to change in place (a caller that
+    /// follows nodes one at a time, as the simulator does); `None` until
+    /// [`Scheduler::set_offers`] has named the model.
+    pub fn offers_mut(&mut self, model: &ModelId) -> Option<&mut Offers> {
+        self.models.get_mut(model).map(|m| &mut m.offers)
     }
 
     /// Sets which coalitions each node serves now (replacing what was set
@@ -713,8 +720,11 @@ impl Scheduler {
             start: 0,
             end: info.n_layers,
         };
-        let offers = offers_for(info, &self.coalitions, &self.ledger, coalition);
-        if let Err(e) = routing::route_within(whole, &offers, &BTreeSet::new(), Spans::Whole) {
+        let usable = |o: &SpanOffer| may_serve(&self.coalitions, &self.ledger, coalition, o);
+        if let Err(e) = info
+            .offers
+            .route(whole, &BTreeSet::new(), Spans::Whole, usable)
+        {
             return refuse(
                 ErrorCode::NO_ROUTE,
                 format!(
@@ -1039,12 +1049,14 @@ impl Scheduler {
             self.finish(now, id, status);
             return;
         }
-        let offers = self
-            .models
-            .get(&job.spec.model)
-            .map(|m| offers_for(m, &self.coalitions, &self.ledger, job.coalition))
-            .unwrap_or_default();
-        match routing::route_within(hop.layers, &offers, &job.banned, Spans::Whole) {
+        let usable = |o: &SpanOffer| may_serve(&self.coalitions, &self.ledger, job.coalition, o);
+        let route = match self.models.get(&job.spec.model) {
+            Some(m) => m
+                .offers
+                .route(hop.layers, &job.banned, Spans::Whole, usable),
+            None => routing::route_within(hop.layers, &[], &job.banned, Spans::Whole),
+        };
+        match route {
             Ok(route) => {
                 let mut replacement = job.open_hops(self.seed, &id, route);
                 // The first replacement replays what the failed hop was given.
@@ -1141,8 +1153,10 @@ impl Scheduler {
                 start: 0,
                 end: info.n_layers,
             };
-            let offers = offers_for(info, &self.coalitions, &self.ledger, job.coalition);
-            routing::route_within(whole, &offers, &job.banned, Spans::Whole)
+            let usable =
+                |o: &SpanOffer| may_serve(&self.coalitions, &self.ledger, job.coalition, o);
+            info.offers
+                .route(whole, &job.banned, Spans::Whole, usable)
                 .ok()
                 .filter(|r| !r.is_empty())
         });
@@ -1322,21 +1336,19 @@ fn unit_with(
     (unit, deadline)
 }
 
-/// The offers of `info` from nodes that take work for `coalition` and are
-/// not excluded from it.
-fn offers_for(
-    info: &ModelInfo,
+/// Whether the node of `offer` takes work for `coalition` and is not
+/// excluded from it.
+fn may_serve(
     served: &BTreeMap<NodeId, BTreeSet<CoalitionId>>,
     ledger: &Ledger,
     coalition: Option<CoalitionId>,
-) -> Vec<SpanOffer> {
-    let none = BTreeSet::new();
-    info.offers
-        .iter()
-        .filter(|o| trust::serves(served.get(&o.node).unwrap_or(&none), coalition))
-        .filter(|o| !ledger.is_excluded(&o.node, coalition))
-        .cloned()
-        .collect()
+    offer: &SpanOffer,
+) -> bool {
+    let serves = match served.get(&offer.node) {
+        Some(s) => trust::serves(s, coalition),
+        None => trust::serves(&BTreeSet::new(), coalition),
+    };
+    serves && !ledger.is_excluded(&offer.node, coalition)
 }
 
 fn in_coalition(coalition: Option<CoalitionId>) -> String {

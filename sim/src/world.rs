@@ -10,14 +10,12 @@
 //! outputs depend on each session's history, and adversaries that corrupt
 //! them. Knowing the truth, it counts what verification caught and missed.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use commons_coordinator::job::{
     JobStatus, NewJob, Output, Scheduler, SchedulerConfig, StepFailure, Ticket,
 };
 use commons_coordinator::placement::{self, Assignment, ModelShape, NodeCapacity, Plan};
-use commons_coordinator::routing::SpanOffer;
 use commons_coordinator::verify::VerifyStats;
 use commons_protocol::messages::{LayerRange, SamplingParams};
 use commons_protocol::{Hash, JobId, ModelId, NodeId, SessionId, UnixMillis};
@@ -28,11 +26,15 @@ use crate::dist::Dist;
 use crate::executor::{self, Session};
 use crate::scenario::Scenario;
 
+mod offers;
+mod queue;
 mod training;
 mod units;
 
 pub use training::TrainingReport;
 
+use offers::OfferBook;
+use queue::Queue;
 use units::{Flight, JobTrack};
 
 /// Microseconds of simulated time.
@@ -157,7 +159,7 @@ pub struct Report {
     pub training: Option<TrainingReport>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Event {
     NodeArrival,
     Join(u32),
@@ -239,17 +241,15 @@ pub struct Simulation {
     now: Micros,
     end: Micros,
     seq: u64,
-    queue: BinaryHeap<Reverse<(Micros, u64, Event)>>,
+    queue: Queue<Event>,
     rng: Streams,
     nodes: Vec<SimNode>,
-    by_id: BTreeMap<NodeId, u32>,
     /// What online nodes serve, kept up to date.
     plan: Plan,
     shape: ModelShape,
     scheduler: Scheduler,
-    /// The online nodes with a span, as last given to the scheduler.
-    offer_nodes: Vec<u32>,
-    offers_dirty: bool,
+    /// Whose offers the scheduler has yet to see changed.
+    offers: OfferBook,
     /// Nodes were added since the scheduler last got their profiles.
     profiles_dirty: bool,
     /// Units in flight, by ticket.
@@ -258,7 +258,7 @@ pub struct Simulation {
     sessions: BTreeMap<JobId, BTreeMap<(u32, SessionId), Session>>,
     submitted: BTreeMap<JobId, Micros>,
     next_job: u64,
-    log: blake3::Hasher,
+    log: LogHash,
     log_lines: Option<Vec<String>>,
     events: u64,
     rows: Vec<Row>,
@@ -305,11 +305,59 @@ impl std::fmt::Debug for Simulation {
     }
 }
 
+/// The hash of the event log: blake3 over every event's fixed binary form,
+/// in order. Events are gathered into blocks before hashing (the hash of a
+/// stream does not depend on how it is cut), so blake3 hashes many chunks at
+/// once instead of being called 25 bytes at a time.
+struct LogHash {
+    hasher: blake3::Hasher,
+    block: Vec<u8>,
+}
+
+/// Bytes gathered before they are hashed: sixteen 1 KiB chunks, as many as
+/// blake3 hashes side by side.
+const LOG_BLOCK: usize = 16 * 1024;
+
+impl Default for LogHash {
+    fn default() -> Self {
+        Self {
+            hasher: blake3::Hasher::new(),
+            block: Vec::with_capacity(LOG_BLOCK),
+        }
+    }
+}
+
+impl LogHash {
+    fn update(&mut self, bytes: &[u8]) {
+        if self.block.len() + bytes.len() > LOG_BLOCK {
+            self.hasher.update(&self.block);
+            self.block.clear();
+        }
+        self.block.extend_from_slice(bytes);
+    }
+
+    fn finalize(mut self) -> blake3::Hash {
+        self.hasher.update(&self.block);
+        self.hasher.finalize()
+    }
+}
+
 fn node_id(index: u32) -> NodeId {
     let mut b = [0u8; 32];
     // Big-endian, so ids order as indices do.
     b[..4].copy_from_slice(&index.to_be_bytes());
     NodeId(b)
+}
+
+impl Simulation {
+    /// The index of the node with `id`, if it is one of the simulation's
+    /// (submitters are not): read back from the id, which is made from it.
+    fn index_of(&self, id: &NodeId) -> Option<u32> {
+        let (head, rest) = id.0.split_at(4);
+        let i = u32::from_be_bytes(head.try_into().ok()?);
+        let known = rest.iter().all(|b| *b == 0) && (i as usize) < self.nodes.len();
+        known.then_some(i)
+    }
 }
 
 fn exp_gap(rng: &mut ChaCha8Rng, per_second: f64) -> Micros {
@@ -339,7 +387,7 @@ impl Simulation {
             now: 0,
             end,
             seq: 0,
-            queue: BinaryHeap::new(),
+            queue: Queue::new(),
             rng: Streams {
                 arrivals: stream(seed, "arrivals"),
                 churn: stream(seed, "churn"),
@@ -350,7 +398,6 @@ impl Simulation {
                 links: stream(seed, "links"),
             },
             nodes: Vec::new(),
-            by_id: BTreeMap::new(),
             plan: placement::current(&shape, &[]),
             shape,
             scheduler: Scheduler::new(
@@ -360,14 +407,13 @@ impl Simulation {
                 },
                 seed,
             ),
-            offer_nodes: Vec::new(),
-            offers_dirty: true,
+            offers: OfferBook::default(),
             profiles_dirty: true,
             in_flight: BTreeMap::new(),
             sessions: BTreeMap::new(),
             submitted: BTreeMap::new(),
             next_job: 0,
-            log: blake3::Hasher::new(),
+            log: LogHash::default(),
             log_lines: keep_log.then(Vec::new),
             events: 0,
             rows: Vec::new(),
@@ -399,6 +445,7 @@ impl Simulation {
             serving_count: 0,
             scenario,
         };
+        sim.nodes.reserve(sim.scenario.population.initial as usize);
         for _ in 0..sim.scenario.population.initial {
             let i = sim.new_node();
             sim.at(0, Event::Join(i));
@@ -459,12 +506,14 @@ impl Simulation {
         sim
     }
 
+    /// Schedules `e` at `t` (never before now), after everything already
+    /// scheduled for the same time.
     fn at(&mut self, t: Micros, e: Event) {
         if t > self.end {
             return;
         }
         self.seq += 1;
-        self.queue.push(Reverse((t, self.seq, e)));
+        self.queue.push(t.max(self.now), self.seq, e);
     }
 
     /// Feeds an event to the run's hash (a fixed binary form: cheap) and, when
@@ -521,7 +570,6 @@ impl Simulation {
             let punched = l.random_bool(nat.hole_punch_success);
             node.relayed = behind && !punched;
         }
-        self.by_id.insert(node.id, i);
         self.nodes.push(node);
         self.profiles_dirty = true;
         i
@@ -637,7 +685,7 @@ impl Simulation {
         let was = n.online && n.span.is_some();
         self.nodes[i as usize].span = span;
         self.count_serving(i, was);
-        self.offers_dirty = true;
+        self.offers.changed(i);
     }
 
     /// Keeps `serving_count` right after node `i` changed, given whether it
@@ -651,62 +699,13 @@ impl Simulation {
         }
     }
 
-    fn refresh_offers(&mut self) {
-        self.refresh_profiles();
-        if !self.offers_dirty {
-            return;
-        }
-        self.offers_dirty = false;
-        self.offer_nodes = (0..self.nodes.len() as u32)
-            .filter(|&i| self.nodes[i as usize].online && self.nodes[i as usize].span.is_some())
-            .collect();
-        self.push_offers();
-    }
-
-    /// Brings the offers' queues up to date, as a node's driver does from
-    /// its units in flight (done when a job arrives, so new jobs are routed
-    /// on the current load; rebuilding them after every unit would cost too
-    /// much at scale).
-    fn refresh_queues(&mut self) {
-        self.refresh_profiles();
-        if self.offers_dirty {
-            self.refresh_offers();
-        } else if !self.offer_nodes.is_empty() {
-            self.push_offers();
-        }
-    }
-
-    /// Gives the scheduler what the nodes in `offer_nodes` offer now.
-    fn push_offers(&mut self) {
-        let offers: Vec<SpanOffer> = self
-            .offer_nodes
-            .iter()
-            .filter_map(|&i| {
-                let n = &self.nodes[i as usize];
-                Some(SpanOffer {
-                    node: n.id,
-                    layers: n.span?,
-                    ms_per_layer: 1000.0 / n.tokens_per_s,
-                    rtt_ms: self.rtt(i) as f64 / 1000.0,
-                    queue_ms: n.busy_until.saturating_sub(self.now) as f64 / 1000.0,
-                })
-            })
-            .collect();
-        self.scheduler.set_offers(
-            MODEL,
-            self.scenario.model.layers,
-            self.scenario.model.context,
-            offers,
-        );
-    }
-
     fn unix(&self) -> UnixMillis {
         UnixMillis(self.now / 1000)
     }
 
     /// Runs to the end and reports.
     pub fn run(mut self) -> Report {
-        while let Some(Reverse((t, _, event))) = self.queue.pop() {
+        while let Some((t, event)) = self.queue.pop() {
             self.now = t;
             self.events += 1;
             self.handle(event);
@@ -716,7 +715,10 @@ impl Simulation {
         Report {
             seed: self.seed,
             scenario_hash: self.scenario.hash(),
-            event_log_hash: self.log.finalize().to_hex().to_string(),
+            event_log_hash: std::mem::take(&mut self.log)
+                .finalize()
+                .to_hex()
+                .to_string(),
             events: self.events,
             rows: self.rows,
             sessions_s: self.sessions_s,
@@ -852,6 +854,10 @@ impl Simulation {
     /// Arrival rate now, per second.
     fn arrival_rate(&self) -> f64 {
         let p = &self.scenario.population;
+        if p.diurnal_amplitude == 0.0 {
+            // What the cycle below gives without one, without its cosine.
+            return p.arrivals_per_hour / 3600.0;
+        }
         let hour = (self.now as f64 / SECOND as f64 / 3600.0) % 24.0;
         let phase = 2.0 * std::f64::consts::PI * (hour - p.diurnal_peak_hour) / 24.0;
         p.arrivals_per_hour / 3600.0 * (1.0 + p.diurnal_amplitude * phase.cos())
@@ -1001,7 +1007,7 @@ impl Simulation {
                     lane,
                     ..
                 } => {
-                    let Some(&i) = self.by_id.get(&node) else {
+                    let Some(i) = self.index_of(&node) else {
                         continue;
                     };
                     let n = &self.nodes[i as usize];
@@ -1026,7 +1032,7 @@ impl Simulation {
                     let start = (self.now + rtt / 2 + down).max(n.busy_until);
                     let done = start + compute + up + rtt / 2;
                     let epoch = n.epoch;
-                    self.nodes[i as usize].busy_until = start + compute;
+                    self.set_busy(i, start + compute);
                     let flight = self.execute(i, &unit, lane, start, compute);
                     self.in_flight.insert(ticket.0, flight);
                     self.at(

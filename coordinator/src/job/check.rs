@@ -348,8 +348,10 @@ impl Scheduler {
                 start: 0,
                 end: info.n_layers,
             };
-            let offers = offers_for(info, &self.coalitions, &self.ledger, job.coalition);
-            routing::route_within(whole, &offers, &job.banned, Spans::Whole)
+            let usable =
+                |o: &SpanOffer| may_serve(&self.coalitions, &self.ledger, job.coalition, o);
+            info.offers
+                .route(whole, &job.banned, Spans::Whole, usable)
                 .ok()
                 .filter(|r| !r.is_empty())
         });
@@ -484,9 +486,9 @@ impl Scheduler {
             .dispute
             .as_ref()
             .map(|d| self.ledger.operator(&d.checker));
-        offers_for(info, &self.coalitions, &self.ledger, job.coalition)
-            .into_iter()
-            .filter(|o| o.layers.start <= hop.layers.start && hop.layers.end <= o.layers.end)
+        info.offers
+            .containing(hop.layers)
+            .filter(|o| may_serve(&self.coalitions, &self.ledger, job.coalition, o))
             .filter(|o| o.node != hop.node && self.ledger.operator(&o.node) != operator)
             .filter(|o| other != Some(self.ledger.operator(&o.node)))
             .filter(|o| !job.banned.contains(&o.node) && !hop.check_banned.contains(&o.node))
@@ -494,7 +496,8 @@ impl Scheduler {
                 let cost = o.ms_per_layer * f64::from(hop.layers.len()) + o.rtt_ms + o.queue_ms;
                 (!self.ledger.same_class(&o.node, &hop.node), cost, o.node)
             })
-            .min_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal))
+            // A total order, so the choice never depends on the offers' order.
+            .min_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)))
             .map(|(_, _, node)| node)
     }
 }

@@ -205,7 +205,7 @@ impl Simulation {
         round: u64,
         share: u32,
     ) {
-        let Some(&i) = self.by_id.get(&node) else {
+        let Some(i) = self.index_of(&node) else {
             return;
         };
         let n = &self.nodes[i as usize];
@@ -237,7 +237,7 @@ impl Simulation {
         let start = (self.now + rtt / 2 + fetch).max(n.busy_until);
         let done = start + compute + upload + rtt / 2;
         let epoch = n.epoch;
-        self.nodes[i as usize].busy_until = start + compute;
+        self.set_busy(i, start + compute);
         if let Some(run) = &mut self.training {
             run.fetched.insert(i, round);
             run.bytes_down += fetch_bytes;

@@ -305,7 +305,7 @@ impl Simulation {
             .collect();
         for id in new {
             self.excluded.insert(id);
-            let Some(&i) = self.by_id.get(&id) else {
+            let Some(i) = self.index_of(&id) else {
                 continue;
             };
             let t_s = self.now as f64 / SECOND as f64;
