@@ -520,6 +520,13 @@ impl Scheduler {
         self.models.get_mut(model).map(|m| &mut m.offers)
     }
 
+    /// Sets how many steps of a job's chain may be in flight at once
+    /// ([`SchedulerConfig::stream_depth`]); jobs running now take it up at
+    /// their next step.
+    pub fn set_stream_depth(&mut self, depth: usize) {
+        self.config.stream_depth = depth;
+    }
+
     /// Sets which coalitions each node serves now (replacing what was set
     /// before). Nodes not listed serve open work only.
     pub fn set_coalitions(&mut self, served: BTreeMap<NodeId, BTreeSet<CoalitionId>>) {

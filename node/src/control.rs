@@ -183,6 +183,16 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             c.units_served,
         ),
         (
+            "outputs_forwarded",
+            "Outputs sent straight to the node running the next hop",
+            c.outputs_forwarded,
+        ),
+        (
+            "inputs_forwarded",
+            "Inputs received from the node running the hop before",
+            c.inputs_forwarded,
+        ),
+        (
             "peers_dropped",
             "Peers disconnected for an oversized, malformed or trickled request",
             c.peers_dropped,

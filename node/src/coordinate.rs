@@ -373,6 +373,20 @@ impl<C> Coordinating<C> {
         Ok((job, sampler))
     }
 
+    /// Steps of a job's chain in flight at once (0: one unit at a time,
+    /// each through this coordinator; see
+    /// [`SchedulerConfig::stream_depth`](commons_coordinator::job::SchedulerConfig::stream_depth)).
+    pub fn set_stream_depth(&mut self, depth: usize) {
+        self.scheduler.set_stream_depth(depth);
+    }
+
+    /// What streaming did: steps sent to whole chains, results that named
+    /// another input, steps dropped.
+    #[must_use]
+    pub fn stream_stats(&self) -> commons_coordinator::job::StreamStats {
+        self.scheduler.stream_stats()
+    }
+
     /// Accepts jobs only for `coalitions` (open jobs when there are none) and
     /// from their members, at most `per_member` a submitter (`None`: no limit).
     pub fn set_trust(&mut self, coalitions: Coalitions, per_member: Option<RateLimit>) {

@@ -1,7 +1,9 @@
 //! Fault injection for tests of verification: `commons node join --fault
 //! corrupt:F[:SEED]` makes the node alter the outputs of each result it
 //! returns with probability `F`, and sign the altered result as its own, as a
-//! dishonest or broken node would.
+//! dishonest or broken node would; `--fault equivocate:F[:SEED]` makes it
+//! alter, with probability `F`, the output it forwards to the next hop of a
+//! streamed chain while it returns the true one to the coordinator.
 //!
 //! The corrupting code is compiled only with the `fault` cargo feature (the
 //! end-to-end tests enable it); without it [`corrupt`] does nothing and the
@@ -16,13 +18,15 @@ mod enabled {
 
     use commons_protocol::{Hash, Tensor};
 
-    /// `corrupt:F[:SEED]`, parsed.
+    /// `corrupt:F[:SEED]` or `equivocate:F[:SEED]`, parsed.
     #[derive(Debug, Clone, Copy, PartialEq)]
     pub struct Fault {
-        /// Probability of corrupting a result.
+        /// Probability of corrupting a result (or a forwarded output).
         pub probability: f64,
         /// Seed of the draws: the same seed corrupts the same results.
         pub seed: u64,
+        /// Forwarded outputs are altered, not results.
+        pub forwards: bool,
     }
 
     impl std::str::FromStr for Fault {
@@ -30,9 +34,15 @@ mod enabled {
 
         fn from_str(s: &str) -> Result<Self, Self::Err> {
             let mut parts = s.split(':');
-            if parts.next() != Some("corrupt") {
-                return Err(format!("{s:?}: the only fault is corrupt:F[:SEED]"));
-            }
+            let forwards = match parts.next() {
+                Some("corrupt") => false,
+                Some("equivocate") => true,
+                _ => {
+                    return Err(format!(
+                        "{s:?}: the faults are corrupt:F[:SEED] and equivocate:F[:SEED]"
+                    ));
+                }
+            };
             let probability: f64 = parts
                 .next()
                 .ok_or("corrupt:F needs a probability F")?
@@ -48,7 +58,11 @@ mod enabled {
             if parts.next().is_some() {
                 return Err(format!("{s:?}: expected corrupt:F[:SEED]"));
             }
-            Ok(Self { probability, seed })
+            Ok(Self {
+                probability,
+                seed,
+                forwards,
+            })
         }
     }
 
@@ -76,8 +90,8 @@ mod enabled {
             .map_or(0, |f| f.corrupted.load(Ordering::Relaxed))
     }
 
-    pub(super) fn corrupt(outputs: &mut [Tensor]) -> bool {
-        let Some(installed) = FAULT.get() else {
+    pub(super) fn corrupt(outputs: &mut [Tensor], forwards: bool) -> bool {
+        let Some(installed) = FAULT.get().filter(|f| f.fault.forwards == forwards) else {
             return false;
         };
         let n = installed.draws.fetch_add(1, Ordering::Relaxed);
@@ -122,16 +136,31 @@ mod enabled {
 #[cfg(feature = "fault")]
 pub use enabled::{Fault, corrupted, install};
 
-/// Alters `outputs` when a fault is installed and its draw says so; true if it did.
+/// Alters `outputs` when a `corrupt` fault is installed and its draw says so; true if it did.
 #[must_use]
 pub fn corrupt(outputs: &mut [Tensor]) -> bool {
     #[cfg(feature = "fault")]
     {
-        enabled::corrupt(outputs)
+        enabled::corrupt(outputs, false)
     }
     #[cfg(not(feature = "fault"))]
     {
         let _ = outputs;
+        false
+    }
+}
+
+/// Alters an output about to be forwarded when an `equivocate` fault is
+/// installed and its draw says so; true if it did.
+#[must_use]
+pub fn equivocate(output: &mut Tensor) -> bool {
+    #[cfg(feature = "fault")]
+    {
+        enabled::corrupt(std::slice::from_mut(output), true)
+    }
+    #[cfg(not(feature = "fault"))]
+    {
+        let _ = output;
         false
     }
 }
@@ -143,7 +172,9 @@ mod tests {
     #[test]
     fn specs_parse_or_say_why_not() {
         let f: Fault = "corrupt:0.25:9".parse().unwrap();
-        assert_eq!((f.probability, f.seed), (0.25, 9));
+        assert_eq!((f.probability, f.seed, f.forwards), (0.25, 9, false));
+        let f: Fault = "equivocate:1".parse().unwrap();
+        assert_eq!((f.probability, f.seed, f.forwards), (1.0, 0, true));
         assert_eq!("corrupt:1".parse::<Fault>().unwrap().seed, 0);
         for bad in [
             "flip:0.1",

@@ -80,6 +80,16 @@ pub struct JoinArgs {
     /// Also act as a coordinator: accept jobs, route them over the swarm, fail over.
     #[arg(long, requires = "model")]
     pub coordinator: bool,
+    /// With `--coordinator`: steps of a job's chain in flight at once. 0
+    /// sends each hop its unit with its input, one after another, through
+    /// the coordinator; 1 sends a step to every hop at once, each hop
+    /// forwarding its output to the next; 2 (the default) sends the next
+    /// step too, the last hop handing a greedy job's token straight to the
+    /// first. Every result still comes back to the coordinator, which checks
+    /// that each ran on the one before.
+    #[arg(long, default_value_t = 2, value_name = "N", requires = "coordinator",
+          value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub stream_depth: u8,
     /// Serve the OpenAI-compatible API here (loopback only; needs `--coordinator`).
     #[arg(long, value_name = "ADDR", requires = "coordinator")]
     pub api: Option<SocketAddr>,
@@ -127,9 +137,11 @@ pub struct JoinArgs {
     #[cfg(feature = "fault")]
     #[arg(long, value_name = "MS", requires = "train")]
     pub train_delay_ms: Option<u64>,
-    /// Test builds only: corrupt each result with probability F (`corrupt:F[:SEED]`).
+    /// Test builds only: corrupt each result with probability F
+    /// (`corrupt:F[:SEED]`), or each output forwarded to the next hop while
+    /// returning the true one (`equivocate:F[:SEED]`).
     #[cfg(feature = "fault")]
-    #[arg(long, value_name = "corrupt:F[:SEED]")]
+    #[arg(long, value_name = "corrupt|equivocate:F[:SEED]")]
     pub fault: Option<crate::fault::Fault>,
 }
 
@@ -433,7 +445,8 @@ async fn join(settings: &Settings, args: JoinArgs) -> anyhow::Result<ExitCode> {
     .with_files(shares, fetch)?
     .with_auto_placement(auto_place)
     .with_trainer(trainer)
-    .with_trust(trust);
+    .with_trust(trust)
+    .with_stream_depth(usize::from(args.stream_depth));
 
     let stopping = Arc::new(Notify::new());
     let server_stop = {

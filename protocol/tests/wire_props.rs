@@ -670,17 +670,19 @@ proptest! {
     fn forwarded_roundtrips_and_commits_as_its_result(
         unit in hash(),
         link in any::<u64>(),
+        input in proptest::option::of(hash()),
         output in tensor(),
         secret in any::<[u8; 32]>(),
     ) {
-        let f = Forwarded { unit: UnitId(unit), link, output };
+        let f = Forwarded { unit: UnitId(unit), link, input, output };
         let bytes = codec::encode(&f).unwrap();
         let back: Forwarded = codec::decode(&bytes, Forwarded::LIMIT).unwrap();
         prop_assert_eq!(&back, &f);
-        // The sender's own result commits to the same output the same way.
-        let result = WorkResult::sign(
+        // The sender's own result commits to the same output (and input) the same way.
+        let result = WorkResult::sign_with_input(
             &Identity::from_secret(secret),
             f.unit,
+            f.input,
             vec![f.output.clone()],
             ExecMetrics::default(),
             UnixMillis(1),

@@ -10,10 +10,11 @@ use commons_coordinator::quota::{Quotas, RateLimit};
 use commons_coordinator::trust::Coalitions;
 use commons_protocol::envelope::Envelope;
 use commons_protocol::messages::{
-    ErrorCode, ErrorReply, ExecMetrics, InferenceUnit, LayerRange, WorkBody, WorkResult, WorkUnit,
+    Downstream, ErrorCode, ErrorReply, ExecMetrics, Forwarded, InferenceUnit, LayerRange, WorkBody,
+    WorkResult, WorkUnit,
 };
 use commons_protocol::replay::ReplayGuard;
-use commons_protocol::{Identity, ModelId, NodeId, UnitId, UnixMillis};
+use commons_protocol::{Hash, Identity, ModelId, NodeId, UnitId, UnixMillis};
 
 use super::engine::{EngineError, EngineHandle, StepRequest};
 use super::session::SessionError;
@@ -207,7 +208,9 @@ fn to_input(
     let shape = t.shape();
     if layers.start == 0 {
         let ids = t.to_u32().ok_or("the first stage takes u32 token ids")?;
-        if shape.len() != 2 || shape[0] != 1 {
+        // (n,) is a token the last hop sent on.
+        let tokens = shape.len() == 1 || (shape.len() == 2 && shape[0] == 1);
+        if !tokens || ids.is_empty() {
             return Err(format!("token ids must have shape (1, n), not {shape:?}"));
         }
         return Ok(StageInput::Tokens(ids));
@@ -254,12 +257,30 @@ impl UnitAnswer {
     }
 }
 
-/// Runs an admitted unit and returns the signed response envelope.
+/// A unit's output on its way to the node that runs the next hop: the
+/// encoded [`Forwarded`], and where to.
+#[derive(Debug)]
+pub struct Outbound {
+    /// The next hop's node.
+    pub to: NodeId,
+    /// The encoded [`Forwarded`].
+    pub bytes: Vec<u8>,
+}
+
+/// Runs an admitted unit and returns the signed response envelope. A unit
+/// that ran on a forwarded input commits to it (`ran_on`: the commitment of
+/// the result it came from); a unit with [`InferenceOptions::forward_to`]
+/// hands its output to `forwards` before its result is signed, so the next
+/// hop starts as early as it can.
+///
+/// [`InferenceOptions::forward_to`]: commons_protocol::messages::InferenceOptions::forward_to
 pub async fn run(
     served: &Served,
     identity: &Arc<Identity>,
     id: UnitId,
     unit: InferenceUnit,
+    ran_on: Option<Hash>,
+    forwards: Option<&tokio::sync::mpsc::Sender<Outbound>>,
     now: impl Fn() -> UnixMillis,
 ) -> UnitAnswer {
     let outcome = async {
@@ -306,6 +327,11 @@ pub async fn run(
         if crate::fault::corrupt(&mut outputs) {
             tracing::warn!(unit = %id, "fault: corrupted the result");
         }
+        if let (Some(down), Some(forwards), [output]) =
+            (&unit.options.forward_to, forwards, outputs.as_slice())
+        {
+            forward(id, down, ran_on, output, forwards).await;
+        }
         let tokens = match &unit.input.shape() {
             s if s.len() >= 2 => s[1] as u32,
             _ => 0,
@@ -317,9 +343,10 @@ pub async fn run(
             peak_memory_bytes: 0,
         };
         let t = now();
-        WorkResult::sign(
+        WorkResult::sign_with_input(
             identity,
             id,
+            ran_on,
             outputs,
             metrics,
             t,
@@ -341,6 +368,46 @@ pub async fn run(
             ),
         },
         Err(refusal) => UnitAnswer::refusal(identity, &refusal, now()),
+    }
+}
+
+/// Sends `output`, the output of unit `id`, to the next hop `down` (unless
+/// it is a token that ends the job). A failure is logged, not returned: the
+/// unit's result still goes to its issuer, and the next hop, left without
+/// its input, says so to the issuer, who sends it the input itself.
+async fn forward(
+    id: UnitId,
+    down: &Downstream,
+    input: Option<Hash>,
+    output: &commons_protocol::Tensor,
+    forwards: &tokio::sync::mpsc::Sender<Outbound>,
+) {
+    if let Some([token]) = output.to_u32().as_deref()
+        && down.unless.contains(token)
+    {
+        return;
+    }
+    let mut sent = output.clone();
+    if crate::fault::equivocate(&mut sent) {
+        tracing::warn!(unit = %id, "fault: forwarding another output than the result's");
+    }
+    let forwarded = Forwarded {
+        unit: id,
+        link: down.link,
+        input,
+        output: sent,
+    };
+    match commons_protocol::codec::encode(&forwarded) {
+        Ok(bytes) => {
+            let outbound = Outbound {
+                to: down.node,
+                bytes,
+            };
+            if forwards.send(outbound).await.is_err() {
+                tracing::debug!(unit = %id, "the node is stopping; output not forwarded");
+            }
+        }
+        Err(e) => tracing::warn!(unit = %id, error = %e, "cannot encode the output to forward"),
     }
 }
 

@@ -54,7 +54,7 @@ pub enum SessionError {
         /// The session.
         session: SessionId,
     },
-    /// A step's position does not follow the session's cache.
+    /// A step starts past the end of the session's cache.
     #[error("session {session} holds {cached} tokens but the step starts at position {start_pos}")]
     Position {
         /// The session.
@@ -136,8 +136,11 @@ impl SessionStore {
 
     /// Takes session `id` out for a step of `tokens` tokens starting at
     /// `start_pos`. A step at position 0 opens (or restarts) the session with
-    /// `budget` tokens; later steps must follow its cache exactly. Evicts the
-    /// least recently used other sessions when the stage's budget is short.
+    /// `budget` tokens; a later step continues its cache, after forgetting
+    /// the positions from `start_pos` on if the cache holds more (its issuer
+    /// runs that step again: the steps after were dropped, or were never
+    /// taken), and must not start past the cache's end. Evicts the least
+    /// recently used other sessions when the stage's budget is short.
     pub fn checkout(
         &mut self,
         id: SessionId,
@@ -155,17 +158,18 @@ impl SessionStore {
                 .sessions
                 .get(&id)
                 .ok_or(SessionError::Unknown { session: id })?;
-            if s.cache.len() != start_pos {
+            if s.cache.len() < start_pos {
                 return Err(SessionError::Position {
                     session: id,
                     cached: s.cache.len(),
                     start_pos,
                 });
             }
-            let s = self
+            let mut s = self
                 .sessions
                 .remove(&id)
                 .ok_or(SessionError::Unknown { session: id })?;
+            s.cache.rewind(start_pos);
             (s.cache, s.budget)
         };
         let needed = start_pos + tokens;
@@ -295,13 +299,13 @@ mod tests {
         step(&mut store, &stage, sid(1), 0, 10).unwrap();
         step(&mut store, &stage, sid(1), 10, 1).unwrap();
         assert_eq!(store.total_tokens(), 11);
-        // Wrong position, unknown session, over the session's budget: refused, nothing lost.
+        // Past the cache's end, unknown session, over the session's budget: refused, nothing lost.
         assert_eq!(
-            step(&mut store, &stage, sid(1), 5, 1),
+            step(&mut store, &stage, sid(1), 12, 1),
             Err(SessionError::Position {
                 session: sid(1),
                 cached: 11,
-                start_pos: 5
+                start_pos: 12
             })
         );
         assert_eq!(
@@ -324,6 +328,49 @@ mod tests {
         assert!(store.close(&sid(1)));
         assert!(!store.close(&sid(1)));
         assert!(store.is_empty());
+    }
+
+    /// Runs `tokens` at `start` in session `id` and returns the stage's output.
+    fn run(
+        store: &mut SessionStore,
+        stage: &Stage,
+        id: SessionId,
+        start: usize,
+        tokens: &[u32],
+    ) -> Vec<f32> {
+        let mut c = store
+            .checkout(id, start, tokens.len(), 16, || stage.new_cache())
+            .unwrap();
+        let out = stage
+            .forward(StageInput::Tokens(tokens.to_vec()), &mut c.cache)
+            .unwrap();
+        store.commit(c);
+        let t = match out {
+            crate::executor::StageOutput::Hidden(t) | crate::executor::StageOutput::Logits(t) => t,
+        };
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn a_step_before_the_cache_end_rewinds_the_session_to_it() {
+        let (_d, stage) = stage();
+        let mut store = SessionStore::new(SessionLimits::default());
+        // One session runs 1 2 3, then 4 and 5, then goes back to run 6 after 4.
+        run(&mut store, &stage, sid(1), 0, &[1, 2, 3]);
+        run(&mut store, &stage, sid(1), 3, &[4]);
+        run(&mut store, &stage, sid(1), 4, &[5]);
+        let rewound = run(&mut store, &stage, sid(1), 4, &[6]);
+        // Another never ran 5.
+        run(&mut store, &stage, sid(2), 0, &[1, 2, 3]);
+        run(&mut store, &stage, sid(2), 3, &[4]);
+        let straight = run(&mut store, &stage, sid(2), 4, &[6]);
+        assert_eq!(rewound, straight, "bit for bit");
+        assert_eq!(store.total_tokens(), 10);
+        // And on from there, identically.
+        assert_eq!(
+            run(&mut store, &stage, sid(1), 5, &[7]),
+            run(&mut store, &stage, sid(2), 5, &[7])
+        );
     }
 
     #[test]

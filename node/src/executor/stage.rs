@@ -134,6 +134,24 @@ impl KvCache {
         self.range = None;
     }
 
+    /// Forgets positions from `len` on, so that the next step starts there.
+    pub fn rewind(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        let old = self.len;
+        for h in self
+            .layers
+            .iter_mut()
+            .flat_map(|l| l.k.iter_mut().chain(&mut l.v))
+        {
+            // Every head holds the same number of values per position.
+            let per_position = h.len() / old;
+            h.truncate(len * per_position);
+        }
+        self.len = len;
+    }
+
     /// Forgets positions from `len` on (after a step that failed half-way).
     fn truncate(&mut self, len: usize, head_dim: usize) {
         for h in self

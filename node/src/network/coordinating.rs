@@ -9,6 +9,7 @@ use commons_protocol::envelope::Envelope;
 use futures::{FutureExt as _, StreamExt as _};
 use libp2p::PeerId;
 
+use super::units::UnitReply;
 use super::{EventLoop, Reply, now};
 use crate::coordinate::{Answer, Coordinating, Outgoing};
 use crate::executor::serve;
@@ -198,6 +199,28 @@ impl EventLoop {
         self.commit_coordinator();
     }
 
+    /// Sends a unit's output on to the node of the next hop (here, when it
+    /// is this node).
+    pub(super) fn send_forward(&mut self, outbound: serve::Outbound) {
+        self.counters.outputs_forwarded += 1;
+        if outbound.to == self.identity.node_id() {
+            match super::forward::decode(&outbound.bytes) {
+                Ok(forwarded) => self.on_forwarded(outbound.to, forwarded),
+                Err(e) => tracing::warn!(error = %e, "an output of ours does not decode"),
+            }
+            return;
+        }
+        match PeerId::from_bytes(&outbound.to.peer_id_bytes()) {
+            Ok(peer) => {
+                self.swarm
+                    .behaviour_mut()
+                    .forward
+                    .send_request(&peer, outbound.bytes);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot forward to a bad peer id"),
+        }
+    }
+
     /// Before the node stops: waits (bounded) for the commit in flight,
     /// then commits what is left on this thread.
     pub(super) async fn finish_commits(&mut self) {
@@ -223,26 +246,23 @@ impl EventLoop {
         } = out;
         if node == self.identity.node_id() {
             // A span this node serves itself: run it here.
-            let tx = self.local_tx.clone();
-            let Some(served) = self.served.clone() else {
+            let Some(served) = self.served.as_ref() else {
                 if let Some(c) = self.coordinating.as_mut() {
                     c.on_failure(pending, "this node serves no model".into(), now());
                 }
                 return;
             };
-            let identity = self.identity.clone();
-            match serve::admit(&served, &mut self.admission, &bytes, now()) {
+            let admitted = serve::open(&mut self.admission, &bytes, now()).and_then(|(id, u)| {
+                let expires_at = u.expires_at;
+                serve::check_inference(served, id, u.body).map(|unit| (id, unit, expires_at))
+            });
+            match admitted {
                 Err(refusal) => {
-                    let reply = serve::UnitAnswer::refusal(&identity, &refusal, now());
-                    tokio::spawn(async move {
-                        let _ = tx.send((pending, reply)).await;
-                    });
+                    let answer = serve::UnitAnswer::refusal(&self.identity, &refusal, now());
+                    self.answer_unit(UnitReply::Local(pending), answer);
                 }
-                Ok((id, unit)) => {
-                    tokio::spawn(async move {
-                        let reply = serve::run(&served, &identity, id, unit, now).await;
-                        let _ = tx.send((pending, reply)).await;
-                    });
+                Ok((id, unit, expires_at)) => {
+                    self.arrive_inference(id, unit, expires_at, UnitReply::Local(pending));
                 }
             }
             return;

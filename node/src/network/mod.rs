@@ -13,6 +13,7 @@ pub mod bandwidth;
 pub mod blobs;
 mod charters;
 mod coordinating;
+pub mod forward;
 mod peers;
 pub mod ping;
 mod status;
@@ -71,6 +72,7 @@ pub struct Behaviour {
     relay_client: libp2p::relay::client::Behaviour,
     dcutr: libp2p::dcutr::Behaviour,
     work: libp2p::request_response::Behaviour<work::WorkCodec>,
+    forward: libp2p::request_response::Behaviour<forward::ForwardCodec>,
     jobs: libp2p::request_response::Behaviour<work::JobCodec>,
     blobs: libp2p::request_response::Behaviour<blobs::BlobCodec>,
 }
@@ -193,6 +195,15 @@ pub fn build_swarm(
                         .with_request_timeout(Duration::from_secs(120))
                         .with_max_concurrent_streams(16),
                 ),
+                forward: libp2p::request_response::Behaviour::new(
+                    [(
+                        forward::FORWARD_PROTOCOL,
+                        libp2p::request_response::ProtocolSupport::Full,
+                    )],
+                    libp2p::request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(60))
+                        .with_max_concurrent_streams(64),
+                ),
                 // Long polls wait up to 20 s for news.
                 jobs: libp2p::request_response::Behaviour::new(
                     [(
@@ -301,13 +312,17 @@ pub struct EventLoop {
     publish_pending: bool,
     served: Option<crate::executor::serve::Served>,
     admission: serve::Admission,
-    responses_tx: mpsc::Sender<(Channel, serve::UnitAnswer)>,
-    responses_rx: mpsc::Receiver<(Channel, serve::UnitAnswer)>,
+    /// Answers to units, from the tasks that ran them.
+    answers_tx: mpsc::Sender<(units::UnitReply, serve::UnitAnswer)>,
+    answers_rx: mpsc::Receiver<(units::UnitReply, serve::UnitAnswer)>,
+    /// Outputs of streamed units, for the next hop.
+    forwards_tx: mpsc::Sender<serve::Outbound>,
+    forwards_rx: mpsc::Receiver<serve::Outbound>,
+    /// Units waiting for forwarded inputs, and inputs for their units.
+    links: forward::Links<units::UnitReply>,
     in_progress: Arc<AtomicU64>,
     coordinating: Option<Coordinating<Reply>>,
     units_out: HashMap<libp2p::request_response::OutboundRequestId, (Pending, NodeId)>,
-    local_tx: mpsc::Sender<(Pending, serve::UnitAnswer)>,
-    local_rx: mpsc::Receiver<(Pending, serve::UnitAnswer)>,
     rtts: HashMap<PeerId, Duration>,
     blob_server: blobs::BlobServer,
     fetching: Option<Fetching>,
@@ -480,8 +495,8 @@ impl EventLoop {
                 .listen_on(addr.clone())
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
-        let (responses_tx, responses_rx) = mpsc::channel(256);
-        let (local_tx, local_rx) = mpsc::channel(64);
+        let (answers_tx, answers_rx) = mpsc::channel(256);
+        let (forwards_tx, forwards_rx) = mpsc::channel(256);
         let (tasks_tx, tasks_rx) = mpsc::channel(64);
         let (fetch_tx, fetch_rx) = mpsc::channel(64);
         let coordinating = coordinating
@@ -529,13 +544,14 @@ impl EventLoop {
             served,
             // Units may be valid for up to ten minutes; their nonces are kept that long.
             admission: serve::Admission::new(commons_coordinator::trust::Coalitions::open(), None),
-            responses_tx,
-            responses_rx,
+            answers_tx,
+            answers_rx,
+            forwards_tx,
+            forwards_rx,
+            links: forward::Links::default(),
             in_progress: Arc::new(AtomicU64::new(0)),
             coordinating,
             units_out: HashMap::new(),
-            local_tx,
-            local_rx,
             rtts: HashMap::new(),
             blob_server: blobs::BlobServer::default(),
             fetching: None,
@@ -735,19 +751,10 @@ impl EventLoop {
                 () = &mut shutdown => break,
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(done) = self.tasks_rx.recv() => self.on_task_done(done),
-                Some((pending, answer)) = self.local_rx.recv() => {
-                    let me = self.identity.node_id();
-                    self.counters.count_unit(answer.refused);
-                    if let Some(c) = self.coordinating.as_mut() {
-                        c.on_response(pending, me, &answer.bytes, now());
-                    }
-                }
+                Some((reply, answer)) = self.answers_rx.recv() => self.answer_unit(reply, answer),
+                Some(outbound) = self.forwards_rx.recv() => self.send_forward(outbound),
                 _ = coordinate.tick(), if self.coordinating.is_some() => self.coordinate_tick(),
                 Some(outcome) = next_commit(&mut self.committed_rx) => self.on_committed(outcome),
-                Some((channel, answer)) = self.responses_rx.recv() => {
-                    self.counters.count_unit(answer.refused);
-                    let _ = self.swarm.behaviour_mut().work.send_response(channel, answer.bytes);
-                }
                 Some(command) = self.commands.recv() => self.on_command(command),
                 Some(request) = self.fetch_rx.recv() => self.on_fetch_request(request),
                 _ = republish.tick() => self.publish_advert(),
@@ -764,6 +771,7 @@ impl EventLoop {
                     }
                     self.drive_fetch();
                     self.auto_place();
+                    self.expire_parked();
                 }
                 _ = rebootstrap.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
                 _ = redial.tick() => self.redial_bootstrap(),
@@ -820,6 +828,15 @@ impl EventLoop {
             });
         }
         Ok(self)
+    }
+
+    /// Steps of a coordinated job's chain in flight at once.
+    #[must_use]
+    pub fn with_stream_depth(mut self, depth: usize) -> Self {
+        if let Some(c) = self.coordinating.as_mut() {
+            c.set_stream_depth(depth);
+        }
+        self
     }
 
     /// Runs gradient work units on `trainer` (and says so in adverts).
@@ -1285,6 +1302,11 @@ impl EventLoop {
                     peer,
                     message: libp2p::request_response::Message::Request { request, .. },
                     ..
+                })
+                | BehaviourEvent::Forward(libp2p::request_response::Event::Message {
+                    peer,
+                    message: libp2p::request_response::Message::Request { request, .. },
+                    ..
                 }),
             ) if request == work::REFUSED_UNREAD => {
                 tracing::info!(%peer, "dropping a peer that sent an oversized or trickled request");
@@ -1300,6 +1322,34 @@ impl EventLoop {
                     ..
                 },
             )) => self.on_work(request, channel),
+            SwarmEvent::Behaviour(BehaviourEvent::Forward(
+                libp2p::request_response::Event::Message {
+                    peer,
+                    message:
+                        libp2p::request_response::Message::Request {
+                            request, channel, ..
+                        },
+                    ..
+                },
+            )) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .forward
+                    .send_response(channel, Vec::new());
+                match (node_id_of(&peer), forward::decode(&request)) {
+                    (Some(from), Ok(forwarded)) => self.on_forwarded(from, forwarded),
+                    (_, Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "an undecodable forwarded output");
+                    }
+                    (None, _) => {}
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Forward(
+                libp2p::request_response::Event::OutboundFailure { peer, error, .. },
+            )) => {
+                tracing::debug!(%peer, %error, "an output was not forwarded");
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Work(
                 libp2p::request_response::Event::Message {
                     message:

@@ -129,6 +129,10 @@ pub struct Counters {
     pub advert_bytes: u64,
     /// Work units answered with a signed result.
     pub units_served: u64,
+    /// Outputs sent straight to the node running the next hop.
+    pub outputs_forwarded: u64,
+    /// Inputs received from the node running the hop before.
+    pub inputs_forwarded: u64,
     /// Peers disconnected for an oversized, malformed or trickled request.
     pub peers_dropped: u64,
     /// Charters taken (new coalitions and newer versions).

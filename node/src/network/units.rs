@@ -1,23 +1,34 @@
 //! Work units arriving at this node: inference steps for the layers it
-//! serves, gradient units for the trainer (`--train`), and the files a
-//! gradient unit needs, fetched into memory from the unit's issuer.
+//! serves (run at once, or parked until the input another node forwards
+//! comes: [`super::forward`]), gradient units for the trainer (`--train`),
+//! and the files a gradient unit needs, fetched into memory from the unit's
+//! issuer.
 
 use std::sync::atomic::Ordering;
 
 use libp2p::PeerId;
 use tokio::sync::oneshot;
 
+use super::forward::{Arrival, Parked};
 use super::{EventLoop, blobs, now};
+use crate::coordinate::Pending;
 use crate::executor::serve;
-use commons_protocol::NodeId;
+use commons_protocol::messages::{ErrorCode, Forwarded, InferenceUnit};
+use commons_protocol::{NodeId, UnitId, UnixMillis};
+
+/// Where the answer to a unit goes: to the peer that sent it, or to this
+/// node's own coordinator.
+#[derive(Debug)]
+pub(super) enum UnitReply {
+    /// A peer's request.
+    Remote(libp2p::request_response::ResponseChannel<Vec<u8>>),
+    /// A unit this node's coordinator sent itself.
+    Local(Pending),
+}
 
 /// A work unit admitted here.
 enum Work {
-    Inference(
-        crate::executor::serve::Served,
-        commons_protocol::UnitId,
-        commons_protocol::messages::InferenceUnit,
-    ),
+    Inference(UnitId, InferenceUnit, UnixMillis),
     Gradient(
         crate::train_exec::Trainer,
         PeerId,
@@ -45,19 +56,19 @@ impl EventLoop {
         };
         let admitted = admitted.and_then(|(id, unit)| match unit.body {
             WorkBody::Gradient(g) => self.admit_gradient(id, unit.issuer, g),
-            body => match self.served.clone() {
+            body => match self.served.as_ref() {
                 None => Err(serve::Refusal::new(
                     ErrorCode::MODEL_NOT_HELD,
                     "this node serves no model",
                     Some(id),
                 )),
-                Some(served) => serve::check_inference(&served, id, body)
-                    .map(|u| Work::Inference(served, id, u)),
+                Some(served) => serve::check_inference(served, id, body)
+                    .map(|u| Work::Inference(id, u, unit.expires_at)),
             },
         });
         let (identity, tx, in_progress) = (
             self.identity.clone(),
-            self.responses_tx.clone(),
+            self.answers_tx.clone(),
             self.in_progress.clone(),
         );
         match admitted {
@@ -70,13 +81,8 @@ impl EventLoop {
                     .work
                     .send_response(channel, answer.bytes);
             }
-            Ok(Work::Inference(served, id, unit)) => {
-                in_progress.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let answer = serve::run(&served, &identity, id, unit, now).await;
-                    in_progress.fetch_sub(1, Ordering::Relaxed);
-                    let _ = tx.send((channel, answer)).await;
-                });
+            Ok(Work::Inference(id, unit, expires_at)) => {
+                self.arrive_inference(id, unit, expires_at, UnitReply::Remote(channel));
             }
             Ok(Work::Gradient(trainer, peer, issuer, id, unit)) => {
                 let fetch_tx = self.fetch_tx.clone();
@@ -102,10 +108,106 @@ impl EventLoop {
                         crate::train_exec::serve(&trainer, &identity, id, issuer, unit, fetch, now)
                             .await;
                     in_progress.fetch_sub(1, Ordering::Relaxed);
-                    let _ = tx.send((channel, answer)).await;
+                    let _ = tx.send((UnitReply::Remote(channel), answer)).await;
                 });
             }
         }
+    }
+
+    /// An admitted inference unit: runs it, parks it until its forwarded
+    /// input comes, or refuses it.
+    pub(super) fn arrive_inference(
+        &mut self,
+        id: UnitId,
+        unit: InferenceUnit,
+        expires_at: UnixMillis,
+        reply: UnitReply,
+    ) {
+        let arrival = self.links.on_unit(id, unit, expires_at, reply);
+        self.on_arrival(arrival);
+    }
+
+    /// An output another node forwarded: runs the unit waiting for it.
+    pub(super) fn on_forwarded(&mut self, from: NodeId, forwarded: Forwarded) {
+        self.counters.inputs_forwarded += 1;
+        let arrival = self.links.on_forwarded(from, forwarded);
+        self.on_arrival(arrival);
+    }
+
+    /// Parked units whose input did not come in time are answered so.
+    pub(super) fn expire_parked(&mut self) {
+        for p in self.links.expire(now()) {
+            let message = "the input from the hop before did not come in time".to_owned();
+            self.refuse_unit(Box::new(p), ErrorCode::NO_INPUT, message);
+        }
+    }
+
+    fn on_arrival(&mut self, arrival: Arrival<UnitReply>) {
+        match arrival {
+            Arrival::Wait => {}
+            Arrival::Refuse(parked, code, message) => self.refuse_unit(parked, code, message),
+            Arrival::Run(parked, forwarded) => self.spawn_inference(*parked, forwarded),
+        }
+    }
+
+    fn refuse_unit(&mut self, parked: Box<Parked<UnitReply>>, code: ErrorCode, message: String) {
+        let refusal = serve::Refusal::new(code, message, Some(parked.id));
+        let answer = serve::UnitAnswer::refusal(&self.identity, &refusal, now());
+        self.answer_unit(parked.reply, answer);
+    }
+
+    /// Sends the answer to a unit where it goes.
+    pub(super) fn answer_unit(&mut self, reply: UnitReply, answer: serve::UnitAnswer) {
+        self.counters.count_unit(answer.refused);
+        match reply {
+            UnitReply::Remote(channel) => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .work
+                    .send_response(channel, answer.bytes);
+            }
+            UnitReply::Local(pending) => {
+                let me = self.identity.node_id();
+                if let Some(c) = self.coordinating.as_mut() {
+                    c.on_response(pending, me, &answer.bytes, now());
+                }
+            }
+        }
+    }
+
+    /// Runs a unit off the event loop (on `forwarded`'s output when its
+    /// input came that way); its answer comes back through the event loop.
+    fn spawn_inference(&mut self, parked: Parked<UnitReply>, forwarded: Option<Forwarded>) {
+        let Some(served) = self.served.clone() else {
+            let message = "this node serves no model".to_owned();
+            self.refuse_unit(Box::new(parked), ErrorCode::MODEL_NOT_HELD, message);
+            return;
+        };
+        let Parked {
+            id,
+            mut unit,
+            reply,
+            ..
+        } = parked;
+        let ran_on = forwarded.map(|f| {
+            let commitment = f.commitment();
+            unit.input = f.output;
+            commitment
+        });
+        let (identity, answers, forwards, in_progress) = (
+            self.identity.clone(),
+            self.answers_tx.clone(),
+            self.forwards_tx.clone(),
+            self.in_progress.clone(),
+        );
+        in_progress.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let answer =
+                serve::run(&served, &identity, id, unit, ran_on, Some(&forwards), now).await;
+            in_progress.fetch_sub(1, Ordering::Relaxed);
+            let _ = answers.send((reply, answer)).await;
+        });
     }
 
     /// Checks that a gradient unit can run here: a trainer with room, and an

@@ -166,6 +166,9 @@ pub struct Forwarded {
     pub unit: UnitId,
     /// The link it goes by ([`Downstream::link`]).
     pub link: u64,
+    /// What that unit's result commits to as its own input, if it ran on
+    /// a forwarded one ([`WorkResult::input`]).
+    pub input: Option<Hash>,
     /// Its output (the same tensor its result carries).
     pub output: Tensor,
 }
@@ -174,11 +177,15 @@ impl Forwarded {
     /// The most bytes a forwarded output's encoding may take.
     pub const LIMIT: Limit = Limit::M64;
 
-    /// The commitment of the unit's result to this output: what the
-    /// receiver's result names as its input.
+    /// The commitment of the unit's result to this output (and to its own
+    /// input): what the receiver's result names as its input.
     #[must_use]
     pub fn commitment(&self) -> Hash {
-        commitment(&self.unit, std::slice::from_ref(&self.output))
+        commitment_to(
+            &self.unit,
+            self.input.as_ref(),
+            std::slice::from_ref(&self.output),
+        )
     }
 }
 

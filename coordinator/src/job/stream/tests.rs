@@ -36,9 +36,18 @@ struct FakeNode {
 /// Who waits for a forwarded output: the receiver, the sender and the link.
 type Key = (NodeId, NodeId, u64);
 
+/// A forwarded output and what its sender's result committed to as input.
+type Sent = (Tensor, Option<Hash>);
+
+/// What a fake result commits to: its output and its input, as a real one.
+fn commit(output: &Tensor, input: Option<Hash>) -> Hash {
+    let input = input.unwrap_or(Hash([0; 32]));
+    Hash::of_parts("fake result", &[&output.digest().0, &input.0])
+}
+
 enum Event {
     Unit(Ticket, NodeId, Box<InferenceUnit>, UnixMillis),
-    Forward(Key, Tensor),
+    Forward(Key, Sent),
     Answer(Ticket, Result<StepResult, StepFailure>),
     /// A parked unit's wait ends.
     Expire(Key, Ticket),
@@ -52,7 +61,7 @@ struct Net {
     now: u64,
     rng: u64,
     parked: HashMap<Key, (Ticket, InferenceUnit)>,
-    early: HashMap<Key, Tensor>,
+    early: HashMap<Key, Sent>,
     /// Units run with a carried input at a position before the session's end.
     rewinds: u32,
     taken: u32,
@@ -215,8 +224,8 @@ impl Net {
             Some(up) => {
                 let key = (to, up.executor, up.link);
                 match self.early.remove(&key) {
-                    Some(input) => {
-                        let c = input.digest();
+                    Some((input, its_input)) => {
+                        let c = commit(&input, its_input);
                         self.run(ticket, to, &unit, &input, Some(c));
                     }
                     None => {
@@ -230,7 +239,7 @@ impl Net {
         }
     }
 
-    fn on_forward(&mut self, key: Key, tensor: Tensor) {
+    fn on_forward(&mut self, key: Key, (tensor, its_input): Sent) {
         if !self.nodes[&key.0].alive {
             return;
         }
@@ -239,11 +248,11 @@ impl Net {
                 self.refuse(ticket, ErrorCode::SUPERSEDED);
             }
             Some((ticket, unit)) => {
-                let c = tensor.digest();
+                let c = commit(&tensor, its_input);
                 self.run(ticket, key.0, &unit, &tensor, Some(c));
             }
             None => {
-                self.early.insert(key, tensor);
+                self.early.insert(key, (tensor, its_input));
             }
         }
     }
@@ -331,12 +340,12 @@ impl Net {
                     output.clone()
                 };
                 let key = (down.node, to, down.link);
-                self.at_later(Event::Forward(key, sent));
+                self.at_later(Event::Forward(key, (sent, input_commitment)));
             }
         }
         let result = StepResult {
             executor: to,
-            commitment: output.digest(),
+            commitment: commit(&output, input_commitment),
             outputs: vec![output],
             input: input_commitment,
         };
