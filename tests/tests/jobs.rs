@@ -124,6 +124,18 @@ impl Swarm {
         max_tokens: u32,
         model: &str,
     ) -> std::process::Command {
+        self.submit_via(&self.address(), member, prompt, max_tokens, model)
+    }
+
+    /// `job submit` of `member` to the coordinator at `coordinator`.
+    fn submit_via(
+        &self,
+        coordinator: &str,
+        member: &str,
+        prompt: &str,
+        max_tokens: u32,
+        model: &str,
+    ) -> std::process::Command {
         let mut cmd = commons(self.home.path());
         cmd.arg("--data-dir")
             .arg(self.home.path().join(member))
@@ -133,7 +145,7 @@ impl Swarm {
                 "--json",
                 "--chat",
                 "--coordinator",
-                &self.address(),
+                coordinator,
                 "--model",
                 model,
                 "--prompt",
@@ -234,6 +246,113 @@ fn three_nodes_and_a_coordinator_give_the_tokens_of_commons_run() {
         let _ = node;
         assert_eq!(hop["results"].as_u64().unwrap() as usize, expected.len());
     }
+    // The chain streamed: every step went to every hop at once, each node
+    // handing its output to the next (the last its token to the first).
+    let streaming = &swarm.coordinator.status(swarm.home.path()).unwrap()["streaming"];
+    assert!(
+        streaming["steps"].as_u64().unwrap() as usize >= expected.len(),
+        "{streaming}"
+    );
+    assert_eq!(streaming["mismatches"], 0, "{streaming}");
+    let forwarded = |swarm: &Swarm| -> Vec<u64> {
+        swarm
+            .nodes
+            .iter()
+            .map(|n| {
+                n.status(swarm.home.path()).unwrap()["counters"]["outputs_forwarded"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let before = forwarded(&swarm);
+    assert!(before.iter().all(|&n| n > 0), "{before:?}");
+
+    // A coordinator that sends each hop its input itself gets the same text,
+    // and no node forwards anything for it.
+    // (Joined through every node: a coordinator plans with connected peers.)
+    let peers: Vec<String> = swarm.nodes.iter().map(|n| n.addrs[0].clone()).collect();
+    let relaying = Node::start_with(
+        swarm.home.path(),
+        &swarm.home.path().join("relaying"),
+        &peers,
+        Transports::Tcp,
+        30,
+        &["--coordinator", "--model", &model(), "--stream-depth", "0"],
+    );
+    let ok = wait_until(Duration::from_secs(30), || {
+        relaying.status(swarm.home.path()).is_some_and(|s| {
+            let known: Vec<&str> = s["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["models"].as_array().is_some_and(|m| !m.is_empty()))
+                .filter_map(|p| p["peer_id"].as_str())
+                .collect();
+            swarm
+                .nodes
+                .iter()
+                .all(|n| known.contains(&n.peer_id.as_str()))
+                && s["connected_peers"].as_u64() >= Some(3)
+        })
+    });
+    assert!(ok.is_some(), "the second coordinator did not see the nodes");
+    let report = finish(
+        swarm
+            .submit_via(&relaying.addrs[0], "member", PROMPT, 32, &model())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(tokens(&report), expected);
+    assert_eq!(forwarded(&swarm), before);
+    let streaming = &relaying.status(swarm.home.path()).unwrap()["streaming"];
+    assert_eq!(streaming["steps"], 0, "{streaming}");
+}
+
+#[test]
+fn a_node_that_forwards_other_outputs_than_it_reports_changes_nothing_in_the_text() {
+    let mut swarm = Swarm::new();
+    let expected = reference(swarm.home.path(), PROMPT, 24);
+    // The first hop sends the second a corrupted output every time, and the
+    // coordinator its true one, signed.
+    let liar = Node::start_with(
+        swarm.home.path(),
+        &swarm.home.path().join("liar"),
+        &[swarm.address()],
+        Transports::Tcp,
+        30,
+        &[
+            "--model",
+            &model(),
+            "--layers",
+            "0..10",
+            "--fault",
+            "equivocate:1",
+        ],
+    );
+    swarm.nodes.push(liar);
+    swarm.serve("10..20");
+    swarm.serve("20..30");
+    swarm.wait_for_servers(3);
+    let report = finish(
+        swarm
+            .submit(PROMPT, 24, &model())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(tokens(&report), expected);
+    // Neither side of the mismatch is blamed: no node replaced.
+    assert_eq!(report["failovers"], 0, "{report}");
+    assert_eq!(
+        report["receipts"].as_u64().unwrap() as usize,
+        3 * expected.len()
+    );
+    let streaming = &swarm.coordinator.status(swarm.home.path()).unwrap()["streaming"];
+    assert_eq!(streaming["mismatches"], 1, "{streaming}");
 }
 
 #[test]

@@ -59,6 +59,9 @@ pub enum EngineError {
     /// The engine has stopped.
     #[error("the executor has stopped")]
     Stopped,
+    /// Too many steps wait for the engine already.
+    #[error("the executor's queue is full")]
+    Busy,
 }
 
 enum Request {
@@ -143,6 +146,22 @@ impl EngineHandle {
             .await
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Hands a step to the engine without waiting for room or for its
+    /// reply, which arrives on the receiver returned.
+    pub fn submit(
+        &self,
+        request: StepRequest,
+    ) -> Result<oneshot::Receiver<Result<StepReply, EngineError>>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Request::Step(request, Instant::now(), reply))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => EngineError::Busy,
+                mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+            })?;
+        Ok(rx)
     }
 
     /// Runs a step from outside an async runtime.

@@ -10,8 +10,8 @@ use commons_coordinator::quota::{Quotas, RateLimit};
 use commons_coordinator::trust::Coalitions;
 use commons_protocol::envelope::Envelope;
 use commons_protocol::messages::{
-    Downstream, ErrorCode, ErrorReply, ExecMetrics, Forwarded, InferenceUnit, LayerRange, WorkBody,
-    WorkResult, WorkUnit,
+    ErrorCode, ErrorReply, ExecMetrics, Forwarded, InferenceUnit, LayerRange, WorkBody, WorkResult,
+    WorkUnit,
 };
 use commons_protocol::replay::ReplayGuard;
 use commons_protocol::{Hash, Identity, ModelId, NodeId, UnitId, UnixMillis};
@@ -257,57 +257,85 @@ impl UnitAnswer {
     }
 }
 
-/// A unit's output on its way to the node that runs the next hop: the
-/// encoded [`Forwarded`], and where to.
+/// A unit handed to the engine: its reply is on the way.
 #[derive(Debug)]
-pub struct Outbound {
-    /// The next hop's node.
-    pub to: NodeId,
-    /// The encoded [`Forwarded`].
-    pub bytes: Vec<u8>,
-}
-
-/// Runs an admitted unit and returns the signed response envelope. A unit
-/// that ran on a forwarded input commits to it (`ran_on`: the commitment of
-/// the result it came from); a unit with [`InferenceOptions::forward_to`]
-/// hands its output to `forwards` before its result is signed, so the next
-/// hop starts as early as it can.
-///
-/// [`InferenceOptions::forward_to`]: commons_protocol::messages::InferenceOptions::forward_to
-pub async fn run(
-    served: &Served,
-    identity: &Arc<Identity>,
+pub struct Begun {
     id: UnitId,
     unit: InferenceUnit,
     ran_on: Option<Hash>,
-    forwards: Option<&tokio::sync::mpsc::Sender<Outbound>>,
-    now: impl Fn() -> UnixMillis,
-) -> UnitAnswer {
-    let outcome = async {
-        let input = to_input(served, unit.layers, &unit.input)
-            .map_err(|m| Refusal::new(ErrorCode::BAD_REQUEST, m, Some(id)))?;
-        let request = StepRequest {
-            session: unit.session,
-            start_pos: unit.options.start_pos as usize,
-            input,
-            session_budget: unit.options.max_session_tokens as usize,
-            close_after: unit.options.close_session,
-            layers: (unit.layers != served.layers)
-                .then_some(unit.layers.start as usize..unit.layers.end as usize),
-        };
-        let reply = served.engine.step(request).await.map_err(|e| {
-            let code = match &e {
-                EngineError::Session(
-                    SessionError::Unknown { .. } | SessionError::Position { .. },
-                ) => ErrorCode::UNKNOWN_SESSION,
-                EngineError::Session(
-                    SessionError::OverBudget { .. } | SessionError::NoRoom { .. },
-                ) => ErrorCode::OVERLOADED,
-                EngineError::Stopped => ErrorCode::SHUTTING_DOWN,
-                _ => ErrorCode::INTERNAL,
-            };
-            Refusal::new(code, e.to_string(), Some(id))
-        })?;
+    reply: tokio::sync::oneshot::Receiver<Result<super::engine::StepReply, EngineError>>,
+}
+
+/// A unit's outputs, computed and not yet signed.
+#[derive(Debug)]
+pub struct Computed {
+    id: UnitId,
+    unit: InferenceUnit,
+    ran_on: Option<Hash>,
+    outputs: Vec<commons_protocol::Tensor>,
+    metrics: ExecMetrics,
+}
+
+fn engine_refusal(id: UnitId, e: &EngineError) -> Refusal {
+    let code = match e {
+        EngineError::Session(SessionError::Unknown { .. } | SessionError::Position { .. }) => {
+            ErrorCode::UNKNOWN_SESSION
+        }
+        EngineError::Session(SessionError::OverBudget { .. } | SessionError::NoRoom { .. })
+        | EngineError::Busy => ErrorCode::OVERLOADED,
+        EngineError::Stopped => ErrorCode::SHUTTING_DOWN,
+        _ => ErrorCode::INTERNAL,
+    };
+    Refusal::new(code, e.to_string(), Some(id))
+}
+
+/// Hands an admitted unit to the engine, without waiting: the step starts
+/// as soon as the engine is free. A unit that ran on a forwarded input
+/// commits to it (`ran_on`: the commitment of the result it came from).
+pub fn begin(
+    served: &Served,
+    id: UnitId,
+    unit: InferenceUnit,
+    ran_on: Option<Hash>,
+) -> Result<Begun, Refusal> {
+    let input = to_input(served, unit.layers, &unit.input)
+        .map_err(|m| Refusal::new(ErrorCode::BAD_REQUEST, m, Some(id)))?;
+    let request = StepRequest {
+        session: unit.session,
+        start_pos: unit.options.start_pos as usize,
+        input,
+        session_budget: unit.options.max_session_tokens as usize,
+        close_after: unit.options.close_session,
+        layers: (unit.layers != served.layers)
+            .then_some(unit.layers.start as usize..unit.layers.end as usize),
+    };
+    let reply = served
+        .engine
+        .submit(request)
+        .map_err(|e| engine_refusal(id, &e))?;
+    Ok(Begun {
+        id,
+        unit,
+        ran_on,
+        reply,
+    })
+}
+
+impl Begun {
+    /// Waits for the engine and makes the unit's outputs: hidden states,
+    /// logits, or the greedy token.
+    pub async fn outputs(self) -> Result<Computed, Refusal> {
+        let Self {
+            id,
+            unit,
+            ran_on,
+            reply,
+        } = self;
+        let reply = reply
+            .await
+            .map_err(|_| EngineError::Stopped)
+            .and_then(|r| r)
+            .map_err(|e| engine_refusal(id, &e))?;
         let internal = |m: String| Refusal::new(ErrorCode::INTERNAL, m, Some(id));
         let mut outputs = match reply.output {
             StageOutput::Hidden(h) => vec![to_wire(&h).map_err(internal)?],
@@ -327,13 +355,9 @@ pub async fn run(
         if crate::fault::corrupt(&mut outputs) {
             tracing::warn!(unit = %id, "fault: corrupted the result");
         }
-        if let (Some(down), Some(forwards), [output]) =
-            (&unit.options.forward_to, forwards, outputs.as_slice())
-        {
-            forward(id, down, ran_on, output, forwards).await;
-        }
-        let tokens = match &unit.input.shape() {
+        let tokens = match unit.input.shape() {
             s if s.len() >= 2 => s[1] as u32,
+            [n] => *n as u32,
             _ => 0,
         };
         let metrics = ExecMetrics {
@@ -342,72 +366,92 @@ pub async fn run(
             tokens,
             peak_memory_bytes: 0,
         };
-        let t = now();
-        WorkResult::sign_with_input(
-            identity,
+        Ok(Computed {
             id,
+            unit,
             ran_on,
             outputs,
             metrics,
-            t,
-            t.plus_millis(REPLY_TTL_MS),
-        )
-        .map_err(|e| internal(e.to_string()))
-    }
-    .await;
-    match outcome {
-        Ok(result) => match Envelope::seal(identity, &result) {
-            Ok(e) => UnitAnswer {
-                bytes: e.to_bytes(),
-                refused: None,
-            },
-            Err(e) => UnitAnswer::refusal(
-                identity,
-                &Refusal::new(ErrorCode::TOO_LARGE, e.to_string(), Some(id)),
-                now(),
-            ),
-        },
-        Err(refusal) => UnitAnswer::refusal(identity, &refusal, now()),
+        })
     }
 }
 
-/// Sends `output`, the output of unit `id`, to the next hop `down` (unless
-/// it is a token that ends the job). A failure is logged, not returned: the
-/// unit's result still goes to its issuer, and the next hop, left without
-/// its input, says so to the issuer, who sends it the input itself.
-async fn forward(
-    id: UnitId,
-    down: &Downstream,
-    input: Option<Hash>,
-    output: &commons_protocol::Tensor,
-    forwards: &tokio::sync::mpsc::Sender<Outbound>,
-) {
-    if let Some([token]) = output.to_u32().as_deref()
-        && down.unless.contains(token)
-    {
-        return;
-    }
-    let mut sent = output.clone();
-    if crate::fault::equivocate(&mut sent) {
-        tracing::warn!(unit = %id, "fault: forwarding another output than the result's");
-    }
-    let forwarded = Forwarded {
-        unit: id,
-        link: down.link,
-        input,
-        output: sent,
-    };
-    match commons_protocol::codec::encode(&forwarded) {
-        Ok(bytes) => {
-            let outbound = Outbound {
-                to: down.node,
-                bytes,
-            };
-            if forwards.send(outbound).await.is_err() {
-                tracing::debug!(unit = %id, "the node is stopping; output not forwarded");
+impl Computed {
+    /// The output to send to the next hop, encoded, and where to: `None`
+    /// when the unit forwards nothing, or its token ends the job.
+    #[must_use]
+    pub fn forwarded(&self) -> Option<(NodeId, Vec<u8>)> {
+        let down = self.unit.options.forward_to.as_ref()?;
+        let [output] = self.outputs.as_slice() else {
+            return None;
+        };
+        if let Some([token]) = output.to_u32().as_deref()
+            && down.unless.contains(token)
+        {
+            return None;
+        }
+        let mut sent = output.clone();
+        if crate::fault::equivocate(&mut sent) {
+            tracing::warn!(unit = %self.id, "fault: forwarding another output than the result's");
+        }
+        let forwarded = Forwarded {
+            unit: self.id,
+            link: down.link,
+            input: self.ran_on,
+            output: sent,
+        };
+        match commons_protocol::codec::encode(&forwarded) {
+            Ok(bytes) => Some((down.node, bytes)),
+            Err(e) => {
+                tracing::warn!(unit = %self.id, error = %e, "cannot encode the output to forward");
+                None
             }
         }
-        Err(e) => tracing::warn!(unit = %id, error = %e, "cannot encode the output to forward"),
+    }
+
+    /// The signed result.
+    pub fn sign(self, identity: &Identity, now: UnixMillis) -> UnitAnswer {
+        let id = self.id;
+        let signed = WorkResult::sign_with_input(
+            identity,
+            id,
+            self.ran_on,
+            self.outputs,
+            self.metrics,
+            now,
+            now.plus_millis(REPLY_TTL_MS),
+        )
+        .map_err(|e| Refusal::new(ErrorCode::INTERNAL, e.to_string(), Some(id)))
+        .and_then(|result| {
+            Envelope::seal(identity, &result)
+                .map(|e| e.to_bytes())
+                .map_err(|e| Refusal::new(ErrorCode::TOO_LARGE, e.to_string(), Some(id)))
+        });
+        match signed {
+            Ok(bytes) => UnitAnswer {
+                bytes,
+                refused: None,
+            },
+            Err(refusal) => UnitAnswer::refusal(identity, &refusal, now),
+        }
+    }
+}
+
+/// Runs an admitted unit to its signed answer, forwarding nothing.
+pub async fn run(
+    served: &Served,
+    identity: &Arc<Identity>,
+    id: UnitId,
+    unit: InferenceUnit,
+    now: impl Fn() -> UnixMillis,
+) -> UnitAnswer {
+    let computed = match begin(served, id, unit, None) {
+        Ok(begun) => begun.outputs().await,
+        Err(refusal) => Err(refusal),
+    };
+    match computed {
+        Ok(c) => c.sign(identity, now()),
+        Err(refusal) => UnitAnswer::refusal(identity, &refusal, now()),
     }
 }
 

@@ -199,28 +199,6 @@ impl EventLoop {
         self.commit_coordinator();
     }
 
-    /// Sends a unit's output on to the node of the next hop (here, when it
-    /// is this node).
-    pub(super) fn send_forward(&mut self, outbound: serve::Outbound) {
-        self.counters.outputs_forwarded += 1;
-        if outbound.to == self.identity.node_id() {
-            match super::forward::decode(&outbound.bytes) {
-                Ok(forwarded) => self.on_forwarded(outbound.to, forwarded),
-                Err(e) => tracing::warn!(error = %e, "an output of ours does not decode"),
-            }
-            return;
-        }
-        match PeerId::from_bytes(&outbound.to.peer_id_bytes()) {
-            Ok(peer) => {
-                self.swarm
-                    .behaviour_mut()
-                    .forward
-                    .send_request(&peer, outbound.bytes);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot forward to a bad peer id"),
-        }
-    }
-
     /// Before the node stops: waits (bounded) for the commit in flight,
     /// then commits what is left on this thread.
     pub(super) async fn finish_commits(&mut self) {

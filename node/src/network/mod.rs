@@ -13,7 +13,7 @@ pub mod bandwidth;
 pub mod blobs;
 mod charters;
 mod coordinating;
-pub mod forward;
+mod forward;
 mod peers;
 pub mod ping;
 mod status;
@@ -23,9 +23,11 @@ pub mod work;
 pub use charters::{
     CHARTER_TOPIC, CoalitionAnswer, CoalitionCommand, CoalitionRequest, MAX_GOSSIP_BYTES,
 };
+pub use forward::FORWARD_PROTOCOL;
 pub use peers::{AdvertError, PeerEntry, PeerTable, Update};
 pub use status::{
-    CoalitionStatus, Counters, ExcludedStatus, PeerStatus, RecordStatus, Status, VerificationStatus,
+    CoalitionStatus, Counters, ExcludedStatus, PeerStatus, RecordStatus, Status, StreamingStatus,
+    VerificationStatus,
 };
 
 use std::sync::Arc;
@@ -72,7 +74,7 @@ pub struct Behaviour {
     relay_client: libp2p::relay::client::Behaviour,
     dcutr: libp2p::dcutr::Behaviour,
     work: libp2p::request_response::Behaviour<work::WorkCodec>,
-    forward: libp2p::request_response::Behaviour<forward::ForwardCodec>,
+    streams: libp2p_stream::Behaviour,
     jobs: libp2p::request_response::Behaviour<work::JobCodec>,
     blobs: libp2p::request_response::Behaviour<blobs::BlobCodec>,
 }
@@ -195,15 +197,7 @@ pub fn build_swarm(
                         .with_request_timeout(Duration::from_secs(120))
                         .with_max_concurrent_streams(16),
                 ),
-                forward: libp2p::request_response::Behaviour::new(
-                    [(
-                        forward::FORWARD_PROTOCOL,
-                        libp2p::request_response::ProtocolSupport::Full,
-                    )],
-                    libp2p::request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(60))
-                        .with_max_concurrent_streams(64),
-                ),
+                streams: libp2p_stream::Behaviour::new(),
                 // Long polls wait up to 20 s for news.
                 jobs: libp2p::request_response::Behaviour::new(
                     [(
@@ -315,11 +309,9 @@ pub struct EventLoop {
     /// Answers to units, from the tasks that ran them.
     answers_tx: mpsc::Sender<(units::UnitReply, serve::UnitAnswer)>,
     answers_rx: mpsc::Receiver<(units::UnitReply, serve::UnitAnswer)>,
-    /// Outputs of streamed units, for the next hop.
-    forwards_tx: mpsc::Sender<serve::Outbound>,
-    forwards_rx: mpsc::Receiver<serve::Outbound>,
-    /// Units waiting for forwarded inputs, and inputs for their units.
-    links: forward::Links<units::UnitReply>,
+    /// Units waiting for forwarded inputs, the streams they come by, and
+    /// the outputs this node sends on.
+    plane: forward::Plane,
     in_progress: Arc<AtomicU64>,
     coordinating: Option<Coordinating<Reply>>,
     units_out: HashMap<libp2p::request_response::OutboundRequestId, (Pending, NodeId)>,
@@ -496,7 +488,16 @@ impl EventLoop {
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
         let (answers_tx, answers_rx) = mpsc::channel(256);
-        let (forwards_tx, forwards_rx) = mpsc::channel(256);
+        let in_progress = Arc::new(AtomicU64::new(0));
+        let plane = forward::Plane::new(
+            identity.clone(),
+            swarm.behaviour().streams.new_control(),
+            answers_tx.clone(),
+            in_progress.clone(),
+        );
+        plane
+            .listen()
+            .map_err(|e| anyhow::anyhow!("cannot take forward streams: {e}"))?;
         let (tasks_tx, tasks_rx) = mpsc::channel(64);
         let (fetch_tx, fetch_rx) = mpsc::channel(64);
         let coordinating = coordinating
@@ -546,10 +547,8 @@ impl EventLoop {
             admission: serve::Admission::new(commons_coordinator::trust::Coalitions::open(), None),
             answers_tx,
             answers_rx,
-            forwards_tx,
-            forwards_rx,
-            links: forward::Links::default(),
-            in_progress: Arc::new(AtomicU64::new(0)),
+            plane,
+            in_progress,
             coordinating,
             units_out: HashMap::new(),
             rtts: HashMap::new(),
@@ -708,6 +707,8 @@ impl EventLoop {
                     .as_ref()
                     .map(Coordinating::rejected_results)
                     .unwrap_or_default(),
+                outputs_forwarded: self.plane.counts().0,
+                inputs_forwarded: self.plane.counts().1,
                 ..self.counters.clone()
             },
             capacity: self.capacity.clone(),
@@ -733,6 +734,14 @@ impl EventLoop {
                     .collect()
             },
             verification: self.coordinating.as_ref().map(Coordinating::verification),
+            streaming: self.coordinating.as_ref().map(|c| {
+                let s = c.stream_stats();
+                StreamingStatus {
+                    steps: s.waves,
+                    mismatches: s.mismatches,
+                    dropped: s.dropped,
+                }
+            }),
         }
     }
 
@@ -752,7 +761,6 @@ impl EventLoop {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some(done) = self.tasks_rx.recv() => self.on_task_done(done),
                 Some((reply, answer)) = self.answers_rx.recv() => self.answer_unit(reply, answer),
-                Some(outbound) = self.forwards_rx.recv() => self.send_forward(outbound),
                 _ = coordinate.tick(), if self.coordinating.is_some() => self.coordinate_tick(),
                 Some(outcome) = next_commit(&mut self.committed_rx) => self.on_committed(outcome),
                 Some(command) = self.commands.recv() => self.on_command(command),
@@ -771,7 +779,7 @@ impl EventLoop {
                     }
                     self.drive_fetch();
                     self.auto_place();
-                    self.expire_parked();
+                    self.plane.expire();
                 }
                 _ = rebootstrap.tick() => { let _ = self.swarm.behaviour_mut().kad.bootstrap(); }
                 _ = redial.tick() => self.redial_bootstrap(),
@@ -1302,11 +1310,6 @@ impl EventLoop {
                     peer,
                     message: libp2p::request_response::Message::Request { request, .. },
                     ..
-                })
-                | BehaviourEvent::Forward(libp2p::request_response::Event::Message {
-                    peer,
-                    message: libp2p::request_response::Message::Request { request, .. },
-                    ..
                 }),
             ) if request == work::REFUSED_UNREAD => {
                 tracing::info!(%peer, "dropping a peer that sent an oversized or trickled request");
@@ -1322,34 +1325,6 @@ impl EventLoop {
                     ..
                 },
             )) => self.on_work(request, channel),
-            SwarmEvent::Behaviour(BehaviourEvent::Forward(
-                libp2p::request_response::Event::Message {
-                    peer,
-                    message:
-                        libp2p::request_response::Message::Request {
-                            request, channel, ..
-                        },
-                    ..
-                },
-            )) => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .forward
-                    .send_response(channel, Vec::new());
-                match (node_id_of(&peer), forward::decode(&request)) {
-                    (Some(from), Ok(forwarded)) => self.on_forwarded(from, forwarded),
-                    (_, Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "an undecodable forwarded output");
-                    }
-                    (None, _) => {}
-                }
-            }
-            SwarmEvent::Behaviour(BehaviourEvent::Forward(
-                libp2p::request_response::Event::OutboundFailure { peer, error, .. },
-            )) => {
-                tracing::debug!(%peer, %error, "an output was not forwarded");
-            }
             SwarmEvent::Behaviour(BehaviourEvent::Work(
                 libp2p::request_response::Event::Message {
                     message:

@@ -31,6 +31,20 @@ pub struct Status {
     pub coalitions: Vec<CoalitionStatus>,
     /// Spot checks of a coordinator (absent on other nodes).
     pub verification: Option<VerificationStatus>,
+    /// A coordinator's streamed chains (absent on other nodes).
+    pub streaming: Option<StreamingStatus>,
+}
+
+/// What a coordinator's streamed chains did.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StreamingStatus {
+    /// Steps sent to a whole chain at once.
+    pub steps: u64,
+    /// Results whose input was not the result of the hop before: the job
+    /// stopped streaming.
+    pub mismatches: u64,
+    /// Steps in flight dropped (a failure, a failover, a rollback, the end).
+    pub dropped: u64,
 }
 
 /// What a coordinator's spot checks did.

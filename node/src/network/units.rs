@@ -9,11 +9,10 @@ use std::sync::atomic::Ordering;
 use libp2p::PeerId;
 use tokio::sync::oneshot;
 
-use super::forward::{Arrival, Parked};
 use super::{EventLoop, blobs, now};
 use crate::coordinate::Pending;
 use crate::executor::serve;
-use commons_protocol::messages::{ErrorCode, Forwarded, InferenceUnit};
+use commons_protocol::messages::{ErrorCode, InferenceUnit};
 use commons_protocol::{NodeId, UnitId, UnixMillis};
 
 /// Where the answer to a unit goes: to the peer that sent it, or to this
@@ -123,37 +122,17 @@ impl EventLoop {
         expires_at: UnixMillis,
         reply: UnitReply,
     ) {
-        let arrival = self.links.on_unit(id, unit, expires_at, reply);
-        self.on_arrival(arrival);
-    }
-
-    /// An output another node forwarded: runs the unit waiting for it.
-    pub(super) fn on_forwarded(&mut self, from: NodeId, forwarded: Forwarded) {
-        self.counters.inputs_forwarded += 1;
-        let arrival = self.links.on_forwarded(from, forwarded);
-        self.on_arrival(arrival);
-    }
-
-    /// Parked units whose input did not come in time are answered so.
-    pub(super) fn expire_parked(&mut self) {
-        for p in self.links.expire(now()) {
-            let message = "the input from the hop before did not come in time".to_owned();
-            self.refuse_unit(Box::new(p), ErrorCode::NO_INPUT, message);
-        }
-    }
-
-    fn on_arrival(&mut self, arrival: Arrival<UnitReply>) {
-        match arrival {
-            Arrival::Wait => {}
-            Arrival::Refuse(parked, code, message) => self.refuse_unit(parked, code, message),
-            Arrival::Run(parked, forwarded) => self.spawn_inference(*parked, forwarded),
-        }
-    }
-
-    fn refuse_unit(&mut self, parked: Box<Parked<UnitReply>>, code: ErrorCode, message: String) {
-        let refusal = serve::Refusal::new(code, message, Some(parked.id));
-        let answer = serve::UnitAnswer::refusal(&self.identity, &refusal, now());
-        self.answer_unit(parked.reply, answer);
+        let Some(served) = self.served.clone() else {
+            let refusal = serve::Refusal::new(
+                ErrorCode::MODEL_NOT_HELD,
+                "this node serves no model",
+                Some(id),
+            );
+            let answer = serve::UnitAnswer::refusal(&self.identity, &refusal, now());
+            self.answer_unit(reply, answer);
+            return;
+        };
+        self.plane.on_unit(served, id, unit, expires_at, reply);
     }
 
     /// Sends the answer to a unit where it goes.
@@ -174,40 +153,6 @@ impl EventLoop {
                 }
             }
         }
-    }
-
-    /// Runs a unit off the event loop (on `forwarded`'s output when its
-    /// input came that way); its answer comes back through the event loop.
-    fn spawn_inference(&mut self, parked: Parked<UnitReply>, forwarded: Option<Forwarded>) {
-        let Some(served) = self.served.clone() else {
-            let message = "this node serves no model".to_owned();
-            self.refuse_unit(Box::new(parked), ErrorCode::MODEL_NOT_HELD, message);
-            return;
-        };
-        let Parked {
-            id,
-            mut unit,
-            reply,
-            ..
-        } = parked;
-        let ran_on = forwarded.map(|f| {
-            let commitment = f.commitment();
-            unit.input = f.output;
-            commitment
-        });
-        let (identity, answers, forwards, in_progress) = (
-            self.identity.clone(),
-            self.answers_tx.clone(),
-            self.forwards_tx.clone(),
-            self.in_progress.clone(),
-        );
-        in_progress.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let answer =
-                serve::run(&served, &identity, id, unit, ran_on, Some(&forwards), now).await;
-            in_progress.fetch_sub(1, Ordering::Relaxed);
-            let _ = answers.send((reply, answer)).await;
-        });
     }
 
     /// Checks that a gradient unit can run here: a trainer with room, and an
