@@ -194,8 +194,14 @@ fn place(plan: &mut Plan, model: &ModelShape, node: &NodeCapacity) {
 /// (one layer clearly weakest) from prefix sums; otherwise
 /// [`best_replica_scan`] computes every window. Both give the same answer.
 fn best_replica(plan: &Plan, node: &NodeCapacity, max_len: usize) -> (usize, usize) {
-    best_replica_clear(&plan.layer_throughput, node.layer_throughput, max_len)
-        .unwrap_or_else(|| best_replica_scan(plan, node, max_len))
+    let (t, throughput) = (&plan.layer_throughput, node.layer_throughput);
+    // Scratch sized to the model: small models clear less of it.
+    let clear = if t.len() < 32 {
+        best_replica_clear::<32>(t, throughput, max_len)
+    } else {
+        best_replica_clear::<CLEAR_LAYERS>(t, throughput, max_len)
+    };
+    clear.unwrap_or_else(|| best_replica_scan(plan, node, max_len))
 }
 
 /// [`best_replica`] by computing every length's weakest window. The
@@ -230,15 +236,17 @@ fn best_replica_scan(plan: &Plan, node: &NodeCapacity, max_len: usize) -> (usize
     (best.1, best.2)
 }
 
-/// Layers [`best_replica_clear`] handles (its scratch lives on the stack).
-const CLEAR_LAYERS: usize = 128;
+/// One more than the layers [`best_replica_clear`] handles (its scratch
+/// lives on the stack).
+const CLEAR_LAYERS: usize = 129;
 
 /// The unit roundoff of `f64`: a correctly rounded operation's relative error.
 const UNIT_ROUNDOFF: f64 = f64::EPSILON / 2.0;
 
 /// [`best_replica`] without computing every window, when one layer is
 /// clearly the weakest and each length's window is clearly decided; `None`
-/// when that cannot be shown (then [`best_replica_scan`] decides).
+/// when that cannot be shown (then [`best_replica_scan`] decides), or when
+/// the model has `N` layers or more (`N` sizes its scratch).
 ///
 /// [`weakest_windows`] ranks a window by `weakest * 1e9 + sum`, its sum kept
 /// as a running sum along the starts. Let `g` be the least layer, at `m`,
@@ -258,17 +266,21 @@ const UNIT_ROUNDOFF: f64 = f64::EPSILON / 2.0;
 /// [`weakest_windows`]' for the length. Its weakest layer is `g`, so with the
 /// span's share added it is `g + add` (rounding is monotonic); the rest is
 /// [`best_replica_scan`]'s arithmetic.
-fn best_replica_clear(t: &[f64], throughput: f64, max_len: usize) -> Option<(usize, usize)> {
+fn best_replica_clear<const N: usize>(
+    t: &[f64],
+    throughput: f64,
+    max_len: usize,
+) -> Option<(usize, usize)> {
     let n = t.len();
-    if n > CLEAR_LAYERS || max_len == 0 || max_len > n || !throughput.is_finite() {
+    if n >= N || max_len == 0 || max_len > n || !throughput.is_finite() {
         return None;
     }
     // p[i]: the sum of t[..i]. outside[i]: the least of t[..i] up to the
     // least layer and of t[i..] after it (best_replica_scan's prefix and
     // suffix minima, where a window holding that layer reads them). Running
     // values stay in registers, and choices are selects, not branches.
-    let mut p = [0.0; CLEAR_LAYERS + 1];
-    let mut outside = [f64::INFINITY; CLEAR_LAYERS + 1];
+    let mut p = [0.0; N];
+    let mut outside = [f64::INFINITY; N];
     // The least layer, where it is, the next least, and the most.
     let (mut g, mut m, mut next, mut max) = (f64::INFINITY, 0, f64::INFINITY, 0.0);
     let (mut sum, mut least) = (0.0, f64::INFINITY);
@@ -303,6 +315,17 @@ fn best_replica_clear(t: &[f64], throughput: f64, max_len: usize) -> Option<(usi
     let margin = 5.0 * e + 3.0 * UNIT_ROUNDOFF * (g * 1e9 + total);
     let mut best = (f64::NEG_INFINITY, max_len, 0);
     for len in (1..=max_len).rev() {
+        let add = throughput / len as f64;
+        // A window of this length holding m leaves at most its share added
+        // to g, and at most the least layer `len` or more away from m: when
+        // that is no better than the best so far, the length cannot win.
+        let far = lesser(
+            outside[(m + 1).saturating_sub(len)],
+            outside[(m + len).min(n)],
+        );
+        if lesser(far, g + add) <= best.0 + 1e-12 {
+            continue;
+        }
         // The windows holding m: the least sum, and the next least.
         let (mut least, mut next, mut start) = (f64::INFINITY, f64::INFINITY, 0);
         for s in m.saturating_sub(len - 1)..=m.min(n - len) {
@@ -316,7 +339,6 @@ fn best_replica_clear(t: &[f64], throughput: f64, max_len: usize) -> Option<(usi
         if next - least <= margin {
             return None;
         }
-        let add = throughput / len as f64;
         let bottleneck = lesser(lesser(outside[start], outside[start + len]), g + add);
         if bottleneck > best.0 + 1e-12 {
             best = (bottleneck, len, start);
@@ -654,7 +676,7 @@ mod fast_paths {
                 memory_bytes: 1,
             };
             let scan = best_replica_scan(&plan, &node, len);
-            if let Some(clear) = best_replica_clear(&t, node.layer_throughput, len) {
+            if let Some(clear) = best_replica_clear::<CLEAR_LAYERS>(&t, node.layer_throughput, len) {
                 prop_assert_eq!(clear, scan);
             }
             let (best_len, start) = best_replica(&plan, &node, len);
@@ -670,7 +692,7 @@ mod fast_paths {
             .map(|i| 4e5 + f64::from(i * 7919 % 31) * 97.5)
             .collect();
         for len in 1..=16 {
-            let clear = best_replica_clear(&t, 1200.0, len);
+            let clear = best_replica_clear::<32>(&t, 1200.0, len);
             assert!(clear.is_some(), "length {len} fell back to the scan");
         }
     }
