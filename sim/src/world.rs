@@ -445,7 +445,13 @@ impl Simulation {
             serving_count: 0,
             scenario,
         };
-        sim.nodes.reserve(sim.scenario.population.initial as usize);
+        // Room for every node the run will make, as far as the arrival rate
+        // says (capped): one allocation, not doublings that copy every record
+        // and touch fresh memory each time.
+        let p = &sim.scenario.population;
+        let arrivals = p.arrivals_per_hour / 3600.0 * sim.scenario.duration_s;
+        let expected = (arrivals * 1.1 + 64.0).min(f64::from(1u32 << 20)) as usize;
+        sim.nodes.reserve(p.initial as usize + expected);
         for _ in 0..sim.scenario.population.initial {
             let i = sim.new_node();
             sim.at(0, Event::Join(i));
