@@ -190,11 +190,26 @@ fn place(plan: &mut Plan, model: &ModelShape, node: &NodeCapacity) {
 /// For a replica: the span length (up to `max_len`) that leaves the highest
 /// bottleneck when placed on the weakest window of that length; among equals
 /// the longest, which adds the most capacity for later. Returns the length
-/// and that window's start. The bottleneck after a placement is the least of
-/// the layers before the window, after it (from prefix and suffix minima) and
-/// inside it with the span's share added: the same values as adding and
-/// scanning, in linear time per length.
+/// and that window's start. [`best_replica_clear`] answers in the common case
+/// (one layer clearly weakest) from prefix sums; otherwise
+/// [`best_replica_scan`] computes every window. Both give the same answer.
 fn best_replica(plan: &Plan, node: &NodeCapacity, max_len: usize) -> (usize, usize) {
+    let (t, throughput) = (&plan.layer_throughput, node.layer_throughput);
+    // Scratch sized to the model: small models clear less of it.
+    let clear = if t.len() < 32 {
+        best_replica_clear::<32>(t, throughput, max_len)
+    } else {
+        best_replica_clear::<CLEAR_LAYERS>(t, throughput, max_len)
+    };
+    clear.unwrap_or_else(|| best_replica_scan(plan, node, max_len))
+}
+
+/// [`best_replica`] by computing every length's weakest window. The
+/// bottleneck after a placement is the least of the layers before the window,
+/// after it (from prefix and suffix minima) and inside it with the span's
+/// share added: the same values as adding and scanning, in linear time per
+/// length.
+fn best_replica_scan(plan: &Plan, node: &NodeCapacity, max_len: usize) -> (usize, usize) {
     let t = &plan.layer_throughput;
     let n = t.len();
     // prefix[i]: least of t[..i]; suffix[i]: least of t[i..].
@@ -219,6 +234,117 @@ fn best_replica(plan: &Plan, node: &NodeCapacity, max_len: usize) -> (usize, usi
         }
     }
     (best.1, best.2)
+}
+
+/// One more than the layers [`best_replica_clear`] handles (its scratch
+/// lives on the stack).
+const CLEAR_LAYERS: usize = 129;
+
+/// The unit roundoff of `f64`: a correctly rounded operation's relative error.
+const UNIT_ROUNDOFF: f64 = f64::EPSILON / 2.0;
+
+/// [`best_replica`] without computing every window, when one layer is
+/// clearly the weakest and each length's window is clearly decided; `None`
+/// when that cannot be shown (then [`best_replica_scan`] decides), or when
+/// the model has `N` layers or more (`N` sizes its scratch).
+///
+/// [`weakest_windows`] ranks a window by `weakest * 1e9 + sum`, its sum kept
+/// as a running sum along the starts. Let `g` be the least layer, at `m`,
+/// `P` the layers' total and `E` a bound on how far the running sum and the
+/// prefix-sum difference `p[s + len] - p[s]` each stray from the window's
+/// true total: both are recursive sums of at most `n` terms whose sizes add
+/// up to at most `P + n · max`, so each strays by at most about
+/// `n · u · (P + n · max)` (`u` the unit roundoff), and `E` below is four
+/// times that or more. When every other layer is at least `g + δ` with
+/// `δ · 1e9` above `2P + 4E` and the products' rounding, a window without `m`
+/// ranks above every window with it: those hold `g` and sums of at most
+/// `P + E`, the others a weakest layer of at least `g + δ` and sums of at
+/// least `-E`. Among the windows holding `m` (their weakest is `g` exactly)
+/// ranks follow the sums; when the least prefix-sum difference is below every
+/// other by more than `4E` and the rounding of adding `g · 1e9`, the running
+/// sums rank that window first too, alone, whatever their rounding, so it is
+/// [`weakest_windows`]' for the length. Its weakest layer is `g`, so with the
+/// span's share added it is `g + add` (rounding is monotonic); the rest is
+/// [`best_replica_scan`]'s arithmetic.
+fn best_replica_clear<const N: usize>(
+    t: &[f64],
+    throughput: f64,
+    max_len: usize,
+) -> Option<(usize, usize)> {
+    let n = t.len();
+    if n >= N || max_len == 0 || max_len > n || !throughput.is_finite() {
+        return None;
+    }
+    // p[i]: the sum of t[..i]. outside[i]: the least of t[..i] up to the
+    // least layer and of t[i..] after it (best_replica_scan's prefix and
+    // suffix minima, where a window holding that layer reads them). Running
+    // values stay in registers, and choices are selects, not branches.
+    let mut p = [0.0; N];
+    let mut outside = [f64::INFINITY; N];
+    // The least layer, where it is, the next least, and the most.
+    let (mut g, mut m, mut next, mut max) = (f64::INFINITY, 0, f64::INFINITY, 0.0);
+    let (mut sum, mut least) = (0.0, f64::INFINITY);
+    for (i, &x) in t.iter().enumerate() {
+        // Positive and far from overflow (keys multiply by 1e9), else the scan.
+        if x.is_nan() || x <= 0.0 || x >= 1e280 {
+            return None;
+        }
+        let lower = x < g;
+        next = lesser(next, if lower { g } else { x });
+        m = if lower { i } else { m };
+        g = lesser(g, x);
+        max = if x > max { x } else { max };
+        sum += x;
+        p[i + 1] = sum;
+        least = lesser(least, x);
+        outside[i + 1] = least;
+    }
+    least = f64::INFINITY;
+    outside[n] = least;
+    for i in (m + 1..n).rev() {
+        least = lesser(least, t[i]);
+        outside[i] = least;
+    }
+    let (total, layers) = (sum, n as f64 + 1.0);
+    let e = 8.0 * layers * UNIT_ROUNDOFF * (total + layers * max);
+    let delta = 2e-9 * (1.01 * total + 2.0 * e) + 10.0 * UNIT_ROUNDOFF * g;
+    // Every other layer at least g + δ.
+    if next < g + 2.0 * delta {
+        return None;
+    }
+    let margin = 5.0 * e + 3.0 * UNIT_ROUNDOFF * (g * 1e9 + total);
+    let mut best = (f64::NEG_INFINITY, max_len, 0);
+    for len in (1..=max_len).rev() {
+        let add = throughput / len as f64;
+        // A window of this length holding m leaves at most its share added
+        // to g, and at most the least layer `len` or more away from m: when
+        // that is no better than the best so far, the length cannot win.
+        let far = lesser(
+            outside[(m + 1).saturating_sub(len)],
+            outside[(m + len).min(n)],
+        );
+        if lesser(far, g + add) <= best.0 + 1e-12 {
+            continue;
+        }
+        // The windows holding m: the least sum, and the next least.
+        let (mut least, mut next, mut start) = (f64::INFINITY, f64::INFINITY, 0);
+        for s in m.saturating_sub(len - 1)..=m.min(n - len) {
+            let sum = p[s + len] - p[s];
+            let lower = sum < least;
+            next = lesser(next, if lower { least } else { sum });
+            start = if lower { s } else { start };
+            least = lesser(least, sum);
+        }
+        // (One candidate leaves `next` infinite: clear.)
+        if next - least <= margin {
+            return None;
+        }
+        let bottleneck = lesser(lesser(outside[start], outside[start + len]), g + add);
+        if bottleneck > best.0 + 1e-12 {
+            best = (bottleneck, len, start);
+        }
+    }
+    Some((best.1, best.2))
 }
 
 /// The lesser of `a` and `b` where `a` is not NaN: [`f64::min`] then, in a
@@ -518,6 +644,56 @@ mod fast_paths {
             let (best_len, start) = best_replica(&plan, &node, len);
             prop_assert_eq!(best_len, best_replica_len_plain(&plan, &node, len));
             prop_assert_eq!(start, weakest_window(&t, best_len));
+        }
+
+        #[test]
+        fn the_clear_replica_equals_its_plain_definition(
+            // Layers as in a large swarm: a common base, each layer some
+            // node shares above it (few distinct ones, so sums tie), nudged by
+            // steps near the rounding of the ranking keys and by a few units
+            // in the last place, at magnitudes from tiny to huge.
+            base in prop::sample::select(vec![1e-3, 1.0, 4e5, 4e6, 1e12, 1e200]),
+            share in 1e-6f64..1e-2,
+            layers in proptest::collection::vec((0u32..6, 0u32..8, 0u64..3), 1..40),
+            len in 1usize..40,
+            throughput in 0.1f64..5e4,
+        ) {
+            let t: Vec<f64> = layers
+                .iter()
+                .map(|&(k, j, ulps)| {
+                    let x = base * (1.0 + f64::from(k) * share + f64::from(j) * 1e-7);
+                    f64::from_bits(x.to_bits() + ulps)
+                })
+                .collect();
+            let len = len.min(t.len());
+            let plan = Plan {
+                assignments: Vec::new(),
+                layer_throughput: t.clone(),
+            };
+            let node = NodeCapacity {
+                node: commons_protocol::NodeId([1; 32]),
+                layer_throughput: throughput * base,
+                memory_bytes: 1,
+            };
+            let scan = best_replica_scan(&plan, &node, len);
+            if let Some(clear) = best_replica_clear::<CLEAR_LAYERS>(&t, node.layer_throughput, len) {
+                prop_assert_eq!(clear, scan);
+            }
+            let (best_len, start) = best_replica(&plan, &node, len);
+            prop_assert_eq!(best_len, best_replica_len_plain(&plan, &node, len));
+            prop_assert_eq!(start, weakest_window(&t, best_len));
+        }
+    }
+
+    #[test]
+    fn a_swarm_like_plan_takes_the_clear_path() {
+        // Thirty layers of a large swarm: distinct throughputs around 4e5.
+        let t: Vec<f64> = (0..30u32)
+            .map(|i| 4e5 + f64::from(i * 7919 % 31) * 97.5)
+            .collect();
+        for len in 1..=16 {
+            let clear = best_replica_clear::<32>(&t, 1200.0, len);
+            assert!(clear.is_some(), "length {len} fell back to the scan");
         }
     }
 }

@@ -188,9 +188,9 @@ enum Event {
     TrainTick,
 }
 
+/// A simulated node (its id is made from its index: [`node_id`]).
 #[derive(Debug, Clone)]
 struct SimNode {
-    id: NodeId,
     online: bool,
     /// Bumped at every leave, so a unit in flight on a dead session is dropped.
     epoch: u32,
@@ -445,7 +445,13 @@ impl Simulation {
             serving_count: 0,
             scenario,
         };
-        sim.nodes.reserve(sim.scenario.population.initial as usize);
+        // Room for every node the run will make, as far as the arrival rate
+        // says (capped): one allocation, not doublings that copy every record
+        // and touch fresh memory each time.
+        let p = &sim.scenario.population;
+        let arrivals = p.arrivals_per_hour / 3600.0 * sim.scenario.duration_s;
+        let expected = (arrivals * 1.1 + 64.0).min(f64::from(1u32 << 20)) as usize;
+        sim.nodes.reserve(p.initial as usize + expected);
         for _ in 0..sim.scenario.population.initial {
             let i = sim.new_node();
             sim.at(0, Event::Join(i));
@@ -540,7 +546,6 @@ impl Simulation {
         let world = self.scenario.network.world_km;
         let r = &mut self.rng.nodes;
         let node = SimNode {
-            id: node_id(i),
             online: false,
             epoch: 0,
             tokens_per_s: self.scenario.nodes.tokens_per_s.sample(r).max(1e-3),
@@ -661,7 +666,7 @@ impl Simulation {
     fn capacity(&self, i: u32) -> NodeCapacity {
         let n = &self.nodes[i as usize];
         NodeCapacity {
-            node: n.id,
+            node: node_id(i),
             layer_throughput: n.tokens_per_s,
             memory_bytes: u64::from(n.memory_layers),
         }
@@ -1123,14 +1128,13 @@ impl Simulation {
         if self.plan.covers_all() {
             return;
         }
-        let all: Vec<Assignment> = self
-            .nodes
-            .iter()
-            .filter(|n| n.online)
-            .filter_map(|n| {
+        let all: Vec<Assignment> = (0..)
+            .zip(&self.nodes)
+            .filter(|(_, n)| n.online)
+            .filter_map(|(i, n)| {
                 let span = n.span?;
                 Some(Assignment {
-                    node: n.id,
+                    node: node_id(i),
                     layers: span,
                     throughput: n.tokens_per_s / f64::from(span.len().max(1)),
                 })

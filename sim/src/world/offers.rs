@@ -5,7 +5,7 @@
 
 use commons_coordinator::routing::SpanOffer;
 
-use super::{MODEL, Micros, Simulation};
+use super::{MODEL, Micros, Simulation, node_id};
 
 /// Which nodes' offers are stale.
 #[derive(Debug, Default)]
@@ -62,7 +62,7 @@ impl Simulation {
             return None;
         }
         Some(SpanOffer {
-            node: n.id,
+            node: node_id(i),
             layers: n.span?,
             ms_per_layer: 1000.0 / n.tokens_per_s,
             rtt_ms: self.rtt(i) as f64 / 1000.0,
@@ -103,7 +103,7 @@ impl Simulation {
         for &i in &changed {
             self.offers.marks[i as usize].0 = false;
             let offer = self.offer_of(i);
-            let id = self.nodes[i as usize].id;
+            let id = node_id(i);
             if let Some(offers) = self.scheduler.offers_mut(&MODEL) {
                 offers.remove(&id);
                 if let Some(o) = offer {
@@ -122,7 +122,7 @@ impl Simulation {
             let q = n.busy_until.saturating_sub(self.now) as f64 / 1000.0;
             let serving = n.online && n.span.is_some();
             if serving && let Some(offers) = self.scheduler.offers_mut(&MODEL) {
-                offers.set_queue(&n.id, q);
+                offers.set_queue(&node_id(i), q);
             }
             let keep = serving && q > 0.0;
             self.offers.marks[i as usize].1 = keep;

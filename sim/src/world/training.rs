@@ -9,7 +9,7 @@ use commons_coordinator::train::{Mode, Output, Taken, Ticket, TrainConfig, Train
 use commons_protocol::Hash;
 use commons_protocol::messages::ParamsRef;
 
-use super::{Event, Micros, SECOND, Simulation, secs};
+use super::{Event, Micros, SECOND, Simulation, node_id, secs};
 use crate::scenario::{self, TrainingMode};
 
 /// A share in flight on a node.
@@ -138,10 +138,10 @@ impl Simulation {
     pub(super) fn train_tick(&mut self) {
         let now = self.unix();
         let online: Vec<_> = if self.training.as_ref().is_some_and(|t| t.nodes_dirty) {
-            self.nodes
-                .iter()
-                .filter(|n| n.online)
-                .map(|n| n.id)
+            (0..)
+                .zip(&self.nodes)
+                .filter(|(_, n)| n.online)
+                .map(|(i, _)| node_id(i))
                 .collect()
         } else {
             Vec::new()

@@ -9,7 +9,7 @@ use commons_protocol::messages::{DeterminismClass, ErrorCode, InferenceUnit, Lay
 use commons_protocol::{JobId, Tensor};
 use rand::Rng as _;
 
-use super::{Micros, SECOND, Simulation};
+use super::{Micros, SECOND, Simulation, node_id};
 use crate::executor::{self, Session};
 
 /// A unit in flight: where, since when, and the answer the node will give.
@@ -189,7 +189,7 @@ impl Simulation {
         if !n.online || n.epoch != epoch {
             return;
         }
-        let id = n.id;
+        let id = node_id(node);
         let layers = self.scenario.model.layers;
         if flight.lane == Lane::Chain {
             self.chain_us += flight.compute;
@@ -265,15 +265,13 @@ impl Simulation {
             kernel: "sim".into(),
             build: "sim".into(),
         };
-        let profiles = self
-            .nodes
-            .iter()
-            .map(|n| {
+        let profiles = (0..self.nodes.len() as u32)
+            .map(|i| {
                 let profile = Profile {
-                    operator: n.id,
+                    operator: node_id(i),
                     class: class.clone(),
                 };
-                (n.id, profile)
+                (node_id(i), profile)
             })
             .collect();
         self.scheduler.set_profiles(profiles);
