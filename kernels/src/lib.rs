@@ -16,6 +16,8 @@ mod quant;
 
 use candle_core::quantized::QTensor;
 
+pub use par::solo;
+
 /// Replaces a CPU tensor's storage with this crate's kernel for its type
 /// where one applies (Q4_1, Q8_0); other tensors are returned as they are.
 pub fn accelerate(t: QTensor) -> candle_core::Result<QTensor> {

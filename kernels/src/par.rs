@@ -17,6 +17,14 @@
 //! of its time on the calling thread alone and split, and runs the faster
 //! way; a window of split runs every few hundred loops keeps both current.
 //!
+//! Work that gains little from a second core can run [`solo`]: its loops
+//! stay on the calling thread. A single-position decode step is bound by
+//! memory bandwidth (a second thread made one 6% faster on the 2-core
+//! machine these kernels were measured on) while its helper holds a core,
+//! working or spinning between loops; where several processes share the
+//! cores, as the stages of a pipeline on one machine do, that core is worth
+//! more to them.
+//!
 //! Which thread computes an item never changes its result: every output is
 //! written once, by the same arithmetic, whatever the split.
 #![allow(unsafe_code)]
@@ -36,6 +44,22 @@ const SPIN: Duration = Duration::from_micros(300);
 /// averages say (the first wakes the helpers and is not counted).
 const PROBE_EVERY: u64 = 512;
 const PROBE_LEN: u64 = 48;
+
+thread_local! {
+    static SOLO: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the calling thread's loops kept on it, unsplit.
+pub fn solo<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SOLO.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SOLO.with(|s| s.replace(true)));
+    f()
+}
 
 /// An output buffer that work items on several threads write into, each item
 /// to its own elements.
@@ -235,7 +259,7 @@ pub(crate) fn run<F: Fn(Range<usize>) + Sync>(n_items: usize, parallel: bool, f:
         return;
     }
     let pool = pool();
-    if !parallel || pool.helpers.is_empty() {
+    if !parallel || pool.helpers.is_empty() || SOLO.with(std::cell::Cell::get) {
         f(0..n_items);
         return;
     }
@@ -298,5 +322,52 @@ fn run_split(pool: &Pool, n_items: usize, f: &Work<'_>) {
     }
     if job.panicked.load(Ordering::SeqCst) {
         panic!("a kernel panicked on a helper thread");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The threads that ran the items of a loop of `n` items.
+    fn threads_of(n: usize) -> std::collections::HashSet<std::thread::ThreadId> {
+        let seen = Mutex::new(std::collections::HashSet::new());
+        run(n, true, |range| {
+            // Long enough for a helper to join in.
+            let until = Instant::now() + Duration::from_micros(20 * range.len() as u64);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            seen.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(std::thread::current().id());
+        });
+        seen.into_inner().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[test]
+    fn solo_loops_stay_on_the_calling_thread_and_cover_every_item() {
+        let me = std::thread::current().id();
+        let alone = solo(|| threads_of(512));
+        assert_eq!(alone.len(), 1);
+        assert!(alone.contains(&me));
+        // And every item once, whether solo or not.
+        for on in [true, false] {
+            let mut out = vec![0f32; 1000];
+            let shared = SharedOut::new(&mut out);
+            let body = |r: Range<usize>| {
+                let values: Vec<f32> = r.clone().map(|i| i as f32).collect();
+                // SAFETY: each item's range is written by its own call only.
+                unsafe { shared.write(r.start, &values) };
+            };
+            if on {
+                solo(|| run(1000, true, body));
+            } else {
+                run(1000, true, body);
+            }
+            assert!(out.iter().enumerate().all(|(i, v)| *v == i as f32));
+        }
+        // Solo ends with its call.
+        assert!(!SOLO.with(std::cell::Cell::get));
     }
 }

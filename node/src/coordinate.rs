@@ -76,6 +76,9 @@ impl KnownModel {
 const REPORT_TTL_MS: u64 = 60_000;
 /// Longest a watcher is kept waiting.
 const MAX_WAIT: Duration = Duration::from_secs(20);
+/// Shortest time between two reports of a running job's new tokens to its
+/// watchers (its end is reported at once).
+const REPORT_EVERY: Duration = Duration::from_millis(40);
 /// Unfinished jobs one submitter may have.
 const MAX_JOBS_PER_SUBMITTER: usize = 64;
 /// Submitters whose rate is tracked at once.
@@ -149,6 +152,8 @@ pub struct Coordinating<C> {
     ledger_kept: (u64, u64, std::time::Instant),
     /// Jobs changed since the last [`Coordinating::settle`].
     changed: Vec<JobId>,
+    /// When each watched job's tokens were last reported.
+    reported: HashMap<JobId, Instant>,
     /// What is on disk, and the batch being committed.
     durable: durable::Durable,
 }
@@ -208,6 +213,7 @@ impl<C> Coordinating<C> {
             held: HashMap::new(),
             ledger_kept: (0, 0, std::time::Instant::now()),
             changed: Vec::new(),
+            reported: HashMap::new(),
             durable: durable::Durable::default(),
         };
         this.restore_ledger();
@@ -571,7 +577,12 @@ impl<C> Coordinating<C> {
                 let Some((tokens, ended)) = self.durable_progress(&job) else {
                     return Answer::Now(channel, self.report_bytes(&job, from_token, now));
                 };
-                if tokens > from_token as usize || ended || wait_ms == 0 {
+                let due = self
+                    .reported
+                    .get(&job)
+                    .is_none_or(|at| at.elapsed() >= REPORT_EVERY);
+                if ended || wait_ms == 0 || (tokens > from_token as usize && due) {
+                    self.reported.insert(job, Instant::now());
                     return Answer::Now(channel, self.report_bytes(&job, from_token, now));
                 }
                 self.watchers.push(Watcher {
@@ -833,9 +844,11 @@ impl<C> Coordinating<C> {
         self.scheduler.tick(now);
     }
 
-    /// Watchers whose wait is over or whose job changed.
-    /// Watchers whose wait is over, or whose job is among `committed` (sorted)
-    /// with news for them, by the commit of the `cut`th batch.
+    /// Watchers whose wait is over; answers held for a commit, when the
+    /// `cut`th batch, holding their job (among `committed`, sorted), is;
+    /// and watchers with news: once the job ends, or no sooner than
+    /// [`REPORT_EVERY`] after the job's last report, so that a fast job's
+    /// reports carry several tokens each.
     fn answer_watchers(
         &mut self,
         committed: &[JobId],
@@ -846,22 +859,32 @@ impl<C> Coordinating<C> {
         let mut out = Vec::new();
         let mut kept = Vec::new();
         for w in std::mem::take(&mut self.watchers) {
-            let news = committed.binary_search(&w.job).is_ok()
-                && match w.held_after {
-                    Some(after) => cut > after,
-                    None => self
-                        .durable_progress(&w.job)
-                        .is_none_or(|(tokens, ended)| tokens > w.from_token as usize || ended),
-                };
-            let ready = instant >= w.deadline || news;
-            if ready {
+            let ready = match w.held_after {
+                Some(after) => cut > after && committed.binary_search(&w.job).is_ok(),
+                None => self.durable_progress(&w.job).is_none_or(|(tokens, ended)| {
+                    let due = self
+                        .reported
+                        .get(&w.job)
+                        .is_none_or(|at| instant.duration_since(*at) >= REPORT_EVERY);
+                    ended || (tokens > w.from_token as usize && due)
+                }),
+            };
+            if ready || instant >= w.deadline {
                 let bytes = self.report_bytes(&w.job, w.from_token, now);
+                if w.held_after.is_none() {
+                    self.reported.insert(w.job, instant);
+                }
                 out.push((w.channel, bytes));
             } else {
                 kept.push(w);
             }
         }
         self.watchers = kept;
+        if self.reported.len() > MAX_TRACKED_SUBMITTERS {
+            let watched: std::collections::HashSet<JobId> =
+                self.watchers.iter().map(|w| w.job).collect();
+            self.reported.retain(|job, _| watched.contains(job));
+        }
         out
     }
 

@@ -15,6 +15,12 @@ use tokio::sync::{mpsc, oneshot};
 use super::session::{SessionError, SessionLimits, SessionStore};
 use super::stage::{Stage, StageError, StageInput, StageOutput};
 
+/// Forwards of fewer positions than this (a decode step, a few sessions'
+/// batched) run on the engine's thread alone: bound by memory bandwidth,
+/// they gain little from a second core, which the node's other work and,
+/// on a shared machine, other processes need (see [`commons_kernels::solo`]).
+const SOLO_BELOW: usize = 4;
+
 /// One step of a session on this stage.
 #[derive(Debug)]
 pub struct StepRequest {
@@ -293,9 +299,15 @@ impl Worker {
         };
         let started = Instant::now();
         let layers = step.layers.unwrap_or_else(|| self.stage.layers());
-        let result = self
-            .stage
-            .forward_range(step.input, &mut checkout.cache, layers);
+        let forward = || {
+            self.stage
+                .forward_range(step.input, &mut checkout.cache, layers)
+        };
+        let result = if tokens < SOLO_BELOW {
+            commons_kernels::solo(forward)
+        } else {
+            forward()
+        };
         let compute = started.elapsed();
         self.count(1);
         match result {
@@ -347,7 +359,11 @@ impl Worker {
                 .into_iter()
                 .zip(rest.iter_mut().map(|r| &mut r.4.cache))
                 .collect();
-            self.stage.forward_batch(steps)
+            if n < SOLO_BELOW {
+                commons_kernels::solo(|| self.stage.forward_batch(steps))
+            } else {
+                self.stage.forward_batch(steps)
+            }
         };
         let compute = started.elapsed();
         self.count(n as u64);
